@@ -1,0 +1,146 @@
+"""llama_mtp.load(): a target Llama with MTP heads and an MTP draft Llama on the same weights.
+
+``llama_cpp.Llama(...)`` exposes none of the settings MTP needs (``load_mtp``,
+``n_rs_seq``, the MTP context type, ``ctx_other``) and always loads its own
+model. Without editing llama-cpp-python, these subclasses adjust the native
+param structs the moment ``Llama.__init__`` assigns them (it never touches
+those fields afterwards), and the draft swaps its throw-away vocab-only model
+for the target's ``LlamaModel`` before its context is created, so the draft
+context lives on the target's weights and llama-cpp-python's own ExitStacks
+free everything in the right order on ``close()``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Tuple
+
+import llama_cpp
+from llama_cpp import _internals
+
+from .errors import MtpArgumentError, MtpInitError
+
+# Llama kwargs that would break the MTP setup
+_RESERVED = ("draft_model", "vocab_only", "embedding")
+
+
+class _ParamsHook:
+    """Applies MTP settings to the param structs as Llama.__init__ assigns them."""
+
+    def __init__(self, model_overrides: Dict[str, Any], context_overrides: Dict[str, Any]) -> None:
+        self.model_overrides = model_overrides
+        self.context_overrides = context_overrides
+
+    def apply(self, owner: Any, name: str, value: Any) -> Any:
+        if name == "model_params" and isinstance(value, llama_cpp.llama_model_params):
+            for field, v in self.model_overrides.items():
+                setattr(value, field, v)
+        elif name == "context_params" and isinstance(value, llama_cpp.llama_context_params):
+            for field, v in self.context_overrides.items():
+                setattr(value, field, v)
+        return value
+
+
+class _HookedLlama(llama_cpp.Llama):
+    """A Llama whose native params get settings llama-cpp-python does not expose."""
+
+    _llama_mtp_hook: _ParamsHook | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        hook = self.__dict__.get("_llama_mtp_hook")
+        if hook is not None:
+            value = hook.apply(self, name, value)
+        object.__setattr__(self, name, value)
+
+    def _finish_hook(self) -> None:
+        self.__dict__.pop("_llama_mtp_hook", None)
+
+
+class MtpTargetLlama(_HookedLlama):
+    """A ``llama_cpp.Llama`` loaded with its MTP layers and rollback-capable context."""
+
+    def __init__(self, model_path: str, *, n_draft_max: int = 3, n_seq: int = 1, **kwargs: Any) -> None:
+        logits_all = bool(kwargs.get("logits_all", False))
+        ctx = {"n_seq_max": n_seq, "n_rs_seq": n_draft_max}
+        if not logits_all:
+            # the verify step outputs 1 + n_draft rows per sequence (upstream's output limits)
+            ctx["n_outputs_max_per_seq"] = 1 + n_draft_max
+        self.__dict__["_llama_mtp_hook"] = _ParamsHook({"load_mtp": True}, ctx)
+        super().__init__(model_path=model_path, **kwargs)
+        self._finish_hook()
+        self.mtp_n_draft_max = n_draft_max
+        self.mtp_n_seq = n_seq
+        self.mtp_n_layer_nextn = int(llama_cpp.llama_model_n_layer_nextn(self._model.model))
+
+
+class MtpDraftLlama(_HookedLlama):
+    """A ``llama_cpp.Llama`` whose context is the MTP draft context on the target's model."""
+
+    def __init__(self, target: MtpTargetLlama, **kwargs: Any) -> None:
+        ctx = {
+            "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
+            "ctx_other": target._ctx.ctx,
+            "n_rs_seq": 0,
+            "n_seq_max": target.mtp_n_seq,
+            # one output (the next draft token) per drafting sequence, as upstream
+            "n_outputs_max": target.mtp_n_seq,
+            "n_outputs_max_per_seq": 1,
+        }
+        self.__dict__["_llama_mtp_target_model"] = target._model
+        self.__dict__["_llama_mtp_hook"] = _ParamsHook({"vocab_only": True}, ctx)
+        kwargs = dict(kwargs, n_ctx=target.n_ctx(), n_batch=target.n_batch)
+        super().__init__(model_path=target.model_path, **kwargs)
+        self._finish_hook()
+        self.__dict__.pop("_llama_mtp_target_model", None)
+        self.mtp_target = target
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        shared = self.__dict__.get("_llama_mtp_target_model")
+        if name == "_model" and shared is not None and value is not shared:
+            # drop the vocab-only model Llama.__init__ just loaded; run on the target's weights
+            value.close()
+            value = shared
+        super().__setattr__(name, value)
+
+
+def load(model_path: str | os.PathLike[str], *, n_draft_max: int = 3, n_seq: int = 1,
+         **llama_kwargs: Any) -> Tuple[MtpTargetLlama, MtpDraftLlama]:
+    """Load a model with MTP heads: returns ``(target, draft)``, both ``llama_cpp.Llama``.
+
+    The target has its MTP layers loaded, ``n_rs_seq = n_draft_max`` (recurrent
+    rollback) and room for 1 + n_draft_max outputs per sequence; the draft is an
+    MTP context on the *same* ``llama_model`` (no second copy of the weights).
+    Other keyword arguments go to both ``llama_cpp.Llama`` constructors.
+    """
+    path = os.fspath(model_path)
+    for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MtpArgumentError(f"{name} must be an int >= 1, got {value!r}")
+    bad = [k for k in _RESERVED if llama_kwargs.get(k)]
+    if bad:
+        raise MtpArgumentError(f"load() does not support {', '.join(bad)}")
+    if not os.path.isfile(path):
+        raise MtpInitError(f"model file not found: {path}")
+    n_batch = int(llama_kwargs.get("n_batch", 512))
+    if n_draft_max + 1 > n_batch:
+        raise MtpArgumentError(f"n_batch={n_batch} is smaller than a verify batch of n_draft_max+1={n_draft_max + 1}")
+    llama_kwargs.setdefault("verbose", False)
+    try:
+        target = MtpTargetLlama(path, n_draft_max=n_draft_max, n_seq=n_seq, **llama_kwargs)
+    except ValueError as e:
+        raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
+    if target.mtp_n_layer_nextn <= 0:
+        target.close()
+        raise MtpInitError(f"{path} has no MTP heads (nextn_predict_layers = 0): use a model that ships them "
+                           "(Qwen3.5/3.6, GLM-4.5, DeepSeek-V3, MiMo, Step-3.5)")
+    draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
+    try:
+        draft = MtpDraftLlama(target, **draft_kwargs)
+    except ValueError as e:
+        target.close()
+        raise MtpInitError(f"llama.cpp could not create the MTP draft context for {path}: {e}") from None
+    return target, draft
+
+
+def is_mtp_context(ctx: _internals.LlamaContext) -> bool:
+    return int(getattr(ctx.params, "ctx_type", 0)) == llama_cpp.LLAMA_CONTEXT_TYPE_MTP

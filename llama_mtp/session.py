@@ -1,0 +1,314 @@
+"""MtpSession: upstream's MTP drafter driven from llama-cpp-python objects."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, List, Optional, Sequence
+
+from . import _loader
+from ._handles import BatchLike, ContextLike, context_of, guard_of, raw_batch, raw_context
+from .errors import (
+    BadSeqIdError,
+    MtpArgumentError,
+    MtpError,
+    MtpInitError,
+    MtpProcessError,
+    ProtocolError,
+    RollbackError,
+    SessionClosedError,
+)
+from .stats import MtpStats
+
+
+class _Native:
+    """Owner of one native mtp_session; freed exactly once, before its contexts."""
+
+    def __init__(self, ffi: Any, lib: Any, handle: Any) -> None:
+        self.ffi, self.lib, self.handle = ffi, lib, handle
+        self.lock = threading.RLock()
+        self.closed_reason: Optional[str] = None
+
+    def release(self, reason: str) -> None:
+        with self.lock:
+            if self.handle is None:
+                return
+            self.lib.mtp_session_free(self.handle)
+            self.handle = None
+            self.closed_reason = reason
+
+    def __del__(self) -> None:  # backstop only: close() and the context guards free it first
+        try:
+            self.release("garbage collected")
+        except Exception:
+            pass
+
+
+_STATUS_ERRORS = {
+    "MTP_ERR_NULL": MtpArgumentError,
+    "MTP_ERR_ARG": MtpArgumentError,
+    "MTP_ERR_PROTOCOL": ProtocolError,
+    "MTP_ERR_INIT": MtpInitError,
+    "MTP_ERR_PROCESS": MtpProcessError,
+    "MTP_ERR_DECODE": MtpProcessError,
+    "MTP_ERR_ROLLBACK": RollbackError,
+    "MTP_ERR_INTERNAL": MtpError,
+}
+
+
+class MtpSession:
+    """Speculative drafting with a model's MTP head, on llama-cpp-python objects.
+
+    ``target``: the Llama (or LlamaContext) that verifies; ``draft``: an MTP
+    context on the same model (see :func:`llama_mtp.load`). Create the session
+    before decoding the prompt and hand every target decode to :meth:`process`.
+    Per step: ``draft()`` -> decode ``[id_last, *draft]`` on the target ->
+    ``process()`` -> ``accept(n)``, which trims both contexts to the new n_past.
+    """
+
+    def __init__(self, target: ContextLike, draft: ContextLike, *, n_seq: int = 1, n_draft_max: int = 3,
+                 n_min: int = 0, p_min: float = 0.0, backend_sampling: bool = True) -> None:
+        self._native: Optional[_Native] = None
+        for name, value in (("n_seq", n_seq), ("n_draft_max", n_draft_max), ("n_min", n_min)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise MtpArgumentError(f"{name} must be an int, got {type(value).__name__}")
+        if isinstance(p_min, bool) or not isinstance(p_min, (int, float)):
+            raise MtpArgumentError(f"p_min must be a float, got {type(p_min).__name__}")
+        # keep the Llama objects alive as long as the session
+        self._target_obj, self._draft_obj = target, draft
+        self._ctx_tgt = context_of(target, "target")
+        self._ctx_dft = context_of(draft, "draft")
+        if self._ctx_tgt is self._ctx_dft:
+            raise MtpInitError("target and draft are the same context; the draft must be an MTP context (llama_mtp.load creates one)")
+        self._check_model_loaded_with_mtp()
+        ptr_tgt = raw_context(self._ctx_tgt, "target")
+        ptr_dft = raw_context(self._ctx_dft, "draft")
+
+        ffi, lib = _loader.load()
+        self._ffi, self._lib = ffi, lib
+        cfg = ffi.new("mtp_config *", {"n_seq": _i32(n_seq, "n_seq"), "n_draft_max": _i32(n_draft_max, "n_draft_max"),
+                                       "n_min": _i32(n_min, "n_min"), "p_min": float(p_min),
+                                       "backend_sampling": int(bool(backend_sampling))})
+        out = ffi.new("mtp_session **")
+        status = lib.mtp_session_new(ffi.cast("struct llama_context *", ptr_tgt),
+                                     ffi.cast("struct llama_context *", ptr_dft), cfg, out)
+        self._raise_for(status)
+        native = _Native(ffi, lib, out[0])
+        self._native = native
+        self._n_seq = n_seq
+        self._n_draft_max = n_draft_max
+        self._draft_buf = ffi.new("int32_t[]", n_draft_max)
+        self._draft_n = ffi.new("int32_t *")
+        self._flag = ffi.new("int32_t *")
+        # free the native session before either llama_context is freed
+        key = id(self)
+        self._guards = (guard_of(self._ctx_tgt), guard_of(self._ctx_dft))
+        for role, guard in zip(("target", "draft"), self._guards):
+            guard.attach(key, lambda role=role: native.release(f"the {role} context was closed"))
+
+    # -- lifetime ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the native session. Idempotent; the Llama objects stay open."""
+        native = self._native
+        if native is None:
+            return
+        native.release("closed")
+        for guard in getattr(self, "_guards", ()):
+            guard.detach(id(self))
+
+    def __enter__(self) -> "MtpSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def closed(self) -> bool:
+        return self._native is None or self._native.handle is None
+
+    # -- properties -------------------------------------------------------------------------
+
+    @property
+    def n_seq(self) -> int:
+        return self._n_seq
+
+    @property
+    def n_draft_max(self) -> int:
+        return self._n_draft_max
+
+    @property
+    def need_embd(self) -> bool:
+        """MTP drafts from the target's pre-norm hidden states (always True)."""
+        return True
+
+    @property
+    def target(self) -> ContextLike:
+        return self._target_obj
+
+    @property
+    def draft_model(self) -> ContextLike:
+        return self._draft_obj
+
+    @property
+    def stats(self) -> MtpStats:
+        ffi = self._ffi
+        st = ffi.new("mtp_stats *")
+        n = self._n_draft_max
+        drafted, accepted = ffi.new("int64_t[]", n), ffi.new("int64_t[]", n)
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_stats(handle, st, drafted, accepted, n))
+        return MtpStats(
+            n_draft_calls=st.n_draft_calls, n_drafts=st.n_drafts, n_drafted=st.n_drafted,
+            n_accept_calls=st.n_accept_calls, n_accepted=st.n_accepted,
+            n_process_calls=st.n_process_calls, n_process_tokens=st.n_process_tokens,
+            drafted_per_pos=tuple(drafted), accepted_per_pos=tuple(accepted),
+            t_draft_s=st.t_draft_us / 1e6, t_process_s=st.t_process_us / 1e6, t_accept_s=st.t_accept_us / 1e6,
+        )
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def begin(self, seq_id: int, tokens: Sequence[int]) -> None:
+        """Start a new generation on seq_id (drops its pending proposal, if any)."""
+        self._check_seq(seq_id)
+        toks = [_token(t) for t in tokens]
+        arr = self._ffi.new("int32_t[]", toks) if toks else self._ffi.NULL
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_begin(handle, seq_id, arr, len(toks)), seq_id)
+
+    def process(self, batch: BatchLike) -> None:
+        """Hand the batch just decoded on the target to the drafter.
+
+        ``batch``: the target Llama (its last decoded batch), a LlamaBatch, or a ctypes llama_batch.
+        """
+        addr = raw_batch(batch)
+        ptr = self._ffi.cast("struct llama_batch *", addr)
+        with self._call() as handle:
+            status = self._lib.mtp_session_process(handle, ptr)
+        if status == self._lib.MTP_ERR_SEQ:
+            raise BadSeqIdError(self._last_error(), _first_bad_seq(batch, self._n_seq), self._n_seq)
+        self._raise_for(status)
+
+    def draft(self, seq_id: int, n_past: int, id_last: int, n_max: Optional[int] = None) -> List[int]:
+        """Propose up to n_max (default n_draft_max) tokens to follow id_last at position n_past.
+
+        A non-empty result is pending until :meth:`accept`.
+        """
+        self._check_seq(seq_id)
+        n_past = _i32(n_past, "n_past")
+        id_last = _i32(id_last, "id_last")
+        n_max = -1 if n_max is None else _i32(n_max, "n_max")
+        if n_max < -1:
+            raise MtpArgumentError(f"n_max must be >= 0 (got {n_max})")
+        self._draft_n[0] = self._n_draft_max
+        with self._call() as handle:
+            status = self._lib.mtp_session_draft(handle, seq_id, n_past, id_last, n_max, self._draft_buf, self._draft_n)
+            self._raise_for(status, seq_id)
+            return list(self._ffi.unpack(self._draft_buf, self._draft_n[0]))
+
+    def accept(self, seq_id: int, n_accepted: int) -> None:
+        """Settle the pending draft of seq_id: its first n_accepted tokens were accepted.
+
+        Trims the target and draft contexts of seq_id to ``n_past + 1 + n_accepted``.
+        """
+        self._check_seq(seq_id)
+        n_accepted = _i32(n_accepted, "n_accepted")
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_accept(handle, seq_id, n_accepted), seq_id)
+
+    def pending(self, seq_id: int) -> bool:
+        """Whether seq_id has a draft awaiting accept()."""
+        self._check_seq(seq_id)
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_has_pending(handle, seq_id, self._flag), seq_id)
+            return bool(self._flag[0])
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _call(self) -> "_NativeCall":
+        return _NativeCall(self)
+
+    def _check_seq(self, seq_id: Any) -> None:
+        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
+            raise MtpArgumentError(f"seq_id must be an int, got {type(seq_id).__name__}")
+        if not 0 <= seq_id < self._n_seq:
+            raise BadSeqIdError(f"seq_id {seq_id} is out of range: this session drafts for seq ids "
+                                f"0..{self._n_seq - 1} (n_seq={self._n_seq})", seq_id, self._n_seq)
+
+    def _check_model_loaded_with_mtp(self) -> None:
+        # an MTP context on a model loaded without its MTP layers aborts inside llama.cpp
+        params = getattr(getattr(self._ctx_dft, "model", None), "params", None)
+        if params is not None and not getattr(params, "load_mtp", True):
+            raise MtpInitError("the draft context's model was loaded with load_mtp=False: "
+                               "load it with llama_mtp.load() so its MTP layers are present")
+
+    def _last_error(self) -> str:
+        return self._ffi.string(self._lib.mtp_last_error()).decode("utf-8", "replace")
+
+    def _raise_for(self, status: int, seq_id: Optional[int] = None) -> None:
+        if status == 0:
+            return
+        message = self._last_error()
+        lib = self._lib
+        if status == lib.MTP_ERR_SEQ:
+            raise BadSeqIdError(message, seq_id, getattr(self, "_n_seq", 0))
+        for name, exc in _STATUS_ERRORS.items():
+            if status == getattr(lib, name):
+                raise exc(message)
+        raise MtpError(f"unknown status {status}: {message}")
+
+
+class _NativeCall:
+    """Holds the session lock for one native call and yields the live handle."""
+
+    def __init__(self, session: MtpSession) -> None:
+        self._session = session
+
+    def __enter__(self) -> Any:
+        native = self._session._native
+        if native is None:
+            raise SessionClosedError("the session was never opened")
+        native.lock.acquire()
+        if native.handle is None:
+            native.lock.release()
+            raise SessionClosedError(f"the MtpSession is closed ({native.closed_reason}); create a new one")
+        return native.handle
+
+    def __exit__(self, *exc: object) -> None:
+        native = self._session._native
+        assert native is not None
+        native.lock.release()
+
+
+def _i32(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise MtpArgumentError(f"{name} must be an int, got {type(value).__name__}")
+    value = int(value)
+    if not -(2**31) <= value < 2**31:
+        raise MtpArgumentError(f"{name}={value} does not fit in 32 bits")
+    return value
+
+
+def _token(value: Any) -> int:
+    return _i32(value, "token")
+
+
+def _first_bad_seq(batch: Any, n_seq: int) -> Optional[int]:
+    """The first out-of-range seq id in a batch (error path only)."""
+    import ctypes
+
+    try:
+        b = ctypes.cast(raw_batch(batch), ctypes.POINTER(__import__("llama_cpp").llama_batch)).contents
+        for i in range(b.n_tokens):
+            for j in range(b.n_seq_id[i] if b.n_seq_id else 1):
+                sid = b.seq_id[i][j] if b.seq_id else 0
+                if not 0 <= sid < n_seq:
+                    return int(sid)
+    except Exception:
+        pass
+    return None

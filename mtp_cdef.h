@@ -1,0 +1,87 @@
+/*
+ * llama-mtp shim: the C surface, and the only thing cffi sees.
+ *
+ * Parsed by cffi (out-of-line ABI mode, see build_ffi.py) and included by
+ * shim/mtp_shim.cpp. Keep it plain C with no preprocessor logic: only opaque
+ * handles, scalars, pointers and integer #defines.
+ *
+ * Every function returns an mtp_status; on failure mtp_last_error() holds a
+ * message for the calling thread. No function aborts on bad input.
+ */
+
+#define MTP_ABI_VERSION 1
+
+struct llama_context;
+struct llama_batch;
+typedef struct mtp_session mtp_session;
+
+enum mtp_status {
+    MTP_OK            = 0,
+    MTP_ERR_NULL      = 1,  /* a required pointer was NULL                              */
+    MTP_ERR_ARG       = 2,  /* an argument is out of range or inconsistent              */
+    MTP_ERR_SEQ       = 3,  /* seq id outside [0, n_seq)                                */
+    MTP_ERR_PROTOCOL  = 4,  /* call out of order (draft while pending, accept w/o draft) */
+    MTP_ERR_INIT      = 5,  /* contexts unsuitable for an MTP session                   */
+    MTP_ERR_PROCESS   = 6,  /* batch cannot be handed to the drafter                    */
+    MTP_ERR_DECODE    = 7,  /* llama.cpp failed to decode on the draft context          */
+    MTP_ERR_ROLLBACK  = 8,  /* target cannot remove that many tokens (n_rs_seq too low) */
+    MTP_ERR_INTERNAL  = 9   /* C++ exception or unexpected upstream failure             */
+};
+
+typedef struct mtp_config {
+    int32_t n_seq;            /* sequences the session drafts for: seq ids 0..n_seq-1   */
+    int32_t n_draft_max;      /* longest draft                                          */
+    int32_t n_min;            /* drafts shorter than this are dropped (upstream n_min)   */
+    float   p_min;            /* stop drafting below this top-1 probability              */
+    int32_t backend_sampling; /* upstream's draft sampling on the backend (1) or CPU (0) */
+} mtp_config;
+
+typedef struct mtp_stats {
+    int64_t n_draft_calls;    /* draft() calls                                          */
+    int64_t n_drafts;         /* draft() calls that returned >= 1 token                 */
+    int64_t n_drafted;        /* tokens proposed                                        */
+    int64_t n_accept_calls;   /* accept() calls                                         */
+    int64_t n_accepted;       /* tokens accepted                                        */
+    int64_t n_process_calls;  /* process() calls                                        */
+    int64_t n_process_tokens; /* tokens handed to process()                             */
+    int64_t t_draft_us;       /* time inside draft()                                    */
+    int64_t t_process_us;     /* time inside process()                                  */
+    int64_t t_accept_us;      /* time inside accept()                                   */
+} mtp_stats;
+
+int32_t      mtp_abi_version(void);
+const char * mtp_last_error(void);
+const char * mtp_build_info(void);
+
+/* Create a session on a target context (type DEFAULT) and an MTP draft context
+ * (type MTP) on the same model. Create it before the prompt is decoded: from
+ * now on the target outputs the hidden states the drafter needs. */
+int32_t mtp_session_new(struct llama_context * ctx_tgt, struct llama_context * ctx_dft,
+                        const mtp_config * cfg, mtp_session ** out);
+
+/* Free the session. Must happen before either context is freed. NULL is a no-op. */
+int32_t mtp_session_free(mtp_session * s);
+
+/* Start a new generation on seq_id (drops any pending proposal for it). */
+int32_t mtp_session_begin(mtp_session * s, int32_t seq_id, const int32_t * tokens, int32_t n_tokens);
+
+/* Hand the batch that was just decoded on the target to the drafter. */
+int32_t mtp_session_process(mtp_session * s, const struct llama_batch * batch);
+
+/* Propose up to n_max tokens (n_max < 0: the session's n_draft_max) continuing
+ * id_last at position pos0. *inout_n: capacity of out in, tokens written out. */
+int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
+                          int32_t n_max, int32_t * out, int32_t * inout_n);
+
+/* Settle the pending proposal: n_accepted in [0, last draft length]. Trims the
+ * target and draft contexts of seq_id to pos0 + 1 + n_accepted. */
+int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n_accepted);
+
+int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int32_t * out);
+int32_t mtp_session_n_max(mtp_session * s, int32_t * out);
+int32_t mtp_session_n_seq(mtp_session * s, int32_t * out);
+
+/* Counters; drafted_per_pos[i] / accepted_per_pos[i]: drafts with more than i
+ * tokens / accept calls with more than i accepted, for i < n_pos (may be NULL). */
+int32_t mtp_session_stats(mtp_session * s, mtp_stats * out,
+                          int64_t * drafted_per_pos, int64_t * accepted_per_pos, int32_t n_pos);

@@ -1,0 +1,544 @@
+// llama-mtp shim: a C surface over upstream common_speculative (type draft-mtp).
+//
+// Upstream aborts the process (GGML_ASSERT) or corrupts memory on bad input, so
+// every entry point here checks what it can before calling upstream, keeps its
+// own bookkeeping of the draft/verify/accept protocol per sequence, and turns
+// every failure (C++ exceptions included) into a status code plus a message.
+
+#include "llama.h"
+#include "common.h"
+#include "speculative.h"
+#include "build-info.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdarg>
+#include <cstdio>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+extern "C" {
+#include "../mtp_cdef.h"
+}
+
+#if defined(_WIN32)
+#define MTP_EXPORT extern "C" __declspec(dllexport)
+#else
+#define MTP_EXPORT extern "C" __attribute__((visibility("default")))
+#endif
+
+// staging API of src/llama-ext.h (not installed; exported by libllama)
+LLAMA_API void llama_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
+LLAMA_API float * llama_get_embeddings_nextn(struct llama_context * ctx);
+
+// The context type is not readable through llama.h, but libllama exports
+// llama_context::get_cparams() and llama-cparams.h (from the same sources the
+// shim is built against; build_ffi.py checks they match) gives its layout.
+#include "llama-cparams.h"
+struct llama_context {
+    const llama_cparams & get_cparams() const;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+struct mtp_failure {
+    int32_t     status;
+    std::string message;
+};
+
+[[noreturn]] void fail(int32_t status, const char * fmt, ...) {
+    char buf[1024];
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, args);
+    va_end(args);
+    throw mtp_failure{status, buf};
+}
+
+// Turn any failure inside an entry point into a status code + last error.
+template <typename F>
+int32_t guarded(F && body) {
+    try {
+        body();
+        g_last_error.clear();
+        return MTP_OK;
+    } catch (const mtp_failure & f) {
+        g_last_error = f.message;
+        return f.status;
+    } catch (const std::exception & e) {
+        g_last_error = std::string("internal error: ") + e.what();
+        return MTP_ERR_INTERNAL;
+    } catch (...) {
+        g_last_error = "internal error: unknown C++ exception";
+        return MTP_ERR_INTERNAL;
+    }
+}
+
+int64_t now_us() {
+    return std::chrono::duration_cast<std::chrono::microseconds>(
+        std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+struct scoped_timer {
+    int64_t & acc;
+    int64_t   t0 = now_us();
+    explicit scoped_timer(int64_t & a) : acc(a) {}
+    ~scoped_timer() { acc += now_us() - t0; }
+};
+
+// Target contexts whose nextn output a live session switched on: switch it off
+// again when the last session on that context goes away.
+std::mutex g_targets_mu;
+std::map<llama_context *, int> g_targets;
+
+struct seq_state {
+    bool    pending   = false; // a non-empty draft awaits accept()
+    bool    verified  = false; // the verify batch for it went through process()
+    int32_t last_len  = 0;     // length of the pending draft
+    int32_t last_pos0 = 0;     // pos0 of the pending draft
+    int32_t n_verify  = 0;     // rows of this seq in the last processed batch
+};
+
+} // namespace
+
+struct mtp_session {
+    llama_context * tgt = nullptr;
+    llama_context * dft = nullptr;
+
+    int32_t n_seq       = 0;
+    int32_t n_draft_max = 0;
+    int32_t n_vocab     = 0;
+    bool    rollback_bounded = false; // recurrent/hybrid target: seq_rm bounded by n_rs_seq
+
+    common_params_speculative params;
+    common_speculative *      spec = nullptr;
+    common_batch              cbatch;
+
+    std::vector<seq_state>    seqs;
+    llama_tokens              no_prompt; // upstream's draft params want a prompt; MTP ignores it
+    llama_tokens              result;
+
+    mtp_stats                 stats = {};
+    std::vector<int64_t>      drafted_per_pos;
+    std::vector<int64_t>      accepted_per_pos;
+
+    std::mutex mu; // serialises concurrent calls on one session
+};
+
+namespace {
+
+void check_session(mtp_session * s) {
+    if (s == nullptr) {
+        fail(MTP_ERR_NULL, "session handle is NULL");
+    }
+}
+
+void check_seq(const mtp_session * s, int32_t seq_id) {
+    if (seq_id < 0 || seq_id >= s->n_seq) {
+        fail(MTP_ERR_SEQ, "seq_id %d is out of range: this session drafts for seq ids 0..%d (n_seq=%d)",
+             seq_id, s->n_seq - 1, s->n_seq);
+    }
+}
+
+llama_pos pos_max(llama_context * ctx, llama_seq_id seq) {
+    return llama_memory_seq_pos_max(llama_get_memory(ctx), seq);
+}
+
+void release_target(llama_context * tgt) {
+    std::lock_guard<std::mutex> lock(g_targets_mu);
+    auto it = g_targets.find(tgt);
+    if (it == g_targets.end()) {
+        return;
+    }
+    if (--it->second == 0) {
+        g_targets.erase(it);
+        llama_set_embeddings_nextn(tgt, false, false);
+    }
+}
+
+} // namespace
+
+MTP_EXPORT int32_t mtp_abi_version(void) {
+    return MTP_ABI_VERSION;
+}
+
+MTP_EXPORT const char * mtp_last_error(void) {
+    return g_last_error.c_str();
+}
+
+MTP_EXPORT const char * mtp_build_info(void) {
+    return llama_build_info();
+}
+
+MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_dft,
+                                   const mtp_config * cfg, mtp_session ** out) {
+    return guarded([&] {
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        *out = nullptr;
+        if (ctx_tgt == nullptr) fail(MTP_ERR_NULL, "target context is NULL");
+        if (ctx_dft == nullptr) fail(MTP_ERR_NULL, "draft context is NULL");
+        if (cfg == nullptr)     fail(MTP_ERR_NULL, "config is NULL");
+        if (ctx_tgt == ctx_dft) fail(MTP_ERR_INIT, "target and draft are the same context; the draft must be a separate MTP context");
+
+        const llama_model * m_tgt = llama_get_model(ctx_tgt);
+        const llama_model * m_dft = llama_get_model(ctx_dft);
+        if (m_tgt == nullptr || m_dft == nullptr) fail(MTP_ERR_INIT, "context has no model");
+
+        if (ctx_tgt->get_cparams().ctx_type != LLAMA_CONTEXT_TYPE_DEFAULT) {
+            fail(MTP_ERR_INIT, "the target context is not a DEFAULT context (is it the MTP context? pass target first, draft second)");
+        }
+        if (ctx_dft->get_cparams().ctx_type != LLAMA_CONTEXT_TYPE_MTP) {
+            fail(MTP_ERR_INIT, "the draft context is not an MTP context: create it with ctx_type = LLAMA_CONTEXT_TYPE_MTP on the target's model (llama_mtp.load does this)");
+        }
+        if (llama_model_n_layer_nextn(m_dft) <= 0) {
+            fail(MTP_ERR_INIT, "the draft model has no MTP (nextn) layers; use a model that ships MTP heads");
+        }
+        const int32_t n_embd_tgt = llama_model_n_embd_out(m_tgt);
+        const int32_t n_embd_dft = llama_model_n_embd_out(m_dft);
+        if (n_embd_tgt != n_embd_dft) {
+            fail(MTP_ERR_INIT, "hidden widths differ: target n_embd_out=%d, draft n_embd_out=%d; the MTP context must belong to the target's model",
+                 n_embd_tgt, n_embd_dft);
+        }
+        const int32_t n_vocab_tgt = llama_vocab_n_tokens(llama_model_get_vocab(m_tgt));
+        const int32_t n_vocab_dft = llama_vocab_n_tokens(llama_model_get_vocab(m_dft));
+        if (n_vocab_tgt != n_vocab_dft) {
+            fail(MTP_ERR_INIT, "vocabularies differ: target %d tokens, draft %d tokens", n_vocab_tgt, n_vocab_dft);
+        }
+        if (llama_get_memory(ctx_tgt) == nullptr || llama_get_memory(ctx_dft) == nullptr) {
+            fail(MTP_ERR_INIT, "a context has no memory (embedding-only context?)");
+        }
+
+        if (cfg->n_seq < 1) fail(MTP_ERR_ARG, "n_seq must be >= 1 (got %d)", cfg->n_seq);
+        if ((uint32_t) cfg->n_seq > llama_n_seq_max(ctx_tgt) || (uint32_t) cfg->n_seq > llama_n_seq_max(ctx_dft)) {
+            fail(MTP_ERR_ARG, "n_seq=%d exceeds the contexts' n_seq_max (target %u, draft %u)",
+                 cfg->n_seq, llama_n_seq_max(ctx_tgt), llama_n_seq_max(ctx_dft));
+        }
+        if (cfg->n_draft_max < 1) fail(MTP_ERR_ARG, "n_draft_max must be >= 1 (got %d)", cfg->n_draft_max);
+        if (cfg->n_draft_max > 65535) fail(MTP_ERR_ARG, "n_draft_max must be <= 65535 (got %d)", cfg->n_draft_max);
+        if ((uint32_t) cfg->n_draft_max + 1 > llama_n_batch(ctx_tgt)) {
+            fail(MTP_ERR_ARG, "n_draft_max=%d needs a verify batch of %d tokens but the target's n_batch is %u",
+                 cfg->n_draft_max, cfg->n_draft_max + 1, llama_n_batch(ctx_tgt));
+        }
+        if ((uint32_t) cfg->n_seq * (uint32_t) (cfg->n_draft_max + 1) > llama_n_batch(ctx_dft)) {
+            fail(MTP_ERR_ARG, "draft context n_batch=%u is too small for n_seq=%d x (n_draft_max+1)=%d",
+                 llama_n_batch(ctx_dft), cfg->n_seq, cfg->n_draft_max + 1);
+        }
+        if (cfg->n_min < 0 || cfg->n_min > cfg->n_draft_max) {
+            fail(MTP_ERR_ARG, "n_min must be in [0, n_draft_max=%d] (got %d)", cfg->n_draft_max, cfg->n_min);
+        }
+        if (!(cfg->p_min >= 0.0f && cfg->p_min <= 1.0f)) {
+            fail(MTP_ERR_ARG, "p_min must be in [0, 1] (got %g)", (double) cfg->p_min);
+        }
+
+        auto s = std::make_unique<mtp_session>();
+        s->tgt         = ctx_tgt;
+        s->dft         = ctx_dft;
+        s->n_seq       = cfg->n_seq;
+        s->n_draft_max = cfg->n_draft_max;
+        s->n_vocab     = n_vocab_tgt;
+        s->rollback_bounded = llama_model_is_recurrent(m_tgt) || llama_model_is_hybrid(m_tgt);
+
+        s->params.types                  = { COMMON_SPECULATIVE_TYPE_DRAFT_MTP };
+        s->params.draft.n_max            = cfg->n_draft_max;
+        s->params.draft.n_min            = cfg->n_min;
+        s->params.draft.p_min            = cfg->p_min;
+        s->params.draft.backend_sampling = cfg->backend_sampling != 0;
+        s->params.draft.ctx_tgt          = ctx_tgt;
+        s->params.draft.ctx_dft          = ctx_dft;
+
+        s->spec = common_speculative_init(s->params, (uint32_t) cfg->n_seq);
+        if (s->spec == nullptr) {
+            fail(MTP_ERR_INIT, "upstream common_speculative_init returned no drafter");
+        }
+        s->cbatch = common_batch(ctx_tgt);
+        s->seqs.assign(cfg->n_seq, seq_state{});
+        s->result.reserve(cfg->n_draft_max);
+        s->drafted_per_pos.assign(cfg->n_draft_max, 0);
+        s->accepted_per_pos.assign(cfg->n_draft_max, 0);
+        {
+            std::lock_guard<std::mutex> lock(g_targets_mu);
+            g_targets[ctx_tgt]++;
+        }
+        *out = s.release();
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_free(mtp_session * s) {
+    return guarded([&] {
+        if (s == nullptr) {
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lock(s->mu);
+            common_speculative_free(s->spec);
+            s->spec = nullptr;
+            s->cbatch = common_batch();
+            release_target(s->tgt);
+        }
+        delete s;
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_begin(mtp_session * s, int32_t seq_id, const int32_t * tokens, int32_t n_tokens) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        check_seq(s, seq_id);
+        if (n_tokens < 0) fail(MTP_ERR_ARG, "n_tokens must be >= 0 (got %d)", n_tokens);
+        if (n_tokens > 0 && tokens == nullptr) fail(MTP_ERR_NULL, "tokens is NULL but n_tokens=%d", n_tokens);
+        for (int32_t i = 0; i < n_tokens; ++i) {
+            if (tokens[i] < 0 || tokens[i] >= s->n_vocab) {
+                fail(MTP_ERR_ARG, "token %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, s->n_vocab);
+            }
+        }
+        const llama_tokens prompt(tokens, tokens + n_tokens);
+        common_speculative_begin(s->spec, seq_id, prompt);
+        s->seqs[seq_id] = seq_state{};
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batch) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        scoped_timer timer(s->stats.t_process_us);
+        if (batch == nullptr) fail(MTP_ERR_NULL, "batch is NULL");
+
+        const int32_t n = batch->n_tokens;
+        if (n <= 0) fail(MTP_ERR_PROCESS, "the batch is empty (n_tokens=%d); pass the batch that was just decoded on the target", n);
+        if ((uint32_t) n > llama_n_batch(s->tgt)) {
+            fail(MTP_ERR_PROCESS, "the batch has %d tokens, more than the target's n_batch=%u: it cannot be the batch the target just decoded",
+                 n, llama_n_batch(s->tgt));
+        }
+        if (batch->token == nullptr) fail(MTP_ERR_PROCESS, "embedding-only batches cannot be drafted from (batch.token is NULL)");
+        if (batch->pos == nullptr)   fail(MTP_ERR_PROCESS, "batch.pos is NULL: MTP needs explicit positions");
+        if (llama_get_embeddings_nextn(s->tgt) == nullptr) {
+            fail(MTP_ERR_PROCESS, "the target has produced no hidden states yet: decode the batch on the target (after creating the session) before process()");
+        }
+
+        // per-seq runs: upstream assumes each sequence's tokens are contiguous and consecutive
+        std::vector<int32_t> first(s->n_seq, -1), last(s->n_seq, -1);
+        s->cbatch.clear();
+        std::vector<llama_seq_id> ids;
+        for (int32_t i = 0; i < n; ++i) {
+            const llama_token tok = batch->token[i];
+            if (tok < 0 || tok >= s->n_vocab) {
+                fail(MTP_ERR_PROCESS, "token %d at index %d is outside the vocabulary [0, %d)", tok, i, s->n_vocab);
+            }
+            ids.clear();
+            const int32_t n_ids = batch->n_seq_id ? batch->n_seq_id[i] : 1;
+            if (n_ids < 1) fail(MTP_ERR_PROCESS, "token at index %d has n_seq_id=%d", i, n_ids);
+            for (int32_t j = 0; j < n_ids; ++j) {
+                const llama_seq_id sid = (batch->seq_id && batch->seq_id[i]) ? batch->seq_id[i][j] : 0;
+                if (sid < 0 || sid >= s->n_seq) {
+                    fail(MTP_ERR_SEQ, "token at index %d belongs to seq_id %d, outside this session's 0..%d (n_seq=%d)",
+                         i, sid, s->n_seq - 1, s->n_seq);
+                }
+                ids.push_back(sid);
+            }
+            const llama_seq_id sid = ids[0];
+            if (first[sid] < 0) {
+                first[sid] = i;
+            } else if (last[sid] != i - 1) {
+                fail(MTP_ERR_PROCESS, "tokens of seq_id %d are not contiguous in the batch (index %d)", sid, i);
+            } else if (batch->pos[i] != batch->pos[i - 1] + 1) {
+                fail(MTP_ERR_PROCESS, "positions of seq_id %d are not consecutive at index %d (%d after %d)",
+                     sid, i, batch->pos[i], batch->pos[i - 1]);
+            }
+            last[sid] = i;
+            const bool output = batch->logits ? batch->logits[i] != 0 : i == n - 1;
+            s->cbatch.add(tok, batch->pos[i], ids, output);
+        }
+
+        for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+            if (first[sid] < 0) continue;
+            const llama_pos p_first = batch->pos[first[sid]];
+            const llama_pos p_last  = batch->pos[last[sid]];
+            const llama_pos tgt_max = pos_max(s->tgt, sid);
+            if (tgt_max != p_last) {
+                fail(MTP_ERR_PROCESS, "seq_id %d: the batch ends at position %d but the target holds positions up to %d: pass the batch that was just decoded on the target",
+                     sid, p_last, tgt_max);
+            }
+            const llama_pos dft_max = pos_max(s->dft, sid);
+            if (dft_max != p_first - 1) {
+                fail(MTP_ERR_PROCESS, "seq_id %d: the batch starts at position %d but the drafter has seen positions up to %d: every target decode must go through process() exactly once, in order",
+                     sid, p_first, dft_max);
+            }
+        }
+
+        if (!common_speculative_process(s->spec, s->cbatch)) {
+            fail(MTP_ERR_DECODE, "the draft context failed to decode the batch (see llama.cpp log)");
+        }
+        for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+            if (first[sid] < 0) continue;
+            seq_state & st = s->seqs[sid];
+            st.n_verify = last[sid] - first[sid] + 1;
+            if (st.pending) {
+                st.verified = true;
+            }
+        }
+        s->stats.n_process_calls++;
+        s->stats.n_process_tokens += n;
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
+                                     int32_t n_max, int32_t * out, int32_t * inout_n) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        scoped_timer timer(s->stats.t_draft_us);
+        check_seq(s, seq_id);
+        if (out == nullptr || inout_n == nullptr) fail(MTP_ERR_NULL, "output buffer or its length is NULL");
+        const int32_t capacity = *inout_n;
+        *inout_n = 0;
+        if (capacity < s->n_draft_max) {
+            fail(MTP_ERR_ARG, "output capacity %d is smaller than n_draft_max=%d", capacity, s->n_draft_max);
+        }
+        seq_state & st = s->seqs[seq_id];
+        if (st.pending) {
+            fail(MTP_ERR_PROTOCOL, "seq_id %d has a pending draft of %d tokens: call accept() (0..%d) before drafting again",
+                 seq_id, st.last_len, st.last_len);
+        }
+        if (n_max < 0) n_max = s->n_draft_max;
+        if (n_max > s->n_draft_max) fail(MTP_ERR_ARG, "n_max=%d exceeds the session's n_draft_max=%d", n_max, s->n_draft_max);
+        if (id_last < 0 || id_last >= s->n_vocab) {
+            fail(MTP_ERR_ARG, "id_last=%d is outside the vocabulary [0, %d)", id_last, s->n_vocab);
+        }
+        if (pos0 < 0) fail(MTP_ERR_ARG, "pos0 must be >= 0 (got %d)", pos0);
+        const llama_pos tgt_max = pos_max(s->tgt, seq_id);
+        const llama_pos dft_max = pos_max(s->dft, seq_id);
+        if (tgt_max != pos0 - 1 || dft_max != pos0 - 1) {
+            fail(MTP_ERR_ARG, "seq_id %d: pos0=%d must be the number of tokens in the context (target holds up to %d, drafter up to %d): pass n_past and hand every decode to process()",
+                 seq_id, pos0, tgt_max, dft_max);
+        }
+        const int64_t n_ctx_seq = (int64_t) llama_n_ctx_seq(s->tgt);
+        if ((int64_t) pos0 + n_max >= n_ctx_seq) {
+            fail(MTP_ERR_ARG, "a draft of %d tokens at pos0=%d would overrun the context (n_ctx per sequence %lld): pass a smaller n_max",
+                 n_max, pos0, (long long) n_ctx_seq);
+        }
+        s->stats.n_draft_calls++;
+        if (n_max == 0) {
+            return;
+        }
+
+        s->result.clear();
+        common_speculative_get_draft_params(s->spec, seq_id) = {
+            /* .drafting = */ true,
+            /* .n_max    = */ n_max,
+            /* .pos0     = */ pos0,
+            /* .id_last  = */ id_last,
+            /* .prompt   = */ &s->no_prompt,
+            /* .result   = */ &s->result,
+        };
+        common_speculative_draft(s->spec);
+
+        // the verify decode re-feeds these positions: drop what drafting wrote
+        llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
+
+        const int32_t n = std::min<int32_t>((int32_t) s->result.size(), n_max);
+        std::copy(s->result.begin(), s->result.begin() + n, out);
+        *inout_n = n;
+        if (n > 0) {
+            st.pending   = true;
+            st.verified  = false;
+            st.last_len  = n;
+            st.last_pos0 = pos0;
+            s->stats.n_drafts++;
+            s->stats.n_drafted += n;
+            for (int32_t i = 0; i < n; ++i) s->drafted_per_pos[i]++;
+        }
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n_accepted) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        scoped_timer timer(s->stats.t_accept_us);
+        check_seq(s, seq_id);
+        seq_state & st = s->seqs[seq_id];
+        if (!st.pending) {
+            fail(MTP_ERR_PROTOCOL, "seq_id %d has no pending draft: accept() settles a non-empty draft()", seq_id);
+        }
+        if (n_accepted < 0) fail(MTP_ERR_ARG, "n_accepted must be >= 0 (got %d)", n_accepted);
+        if (n_accepted > st.last_len) {
+            fail(MTP_ERR_PROTOCOL, "n_accepted=%d exceeds the pending draft's %d tokens", n_accepted, st.last_len);
+        }
+        if (!st.verified) {
+            fail(MTP_ERR_PROTOCOL, "seq_id %d: decode [id_last, draft...] on the target and pass that batch to process() before accept()", seq_id);
+        }
+        if (n_accepted > st.n_verify - 1) {
+            fail(MTP_ERR_PROTOCOL, "seq_id %d: the processed verify batch covered only %d draft tokens, cannot accept %d",
+                 seq_id, st.n_verify - 1, n_accepted);
+        }
+        const llama_pos n_past  = st.last_pos0 + 1 + n_accepted;
+        const llama_pos tgt_max = pos_max(s->tgt, seq_id);
+        const int64_t   n_rm    = (int64_t) tgt_max + 1 - n_past;
+        if (n_rm > 0 && s->rollback_bounded && n_rm > (int64_t) llama_n_rs_seq(s->tgt)) {
+            fail(MTP_ERR_ROLLBACK, "seq_id %d: the target would have to drop %lld tokens but its recurrent state keeps only %u snapshots (n_rs_seq): create the target with n_rs_seq >= n_draft_max, or restore a checkpoint and re-decode the accepted tokens before accept()",
+                 seq_id, (long long) n_rm, llama_n_rs_seq(s->tgt));
+        }
+
+        common_speculative_accept(s->spec, seq_id, (uint16_t) n_accepted);
+
+        st.pending  = false;
+        st.verified = false;
+        s->stats.n_accept_calls++;
+        s->stats.n_accepted += n_accepted;
+        for (int32_t i = 0; i < n_accepted; ++i) s->accepted_per_pos[i]++;
+
+        if (!llama_memory_seq_rm(llama_get_memory(s->tgt), seq_id, n_past, -1)) {
+            fail(MTP_ERR_ROLLBACK, "seq_id %d: the target context refused to remove positions >= %d", seq_id, n_past);
+        }
+        llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, n_past, -1);
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int32_t * out) {
+    return guarded([&] {
+        check_session(s);
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        std::lock_guard<std::mutex> lock(s->mu);
+        check_seq(s, seq_id);
+        *out = s->seqs[seq_id].pending ? 1 : 0;
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_n_max(mtp_session * s, int32_t * out) {
+    return guarded([&] {
+        check_session(s);
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        std::lock_guard<std::mutex> lock(s->mu);
+        *out = std::min<int32_t>(s->n_draft_max, common_speculative_n_max(s->spec));
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_n_seq(mtp_session * s, int32_t * out) {
+    return guarded([&] {
+        check_session(s);
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        *out = s->n_seq;
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_stats(mtp_session * s, mtp_stats * out,
+                                     int64_t * drafted_per_pos, int64_t * accepted_per_pos, int32_t n_pos) {
+    return guarded([&] {
+        check_session(s);
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        if (n_pos < 0) fail(MTP_ERR_ARG, "n_pos must be >= 0 (got %d)", n_pos);
+        std::lock_guard<std::mutex> lock(s->mu);
+        *out = s->stats;
+        for (int32_t i = 0; i < n_pos; ++i) {
+            const bool in_range = i < (int32_t) s->drafted_per_pos.size();
+            if (drafted_per_pos)  drafted_per_pos[i]  = in_range ? s->drafted_per_pos[i]  : 0;
+            if (accepted_per_pos) accepted_per_pos[i] = in_range ? s->accepted_per_pos[i] : 0;
+        }
+    });
+}
