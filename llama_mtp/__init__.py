@@ -17,14 +17,16 @@ from .errors import (
     SessionClosedError,
     ShimUnavailableError,
 )
+from .generation import GenerationResult, GenerationStats, GenerationStream, generate
 from .loading import MtpDraftLlama, MtpTargetLlama, load
+from .mtp_llama import MtpLlama
 from .session import MtpSession
 from .stats import MtpStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadSeqIdError", "MtpArgumentError", "MtpDraftLlama", "MtpError", "MtpInitError", "MtpProcessError",
+    "BadSeqIdError", "GenerationResult", "GenerationStats", "GenerationStream", "MtpArgumentError", "MtpLlama", "MtpDraftLlama", "MtpError", "MtpInitError", "MtpProcessError",
     "MtpSession", "MtpStats", "MtpTargetLlama", "ProtocolError", "RollbackError", "SessionClosedError",
-    "ShimUnavailableError", "load",
+    "ShimUnavailableError", "generate", "load",
 ]

@@ -103,6 +103,34 @@ class MtpDraftLlama(_HookedLlama):
         super().__setattr__(name, value)
 
 
+def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, Any]) -> None:
+    for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MtpArgumentError(f"{name} must be an int >= 1, got {value!r}")
+    bad = [k for k in _RESERVED if llama_kwargs.get(k)]
+    if bad:
+        raise MtpArgumentError(f"MTP loading does not support {', '.join(bad)}")
+    if not os.path.isfile(path):
+        raise MtpInitError(f"model file not found: {path}")
+    n_batch = int(llama_kwargs.get("n_batch", 512))
+    if n_draft_max + 1 > n_batch:
+        raise MtpArgumentError(f"n_batch={n_batch} is smaller than a verify batch of n_draft_max+1={n_draft_max + 1}")
+
+
+def _open_draft(target: MtpTargetLlama, path: str, llama_kwargs: Dict[str, Any]) -> MtpDraftLlama:
+    """Check the target has MTP heads, then put an MTP draft context on its model."""
+    if target.mtp_n_layer_nextn <= 0:
+        target.close()
+        raise MtpInitError(f"{path} has no MTP heads (nextn_predict_layers = 0): use a model that ships them "
+                           "(Qwen3.5/3.6, GLM-4.5, DeepSeek-V3, MiMo, Step-3.5)")
+    draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
+    try:
+        return MtpDraftLlama(target, **draft_kwargs)
+    except ValueError as e:
+        target.close()
+        raise MtpInitError(f"llama.cpp could not create the MTP draft context for {path}: {e}") from None
+
+
 def load(model_path: str | os.PathLike[str], *, n_draft_max: int = 3, n_seq: int = 1,
          **llama_kwargs: Any) -> Tuple[MtpTargetLlama, MtpDraftLlama]:
     """Load a model with MTP heads: returns ``(target, draft)``, both ``llama_cpp.Llama``.
@@ -113,33 +141,13 @@ def load(model_path: str | os.PathLike[str], *, n_draft_max: int = 3, n_seq: int
     Other keyword arguments go to both ``llama_cpp.Llama`` constructors.
     """
     path = os.fspath(model_path)
-    for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MtpArgumentError(f"{name} must be an int >= 1, got {value!r}")
-    bad = [k for k in _RESERVED if llama_kwargs.get(k)]
-    if bad:
-        raise MtpArgumentError(f"load() does not support {', '.join(bad)}")
-    if not os.path.isfile(path):
-        raise MtpInitError(f"model file not found: {path}")
-    n_batch = int(llama_kwargs.get("n_batch", 512))
-    if n_draft_max + 1 > n_batch:
-        raise MtpArgumentError(f"n_batch={n_batch} is smaller than a verify batch of n_draft_max+1={n_draft_max + 1}")
+    _validate(path, n_draft_max, n_seq, llama_kwargs)
     llama_kwargs.setdefault("verbose", False)
     try:
         target = MtpTargetLlama(path, n_draft_max=n_draft_max, n_seq=n_seq, **llama_kwargs)
     except ValueError as e:
         raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
-    if target.mtp_n_layer_nextn <= 0:
-        target.close()
-        raise MtpInitError(f"{path} has no MTP heads (nextn_predict_layers = 0): use a model that ships them "
-                           "(Qwen3.5/3.6, GLM-4.5, DeepSeek-V3, MiMo, Step-3.5)")
-    draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
-    try:
-        draft = MtpDraftLlama(target, **draft_kwargs)
-    except ValueError as e:
-        target.close()
-        raise MtpInitError(f"llama.cpp could not create the MTP draft context for {path}: {e}") from None
-    return target, draft
+    return target, _open_draft(target, path, llama_kwargs)
 
 
 def is_mtp_context(ctx: _internals.LlamaContext) -> bool:

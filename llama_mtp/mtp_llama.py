@@ -1,0 +1,96 @@
+"""MtpLlama: a drop-in ``llama_cpp.Llama`` whose generation runs MTP-accelerated.
+
+``llm(prompt)``, ``create_completion`` (stream or not) and
+``create_chat_completion`` keep llama-cpp-python's own code paths and dict
+shapes: only ``Llama.generate`` (the token loop they all use) is replaced by
+the speculative loop, with the very sampler chain llama-cpp-python builds.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Optional, Sequence
+
+from .errors import MtpArgumentError, MtpInitError
+from .generation import GenerationStats, _Run
+from .loading import MtpTargetLlama, _open_draft, _validate
+from .session import MtpSession
+
+
+class MtpLlama(MtpTargetLlama):
+    """``llama_cpp.Llama`` with the model's MTP heads drafting ``n_draft`` tokens per step.
+
+    Owns its MTP draft context (``self.mtp_draft``) and session; ``close()``
+    frees them first, exactly once. Requests MTP cannot honour token for token
+    (``logits_processor``, ``stopping_criteria``, logprobs via ``logits_all``)
+    run through plain llama-cpp-python decoding instead; ``last_mtp_stats`` is
+    then None.
+    """
+
+    def __init__(self, model_path: str | os.PathLike[str], *, n_draft: int = 3, **llama_kwargs: Any) -> None:
+        path = os.fspath(model_path)
+        if isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0:
+            raise MtpArgumentError(f"n_draft must be an int >= 0, got {n_draft!r}")
+        _validate(path, max(1, n_draft), 1, llama_kwargs)
+        try:
+            super().__init__(path, n_draft_max=max(1, n_draft), n_seq=1, **llama_kwargs)
+        except ValueError as e:
+            raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
+        self.mtp_draft = _open_draft(self, path, llama_kwargs)
+        self.mtp_n_draft = n_draft
+        self.last_mtp_stats: Optional[GenerationStats] = None
+        self._mtp_session: Optional[MtpSession] = None
+        # Llama.close() unwinds _stack last-in first-out: MTP parts go before the target
+        self._stack.callback(self._close_mtp)
+
+    def _close_mtp(self) -> None:
+        if self._mtp_session is not None:
+            self._mtp_session.close()
+            self._mtp_session = None
+        draft = self.__dict__.pop("mtp_draft", None)
+        if draft is not None:
+            draft.close()
+
+    def _session(self) -> MtpSession:
+        if self._mtp_session is None or self._mtp_session.closed:
+            self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=max(1, self.mtp_n_draft))
+        return self._mtp_session
+
+    def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
+                 typical_p: float = 1.0, temp: float = 0.80, repeat_penalty: float = 1.0, reset: bool = True,
+                 frequency_penalty: float = 0.0, presence_penalty: float = 0.0, tfs_z: float = 1.0,
+                 mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                 penalize_nl: bool = True, logits_processor: Any = None, stopping_criteria: Any = None,
+                 grammar: Any = None) -> Iterator[int]:
+        sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p, temp=temp,
+                        repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+                        presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                        mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl,
+                        grammar=grammar)
+        if logits_processor is not None or stopping_criteria is not None or self._logits_all \
+                or "mtp_draft" not in self.__dict__:
+            self.last_mtp_stats = None
+            yield from super().generate(tokens, reset=reset, logits_processor=logits_processor,
+                                        stopping_criteria=stopping_criteria, **sampling)
+            return
+        run = _Run(self, self.mtp_draft, list(tokens), max_tokens=self.n_ctx(), n_draft=self.mtp_n_draft,
+                   sampling=sampling, seed=None, stop=None, session=self._session())
+        self.last_mtp_stats = run.stats
+        yield from run.tokens()
+
+    def create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().create_completion(*args, **kwargs)
+        if isinstance(result, dict):
+            _add_prediction_usage(result, self.last_mtp_stats)
+        return result
+
+
+def _add_prediction_usage(result: dict, stats: Optional[GenerationStats]) -> None:
+    """OpenAI's usage.completion_tokens_details fields for speculated tokens."""
+    usage = result.get("usage")
+    if stats is None or not isinstance(usage, dict):
+        return
+    usage["completion_tokens_details"] = {
+        "accepted_prediction_tokens": stats.accepted,
+        "rejected_prediction_tokens": stats.drafted - stats.accepted,
+    }
