@@ -1,0 +1,130 @@
+"""Command line: ``python -m llama_mtp`` / ``llama-mtp``.
+
+  generate [-m MODEL] -p PROMPT [--n-draft N] [--max-tokens N] [--temp T] [--seed S] [--compare]
+      Streams MTP-accelerated text, then prints stats. Without -m, runs on a
+      generated demo model (cached). --compare also runs plain llama-cpp-python
+      decoding and prints the speedup and whether the outputs match.
+  build [--force]
+      (Re)builds the native shim for the installed llama-cpp-python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional
+
+DEMO_PROMPT = "Multi-token prediction lets a model draft several tokens and verify them in one batch."
+# demo model: ~100M parameters, MTP head right for 90% of tokens (see llama_mtp.testing)
+DEMO_SPEC = dict(size="fast", recipe="oracle", accept=0.9, ftype="f16")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-mtp", description="MTP speculative decoding for llama-cpp-python")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks and llama.cpp logs")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text with MTP speculative decoding")
+    g.add_argument("-m", "--model", help="GGUF model with MTP heads (default: a generated demo model)")
+    g.add_argument("-p", "--prompt", default=DEMO_PROMPT)
+    g.add_argument("--n-draft", type=int, default=3)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temp", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--n-ctx", type=int, default=2048)
+    g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
+    g.add_argument("--compare", action="store_true", help="also run plain decoding: speedup and output match")
+    g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS)
+    b = sub.add_parser("build", help="(re)build the native shim")
+    b.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    b.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS)
+    return p
+
+
+def _demo_model() -> str:
+    from . import testing
+
+    print("llama_mtp: using the generated demo model (qwen35 + 1 MTP head, ~100M params; "
+          "built once, then cached)", file=sys.stderr, flush=True)
+    spec = dict(DEMO_SPEC)
+    return str(testing.cached_test_model(size=spec.pop("size"), **spec))
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from . import _loader
+
+    builder = _loader.build_module()
+    out = builder.build(force=args.force)
+    print(out)
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import llama_cpp
+
+    from .generation import generate
+    from .loading import load
+
+    path = args.model or _demo_model()
+    kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=args.verbose)
+    target, draft = load(path, n_draft_max=max(1, args.n_draft), **kwargs)
+    try:
+        sampling = dict(max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed)
+        stream = generate(target, draft, args.prompt, n_draft=args.n_draft, stream=True, **sampling)
+        print(args.prompt, end="", flush=True)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        res = stream.result
+        assert res is not None
+        st = res.stats
+        print(f"\n[mtp] {st.n_generated} tokens in {st.generation_seconds:.2f} s = {st.tokens_per_second:.1f} tok/s "
+              f"(prompt {st.n_prompt_tokens} tokens in {st.prompt_seconds:.2f} s); finish: {res.finish_reason}")
+        print(f"[mtp] n_draft={args.n_draft}: {st.steps} steps, drafted {st.drafted}, accepted {st.accepted} "
+              f"(acceptance {st.acceptance_rate:.1%}, per position "
+              f"{', '.join(f'{a:.2f}' for a in st.per_pos_acceptance)}), "
+              f"{st.mean_accepted_length:.2f} tokens/step")
+        if args.compare:
+            plain = llama_cpp.Llama(path, **kwargs)
+            try:
+                t0 = time.perf_counter()
+                ref = plain.create_completion(args.prompt, max_tokens=args.max_tokens, temperature=args.temp,
+                                              seed=args.seed)
+                t_plain = time.perf_counter() - t0
+            finally:
+                plain.close()
+            n_plain = ref["usage"]["completion_tokens"]
+            # create_completion's time includes its prompt: compare against MTP's prompt + generation
+            t_mtp = st.prompt_seconds + st.generation_seconds
+            same = ref["choices"][0]["text"] == res.text
+            print(f"[plain] {n_plain} tokens in {t_plain:.2f} s (prompt included); "
+                  f"MTP {res.stats.n_generated} tokens in {t_mtp:.2f} s")
+            print(f"[compare] speedup {(res.stats.n_generated / t_mtp) / (n_plain / t_plain):.2f}x, "
+                  f"outputs {'match' if same else 'DIFFER'}")
+    finally:
+        draft.close()
+        target.close()
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import MtpError
+
+    try:
+        if args.command == "build":
+            return _cmd_build(args)
+        return _cmd_generate(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (MtpError, ValueError, OSError, RuntimeError) as e:
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
