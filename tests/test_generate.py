@@ -1,0 +1,245 @@
+"""generate() is plain generation, only faster: exactness, sampling, stops, context limits."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Dict, Iterator, List, Tuple
+
+import llama_cpp
+import numpy as np
+import pytest
+
+import llama_mtp
+from llama_mtp import testing
+from llama_mtp.generation import tokenize_prompt
+
+CTX = dict(n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
+# 16-token prompt chunks: the prompts below straddle several batch boundaries
+N_BATCH = 16
+PROMPT = "The quick brown fox jumps over the lazy dog, again and again."
+
+RECIPES = {
+    "oracle-0.6": testing.TestModelSpec(recipe="oracle", accept=0.6),
+    "context": testing.TestModelSpec(recipe="context", accept=0.8),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(RECIPES))
+def model(request: pytest.FixtureRequest) -> Iterator[Tuple[str, llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama, llama_cpp.Llama]]:
+    path = str(testing.cached_test_model(RECIPES[request.param]))
+    target, draft = llama_mtp.load(path, n_draft_max=4, n_batch=N_BATCH, **CTX)
+    plain = llama_cpp.Llama(path, n_batch=N_BATCH, **CTX)
+    yield request.param, target, draft, plain
+    draft.close()
+    target.close()
+    plain.close()
+
+
+def plain_greedy(plain: llama_cpp.Llama, prompt_tokens: List[int], n: int) -> List[int]:
+    out: List[int] = []
+    for tok in plain.generate(prompt_tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, reset=True):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
+def test_greedy_is_identical_to_plain(model, n_draft: int) -> None:
+    name, target, draft, plain = model
+    prompt = tokenize_prompt(target, PROMPT)
+    assert len(prompt) > 2 * N_BATCH  # the prefill crosses batch boundaries
+    ref = plain_greedy(plain, prompt, 64)
+    res = llama_mtp.generate(target, draft, prompt, max_tokens=64, n_draft=n_draft)
+    assert res.tokens == ref
+    assert res.finish_reason == "length"
+    st = res.stats
+    assert st.n_generated == 64 and st.drafted > 0
+    assert sum(st.draft_len_hist) == st.steps
+    assert st.accepted <= st.drafted
+    if name == "context":
+        # partial rejections happen, so the recurrent rollback path ran
+        assert 0 < st.accepted < st.drafted
+
+
+def test_target_state_matches_plain_after_generation(model) -> None:
+    """Next-token logits after generate() equal a fresh plain run over the same tokens.
+
+    Batched and one-at-a-time decoding of the same tokens differ by up to ~1e-2 in
+    logits here, so the tolerance sits a few times above that.
+    """
+    name, target, draft, plain = model
+    prompt = tokenize_prompt(target, PROMPT)
+    res = llama_mtp.generate(target, draft, prompt, max_tokens=48, n_draft=3)
+    tokens = prompt + res.tokens
+    assert target.n_tokens == len(tokens) - 1  # everything but the last committed token is in the context
+    target.eval(tokens[-1:])
+    got = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(target._ctx.ctx, -1), shape=(target.n_vocab(),)).copy()
+    plain.reset()
+    plain._ctx.kv_cache_clear()
+    plain.eval(tokens)
+    want = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(plain._ctx.ctx, -1), shape=(plain.n_vocab(),)).copy()
+    assert np.max(np.abs(got - want)) < 0.05
+    assert int(np.argmax(got)) == int(np.argmax(want))
+
+
+@pytest.fixture(scope="module")
+def context_model() -> Iterator[Tuple[llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama, llama_cpp.Llama]]:
+    path = str(testing.cached_test_model(RECIPES["context"]))
+    target, draft = llama_mtp.load(path, n_draft_max=3, **CTX)
+    plain = llama_cpp.Llama(path, **CTX)
+    yield target, draft, plain
+    draft.close()
+    target.close()
+    plain.close()
+
+
+SAMPLING = dict(temperature=12.0, top_k=0, top_p=1.0, min_p=0.0)
+N_SAMPLE_TOKENS = 3
+
+
+def _plain_sample(plain: llama_cpp.Llama, prompt: str, seed: int) -> List[int]:
+    plain.set_seed(seed)
+    toks = tokenize_prompt(plain, prompt)
+    got: List[int] = []
+    for tok in plain.generate(toks, temp=SAMPLING["temperature"], top_k=SAMPLING["top_k"],
+                              top_p=SAMPLING["top_p"], min_p=SAMPLING["min_p"]):
+        got.append(tok)
+        if len(got) == N_SAMPLE_TOKENS:
+            break
+    return got
+
+
+def _chi_square_p(a: Counter, b: Counter) -> float:
+    """Two-sample chi-square homogeneity test (scipy-free), sparse cells pooled."""
+    from math import exp, lgamma, log
+
+    keys = sorted(set(a) | set(b))
+    na, nb = sum(a.values()), sum(b.values())
+    rows, pool_a, pool_b = [], 0, 0
+    for k in keys:
+        if a[k] + b[k] >= 10:
+            rows.append((a[k], b[k]))
+        else:
+            pool_a, pool_b = pool_a + a[k], pool_b + b[k]
+    if pool_a + pool_b:
+        rows.append((pool_a, pool_b))
+    stat = 0.0
+    for x, y in rows:
+        tot = x + y
+        for obs, n in ((x, na), (y, nb)):
+            exp_ = tot * n / (na + nb)
+            stat += (obs - exp_) ** 2 / exp_
+    dof = max(1, len(rows) - 1)
+    # regularized upper incomplete gamma Q(dof/2, stat/2) by series (good enough for p-values)
+    s, x = dof / 2.0, stat / 2.0
+    if x == 0:
+        return 1.0
+    term = total = 1.0 / s
+    n = 1
+    while term > 1e-12 * total and n < 10000:
+        term *= x / (s + n)
+        total += term
+        n += 1
+    lower = exp(-x + s * log(x) - lgamma(s)) * total
+    return max(0.0, 1.0 - lower)
+
+
+def test_sampling_is_distributed_as_plain(context_model) -> None:
+    """temperature > 0: committed tokens follow plain sampling's distribution.
+
+    Independent seeds for the two sides (a two-sample chi-square over the first
+    tokens), plus: with the same seed the speculative run consumes the sampler's
+    RNG in plain's order, so nearly every seed reproduces plain's tokens exactly.
+    """
+    target, draft, plain = context_model
+    n = 150
+    mtp: Dict[int, List[int]] = {}
+    for seed in range(n):
+        res = llama_mtp.generate(target, draft, "Hello", max_tokens=N_SAMPLE_TOKENS, n_draft=3, seed=seed, **SAMPLING)
+        mtp[seed] = res.tokens
+    ref_same_seed = {seed: _plain_sample(plain, "Hello", seed) for seed in range(n)}
+    ref_other_seed = [_plain_sample(plain, "Hello", 10_000 + seed) for seed in range(n)]
+    same = sum(mtp[s] == ref_same_seed[s] for s in range(n))
+    assert same >= 0.9 * n, f"only {same}/{n} seeds reproduced plain sampling"
+    for pos in range(N_SAMPLE_TOKENS):
+        # -1: generation had already stopped (an end-of-generation token was sampled)
+        a = Counter(t[pos] if pos < len(t) else -1 for t in mtp.values())
+        b = Counter(t[pos] if pos < len(t) else -1 for t in ref_other_seed)
+        assert len(a) > 3, "the fixture must make sampling non-degenerate"
+        assert _chi_square_p(a, b) > 0.01
+
+
+def test_stop_strings_match_llama_cpp_python(context_model) -> None:
+    target, draft, plain = context_model
+    full = llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3)
+    text = full.text
+    assert len(text) > 10
+    stop = text[5:8]
+    res = llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3, stop=[stop])
+    ref = plain.create_completion(PROMPT, max_tokens=40, temperature=0.0, stop=[stop])
+    assert res.finish_reason == "stop" == ref["choices"][0]["finish_reason"]
+    assert res.text == ref["choices"][0]["text"] == text[: text.find(stop)]
+    assert stop not in res.text
+    streamed = "".join(llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3, stop=[stop], stream=True))
+    assert streamed == res.text
+
+
+def test_eog_stops_generation(context_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    target, draft, _ = context_model
+    full = llama_mtp.generate(target, draft, PROMPT, max_tokens=30, n_draft=3)
+    eog = full.tokens[7]
+    real = llama_cpp.llama_vocab_is_eog
+    monkeypatch.setattr(llama_cpp, "llama_vocab_is_eog", lambda vocab, tok: tok == eog or real(vocab, tok))
+    res = llama_mtp.generate(target, draft, PROMPT, max_tokens=30, n_draft=3)
+    first = full.tokens.index(eog)
+    assert res.finish_reason == "stop"
+    assert res.tokens == full.tokens[: first + 1]
+    # the context holds exactly the committed tokens but the last
+    assert target.n_tokens == len(tokenize_prompt(target, PROMPT)) + first
+
+
+def test_stream_yields_the_same_text(context_model) -> None:
+    target, draft, _ = context_model
+    res = llama_mtp.generate(target, draft, PROMPT, max_tokens=32, n_draft=2)
+    stream = llama_mtp.generate(target, draft, PROMPT, max_tokens=32, n_draft=2, stream=True)
+    pieces = list(stream)
+    assert "".join(pieces) == res.text
+    assert stream.result is not None and stream.result.tokens == res.tokens
+
+
+def test_max_tokens_and_context_limits(context_model) -> None:
+    target, draft, _ = context_model
+    for m in (1, 2, 5):
+        res = llama_mtp.generate(target, draft, PROMPT, max_tokens=m, n_draft=3)
+        assert len(res.tokens) == m and res.finish_reason == "length"
+    with pytest.raises(llama_mtp.MtpArgumentError, match="n_ctx"):
+        llama_mtp.generate(target, draft, "x" * 600, max_tokens=4)
+    # the session stays usable after the error
+    assert len(llama_mtp.generate(target, draft, PROMPT, max_tokens=4).tokens) == 4
+
+
+def test_running_out_of_context_ends_with_length() -> None:
+    path = str(testing.cached_test_model(RECIPES["context"]))
+    target, draft = llama_mtp.load(path, n_draft_max=3, n_ctx=64, n_threads=2, verbose=False)
+    try:
+        prompt = tokenize_prompt(target, PROMPT)
+        res = llama_mtp.generate(target, draft, prompt, max_tokens=500, n_draft=3)
+        assert res.finish_reason == "length"
+        assert len(prompt) + len(res.tokens) <= 64
+        assert len(res.tokens) >= 64 - len(prompt) - 1
+    finally:
+        draft.close()
+        target.close()
+
+
+def test_bad_arguments_raise_typed_errors(context_model) -> None:
+    target, draft, _ = context_model
+    for kwargs in (dict(max_tokens=0), dict(n_draft=-1), dict(temperature=-1.0), dict(n_draft=9)):
+        with pytest.raises(llama_mtp.MtpArgumentError):
+            llama_mtp.generate(target, draft, PROMPT, **kwargs)
+    with pytest.raises(llama_mtp.MtpArgumentError):
+        llama_mtp.generate(target, draft, [10**9])
+    with pytest.raises(llama_mtp.MtpArgumentError, match="empty"):
+        llama_mtp.generate(target, draft, [])
+    assert len(llama_mtp.generate(target, draft, PROMPT, max_tokens=3).tokens) == 3
