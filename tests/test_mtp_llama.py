@@ -1,0 +1,85 @@
+"""MtpLlama is a drop-in llama_cpp.Llama: same outputs and dict shapes, MTP inside."""
+
+from __future__ import annotations
+
+from typing import Iterator, Tuple
+
+import llama_cpp
+import pytest
+
+import llama_mtp
+from llama_mtp import testing
+
+CTX = dict(n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[Tuple[llama_mtp.MtpLlama, llama_cpp.Llama]]:
+    path = str(testing.cached_test_model(testing.TestModelSpec(recipe="context", accept=0.8)))
+    llm = llama_mtp.MtpLlama(path, n_draft=3, **CTX)
+    plain = llama_cpp.Llama(path, **CTX)
+    yield llm, plain
+    llm.close()
+    plain.close()
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=0.0), dict(temperature=0.9, seed=7)])
+def test_completion_matches_plain(pair, kwargs) -> None:
+    llm, plain = pair
+    got = llm.create_completion("Hello there", max_tokens=40, **kwargs)
+    want = plain.create_completion("Hello there", max_tokens=40, **kwargs)
+    assert isinstance(llm, llama_cpp.Llama)
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
+    assert set(want) <= set(got) and set(want["usage"]) <= set(got["usage"])
+    details = got["usage"]["completion_tokens_details"]
+    stats = llm.last_mtp_stats
+    assert stats is not None and stats.drafted > 0
+    assert details["accepted_prediction_tokens"] == stats.accepted
+    streamed = "".join(c["choices"][0]["text"] for c in llm.create_completion("Hello there", max_tokens=40, stream=True, **kwargs))
+    assert streamed == want["choices"][0]["text"]
+    assert llm("Hello there", max_tokens=40, **kwargs)["choices"][0]["text"] == want["choices"][0]["text"]
+
+
+def test_chat_completion_shape(pair) -> None:
+    llm, plain = pair
+    msgs = [{"role": "user", "content": "hi"}]
+    got = llm.create_chat_completion(msgs, max_tokens=12, temperature=0.0)
+    want = plain.create_chat_completion(msgs, max_tokens=12, temperature=0.0)
+    assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    assert got["object"] == want["object"]
+
+
+def test_unsupported_features_fall_back_to_plain(pair) -> None:
+    llm, plain = pair
+    seen = []
+
+    def processor(input_ids, scores):  # a per-token Python hook MTP cannot batch
+        seen.append(len(input_ids))
+        return scores
+
+    got = llm.create_completion("Hello", max_tokens=8, temperature=0.0, logits_processor=[processor])
+    want = plain.create_completion("Hello", max_tokens=8, temperature=0.0)
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert seen and llm.last_mtp_stats is None
+
+
+def test_close_frees_everything_once() -> None:
+    path = str(testing.cached_test_model(testing.TestModelSpec(recipe="oracle", accept=1.0)))
+    llm = llama_mtp.MtpLlama(path, n_draft=2, **CTX)
+    llm.create_completion("abc", max_tokens=4, temperature=0.0)
+    draft = llm.mtp_draft
+    llm.close()
+    llm.close()
+    assert draft._ctx.ctx is None and llm._ctx.ctx is None
+
+
+def test_model_without_mtp_heads_is_refused(tmp_path) -> None:
+    import gguf  # noqa: F401  (the generator's writer)
+
+    spec = testing.TestModelSpec(recipe="oracle", accept=1.0)
+    path = testing.cached_test_model(spec)
+    # strip the MTP head: same file with nextn_predict_layers = 0 via a kv override
+    kv = {"qwen35.nextn_predict_layers": 0}
+    with pytest.raises(llama_mtp.MtpInitError, match="no MTP heads|could not load"):
+        llama_mtp.MtpLlama(str(path), n_draft=2, kv_overrides=kv, **CTX)
