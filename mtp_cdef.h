@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 1
+#define MTP_ABI_VERSION 2
 
 struct llama_context;
 struct llama_batch;
@@ -72,6 +72,15 @@ int32_t mtp_session_process(mtp_session * s, const struct llama_batch * batch);
  * id_last at position pos0. *inout_n: capacity of out in, tokens written out. */
 int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
                           int32_t n_max, int32_t * out, int32_t * inout_n);
+
+/* The session's own draft loop on the MTP context (same inputs as upstream's):
+ * stops after n_max tokens, and with temp > 0 samples each token from
+ * q = softmax(top_k MTP logits / temp) with a PRNG seeded by seed; temp == 0
+ * takes the argmax. q_out (NULL or n_max x n_vocab floats) receives q per
+ * drafted position. Needs a session created with backend_sampling = 0. */
+int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last, int32_t n_max,
+                             float temp, int32_t top_k, uint32_t seed, float * q_out,
+                             int32_t * out, int32_t * inout_n);
 
 /* Settle the pending proposal: n_accepted in [0, last draft length]. Trims the
  * target and draft contexts of seq_id to pos0 + 1 + n_accepted. */

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
+
+import llama_cpp
 
 from . import _loader
 from ._handles import BatchLike, ContextLike, context_of, guard_of, raw_batch, raw_context
@@ -99,6 +101,9 @@ class MtpSession:
         self._draft_buf = ffi.new("int32_t[]", n_draft_max)
         self._draft_n = ffi.new("int32_t *")
         self._flag = ffi.new("int32_t *")
+        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(
+            llama_cpp.llama_get_model(ptr_tgt))))
+        self._q: Any = None  # draft_dist's q buffer, allocated on first use
         # free the native session before either llama_context is freed
         key = id(self)
         self._guards = (guard_of(self._ctx_tgt), guard_of(self._ctx_dft))
@@ -211,6 +216,34 @@ class MtpSession:
             self._raise_for(status, seq_id)
             return list(self._ffi.unpack(self._draft_buf, self._draft_n[0]))
 
+    def draft_dist(self, seq_id: int, n_past: int, id_last: int, n_max: Optional[int] = None, *,
+                   temperature: float = 0.0, top_k: int = 40, seed: int = 0) -> Tuple[List[int], Any]:
+        """The session's own draft loop: stops at n_max (no wasted MTP decodes) and, with
+        temperature > 0, samples each draft token from q = softmax(top_k MTP logits / T).
+
+        Returns (tokens, q) with q a float32 array [len(tokens), n_vocab] (one-hot at T=0).
+        Needs a session created with ``backend_sampling=False``.
+        """
+        import numpy as np
+
+        self._check_seq(seq_id)
+        n_past = _i32(n_past, "n_past")
+        id_last = _i32(id_last, "id_last")
+        n_max = -1 if n_max is None else _i32(n_max, "n_max")
+        if n_max < -1:
+            raise MtpArgumentError(f"n_max must be >= 0 (got {n_max})")
+        if self._q is None:
+            self._q = np.zeros((self._n_draft_max, self._n_vocab), dtype=np.float32)
+        q_ptr = self._ffi.cast("float *", self._q.ctypes.data)
+        self._draft_n[0] = self._n_draft_max
+        with self._call() as handle:
+            status = self._lib.mtp_session_draft_ex(handle, seq_id, n_past, id_last, n_max, float(temperature),
+                                                    _i32(top_k, "top_k"), int(seed) & 0xFFFFFFFF, q_ptr,
+                                                    self._draft_buf, self._draft_n)
+            self._raise_for(status, seq_id)
+            n = self._draft_n[0]
+            return list(self._ffi.unpack(self._draft_buf, n)), self._q[:n].copy()
+
     def accept(self, seq_id: int, n_accepted: int) -> None:
         """Settle the pending draft of seq_id: its first n_accepted tokens were accepted.
 
@@ -303,7 +336,7 @@ def _first_bad_seq(batch: Any, n_seq: int) -> Optional[int]:
     import ctypes
 
     try:
-        b = ctypes.cast(raw_batch(batch), ctypes.POINTER(__import__("llama_cpp").llama_batch)).contents
+        b = ctypes.cast(raw_batch(batch), ctypes.POINTER(llama_cpp.llama_batch)).contents
         for i in range(b.n_tokens):
             for j in range(b.n_seq_id[i] if b.n_seq_id else 1):
                 sid = b.seq_id[i][j] if b.seq_id else 0

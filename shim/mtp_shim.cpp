@@ -12,6 +12,9 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstring>
+#include <random>
 #include <cstdarg>
 #include <cstdio>
 #include <exception>
@@ -33,6 +36,7 @@ extern "C" {
 // staging API of src/llama-ext.h (not installed; exported by libllama)
 LLAMA_API void llama_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
 LLAMA_API float * llama_get_embeddings_nextn(struct llama_context * ctx);
+LLAMA_API float * llama_get_embeddings_nextn_ith(struct llama_context * ctx, int32_t i);
 
 // The context type is not readable through llama.h, but libllama exports
 // llama_context::get_cparams() and llama-cparams.h (from the same sources the
@@ -98,6 +102,8 @@ std::map<llama_context *, int> g_targets;
 
 struct seq_state {
     bool    pending   = false; // a non-empty draft awaits accept()
+    bool    own_draft = false; // the pending draft came from mtp_session_draft_ex
+    bool    upstream_drafted = false; // upstream's drafter has proposed for this seq at least once
     bool    verified  = false; // the verify batch for it went through process()
     int32_t last_len  = 0;     // length of the pending draft
     int32_t last_pos0 = 0;     // pos0 of the pending draft
@@ -122,6 +128,16 @@ struct mtp_session {
     std::vector<seq_state>    seqs;
     llama_tokens              no_prompt; // upstream's draft params want a prompt; MTP ignores it
     llama_tokens              result;
+
+    // mirror of upstream's per-seq hidden-state carry-over, for the session's own draft loop
+    int32_t                         n_embd = 0;
+    std::vector<std::vector<float>> pending_h; // [n_seq][n_embd]
+    std::vector<std::vector<float>> verify_h;  // [n_seq][rows * n_embd]
+    std::vector<float>              h_cur;
+    common_batch                    dbatch;    // on the draft context
+    bool                            backend_sampling = false;
+    std::vector<std::pair<float, llama_token>> cand;
+    std::vector<float>              weights;
 
     mtp_stats                 stats = {};
     std::vector<int64_t>      drafted_per_pos;
@@ -256,6 +272,12 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
             fail(MTP_ERR_INIT, "upstream common_speculative_init returned no drafter");
         }
         s->cbatch = common_batch(ctx_tgt);
+        s->dbatch = common_batch(ctx_dft);
+        s->n_embd = n_embd_tgt;
+        s->backend_sampling = cfg->backend_sampling != 0;
+        s->pending_h.assign(cfg->n_seq, std::vector<float>(n_embd_tgt, 0.0f));
+        s->verify_h.assign(cfg->n_seq, {});
+        s->h_cur.assign(n_embd_tgt, 0.0f);
         s->seqs.assign(cfg->n_seq, seq_state{});
         s->result.reserve(cfg->n_draft_max);
         s->drafted_per_pos.assign(cfg->n_draft_max, 0);
@@ -278,6 +300,7 @@ MTP_EXPORT int32_t mtp_session_free(mtp_session * s) {
             common_speculative_free(s->spec);
             s->spec = nullptr;
             s->cbatch = common_batch();
+            s->dbatch = common_batch();
             release_target(s->tgt);
         }
         delete s;
@@ -374,10 +397,20 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
         if (!common_speculative_process(s->spec, s->cbatch)) {
             fail(MTP_ERR_DECODE, "the draft context failed to decode the batch (see llama.cpp log)");
         }
+        const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
         for (int32_t sid = 0; sid < s->n_seq; ++sid) {
             if (first[sid] < 0) continue;
             seq_state & st = s->seqs[sid];
             st.n_verify = last[sid] - first[sid] + 1;
+            // same rows upstream keeps: row i is the target's hidden state after batch token first+i
+            auto & rows = s->verify_h[sid];
+            rows.resize((size_t) st.n_verify * s->n_embd);
+            for (int32_t i = 0; i < st.n_verify; ++i) {
+                const float * h = llama_get_embeddings_nextn_ith(s->tgt, first[sid] + i);
+                if (h == nullptr) fail(MTP_ERR_INTERNAL, "the target has no hidden state for batch row %d", first[sid] + i);
+                std::memcpy(rows.data() + (size_t) i * s->n_embd, h, row_bytes);
+            }
+            std::memcpy(s->pending_h[sid].data(), rows.data() + (size_t) (st.n_verify - 1) * s->n_embd, row_bytes);
             if (st.pending) {
                 st.verified = true;
             }
@@ -387,46 +420,75 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
     });
 }
 
+namespace {
+
+// Checks shared by both draft paths; returns the effective n_max.
+int32_t check_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last, int32_t n_max,
+                    const int32_t * out, int32_t * inout_n) {
+    check_seq(s, seq_id);
+    if (out == nullptr || inout_n == nullptr) fail(MTP_ERR_NULL, "output buffer or its length is NULL");
+    const int32_t capacity = *inout_n;
+    *inout_n = 0;
+    if (capacity < s->n_draft_max) {
+        fail(MTP_ERR_ARG, "output capacity %d is smaller than n_draft_max=%d", capacity, s->n_draft_max);
+    }
+    const seq_state & st = s->seqs[seq_id];
+    if (st.pending) {
+        fail(MTP_ERR_PROTOCOL, "seq_id %d has a pending draft of %d tokens: call accept() (0..%d) before drafting again",
+             seq_id, st.last_len, st.last_len);
+    }
+    if (n_max < 0) n_max = s->n_draft_max;
+    if (n_max > s->n_draft_max) fail(MTP_ERR_ARG, "n_max=%d exceeds the session's n_draft_max=%d", n_max, s->n_draft_max);
+    if (id_last < 0 || id_last >= s->n_vocab) {
+        fail(MTP_ERR_ARG, "id_last=%d is outside the vocabulary [0, %d)", id_last, s->n_vocab);
+    }
+    if (pos0 < 0) fail(MTP_ERR_ARG, "pos0 must be >= 0 (got %d)", pos0);
+    const llama_pos tgt_max = pos_max(s->tgt, seq_id);
+    const llama_pos dft_max = pos_max(s->dft, seq_id);
+    if (tgt_max != pos0 - 1 || dft_max != pos0 - 1) {
+        fail(MTP_ERR_ARG, "seq_id %d: pos0=%d must be the number of tokens in the context (target holds up to %d, drafter up to %d): pass n_past and hand every decode to process()",
+             seq_id, pos0, tgt_max, dft_max);
+    }
+    const int64_t n_ctx_seq = (int64_t) llama_n_ctx_seq(s->tgt);
+    if ((int64_t) pos0 + n_max >= n_ctx_seq) {
+        fail(MTP_ERR_ARG, "a draft of %d tokens at pos0=%d would overrun the context (n_ctx per sequence %lld): pass a smaller n_max",
+             n_max, pos0, (long long) n_ctx_seq);
+    }
+    s->stats.n_draft_calls++;
+    return n_max;
+}
+
+// After either draft path: drop what drafting wrote, record the proposal.
+void finish_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t n, bool own) {
+    // the verify decode re-feeds these positions
+    llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
+    if (n <= 0) {
+        return;
+    }
+    seq_state & st = s->seqs[seq_id];
+    st.pending   = true;
+    st.verified  = false;
+    st.own_draft = own;
+    st.upstream_drafted = st.upstream_drafted || !own;
+    st.last_len  = n;
+    st.last_pos0 = pos0;
+    s->stats.n_drafts++;
+    s->stats.n_drafted += n;
+    for (int32_t i = 0; i < n; ++i) s->drafted_per_pos[i]++;
+}
+
+} // namespace
+
 MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
                                      int32_t n_max, int32_t * out, int32_t * inout_n) {
     return guarded([&] {
         check_session(s);
         std::lock_guard<std::mutex> lock(s->mu);
         scoped_timer timer(s->stats.t_draft_us);
-        check_seq(s, seq_id);
-        if (out == nullptr || inout_n == nullptr) fail(MTP_ERR_NULL, "output buffer or its length is NULL");
-        const int32_t capacity = *inout_n;
-        *inout_n = 0;
-        if (capacity < s->n_draft_max) {
-            fail(MTP_ERR_ARG, "output capacity %d is smaller than n_draft_max=%d", capacity, s->n_draft_max);
-        }
-        seq_state & st = s->seqs[seq_id];
-        if (st.pending) {
-            fail(MTP_ERR_PROTOCOL, "seq_id %d has a pending draft of %d tokens: call accept() (0..%d) before drafting again",
-                 seq_id, st.last_len, st.last_len);
-        }
-        if (n_max < 0) n_max = s->n_draft_max;
-        if (n_max > s->n_draft_max) fail(MTP_ERR_ARG, "n_max=%d exceeds the session's n_draft_max=%d", n_max, s->n_draft_max);
-        if (id_last < 0 || id_last >= s->n_vocab) {
-            fail(MTP_ERR_ARG, "id_last=%d is outside the vocabulary [0, %d)", id_last, s->n_vocab);
-        }
-        if (pos0 < 0) fail(MTP_ERR_ARG, "pos0 must be >= 0 (got %d)", pos0);
-        const llama_pos tgt_max = pos_max(s->tgt, seq_id);
-        const llama_pos dft_max = pos_max(s->dft, seq_id);
-        if (tgt_max != pos0 - 1 || dft_max != pos0 - 1) {
-            fail(MTP_ERR_ARG, "seq_id %d: pos0=%d must be the number of tokens in the context (target holds up to %d, drafter up to %d): pass n_past and hand every decode to process()",
-                 seq_id, pos0, tgt_max, dft_max);
-        }
-        const int64_t n_ctx_seq = (int64_t) llama_n_ctx_seq(s->tgt);
-        if ((int64_t) pos0 + n_max >= n_ctx_seq) {
-            fail(MTP_ERR_ARG, "a draft of %d tokens at pos0=%d would overrun the context (n_ctx per sequence %lld): pass a smaller n_max",
-                 n_max, pos0, (long long) n_ctx_seq);
-        }
-        s->stats.n_draft_calls++;
+        n_max = check_draft(s, seq_id, pos0, id_last, n_max, out, inout_n);
         if (n_max == 0) {
             return;
         }
-
         s->result.clear();
         common_speculative_get_draft_params(s->spec, seq_id) = {
             /* .drafting = */ true,
@@ -437,22 +499,92 @@ MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t po
             /* .result   = */ &s->result,
         };
         common_speculative_draft(s->spec);
-
-        // the verify decode re-feeds these positions: drop what drafting wrote
-        llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
-
         const int32_t n = std::min<int32_t>((int32_t) s->result.size(), n_max);
         std::copy(s->result.begin(), s->result.begin() + n, out);
         *inout_n = n;
-        if (n > 0) {
-            st.pending   = true;
-            st.verified  = false;
-            st.last_len  = n;
-            st.last_pos0 = pos0;
-            s->stats.n_drafts++;
-            s->stats.n_drafted += n;
-            for (int32_t i = 0; i < n; ++i) s->drafted_per_pos[i]++;
+        finish_draft(s, seq_id, pos0, n, /*own=*/ false);
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
+                                        int32_t n_max, float temp, int32_t top_k, uint32_t seed,
+                                        float * q_out, int32_t * out, int32_t * inout_n) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        scoped_timer timer(s->stats.t_draft_us);
+        n_max = check_draft(s, seq_id, pos0, id_last, n_max, out, inout_n);
+        if (s->backend_sampling) {
+            fail(MTP_ERR_ARG, "mtp_session_draft_ex reads the draft logits: create the session with backend_sampling=0");
         }
+        if (top_k < 1) fail(MTP_ERR_ARG, "top_k must be >= 1 (got %d)", top_k);
+        if (!(temp >= 0.0f) || !std::isfinite(temp)) fail(MTP_ERR_ARG, "temp must be a finite number >= 0");
+        const int32_t k_cand = std::min(top_k, s->n_vocab);
+        std::mt19937 rng(seed);
+        std::uniform_real_distribution<float> unif(0.0f, 1.0f);
+        const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
+        std::memcpy(s->h_cur.data(), s->pending_h[seq_id].data(), row_bytes);
+
+        int32_t n = 0;
+        llama_token tok = id_last;
+        for (int32_t i = 0; i < n_max; ++i) {
+            s->dbatch.clear();
+            const int32_t idx = s->dbatch.add(tok, pos0 + i, seq_id, true);
+            s->dbatch.set_embd(idx, { s->h_cur.data(), 1, (size_t) s->n_embd });
+            if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
+                llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
+                fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d", i);
+            }
+            const float * logits = llama_get_logits_ith(s->dft, idx);
+            const float * h_next = llama_get_embeddings_nextn_ith(s->dft, idx);
+            if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
+            std::memcpy(s->h_cur.data(), h_next, row_bytes);
+
+            // q: softmax over the top_k logits at temperature temp (argmax when temp == 0)
+            auto & cand = s->cand;
+            cand.resize(s->n_vocab);
+            for (int32_t v = 0; v < s->n_vocab; ++v) cand[v] = { logits[v], v };
+            std::partial_sort(cand.begin(), cand.begin() + k_cand, cand.end(),
+                              [](const auto & a, const auto & b) { return a.first > b.first; });
+            // upstream's p_min uses the softmax over its top-10 candidates at temperature 1
+            float z10 = 0.0f;
+            for (int32_t c = 0; c < std::min(k_cand, 10); ++c) z10 += std::exp(cand[c].first - cand[0].first);
+            const float p_top = 1.0f / z10;
+            if (p_top < s->params.draft.p_min) {
+                break;
+            }
+            llama_token pick = cand[0].second;
+            if (q_out) std::fill(q_out + (size_t) i * s->n_vocab, q_out + (size_t) (i + 1) * s->n_vocab, 0.0f);
+            if (temp > 0.0f) {
+                auto & w = s->weights;
+                w.resize(k_cand);
+                float z = 0.0f;
+                for (int32_t c = 0; c < k_cand; ++c) {
+                    w[c] = std::exp((cand[c].first - cand[0].first) / temp);
+                    z += w[c];
+                }
+                const float u = unif(rng) * z;
+                float acc = 0.0f;
+                pick = cand[k_cand - 1].second; // rounding: u may reach z
+                for (int32_t c = 0; c < k_cand; ++c) {
+                    acc += w[c];
+                    if (u < acc) {
+                        pick = cand[c].second;
+                        break;
+                    }
+                }
+                if (q_out) {
+                    for (int32_t c = 0; c < k_cand; ++c) q_out[(size_t) i * s->n_vocab + cand[c].second] = w[c] / z;
+                }
+            } else if (q_out) {
+                q_out[(size_t) i * s->n_vocab + pick] = 1.0f;
+            }
+            out[n++] = pick;
+            tok = pick;
+        }
+        if (n < s->params.draft.n_min) n = 0;
+        *inout_n = n;
+        finish_draft(s, seq_id, pos0, n, /*own=*/ true);
     });
 }
 
@@ -485,7 +617,15 @@ MTP_EXPORT int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n
                  seq_id, (long long) n_rm, llama_n_rs_seq(s->tgt));
         }
 
-        common_speculative_accept(s->spec, seq_id, (uint16_t) n_accepted);
+        // upstream asserts if its drafter never proposed for this seq; only then can it be told
+        if (!st.own_draft || st.upstream_drafted) {
+            common_speculative_accept(s->spec, seq_id, (uint16_t) n_accepted);
+        }
+        {
+            const int32_t row = std::min(n_accepted, st.n_verify - 1);
+            std::memcpy(s->pending_h[seq_id].data(), s->verify_h[seq_id].data() + (size_t) row * s->n_embd,
+                        (size_t) s->n_embd * sizeof(float));
+        }
 
         st.pending  = false;
         st.verified = false;
