@@ -12,7 +12,7 @@ output is distributed exactly as plain sampling.
 
 from __future__ import annotations
 
-import ctypes
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
@@ -20,7 +20,10 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 import llama_cpp
 
 from .errors import MtpArgumentError, MtpError, MtpProcessError
+from .adaptive import DraftPolicy
+from .checkpoint import TargetCheckpoint, rollback_capacity
 from .session import MtpSession
+from .verify import MatchVerifier, RejectionVerifier, supports_rejection
 from .text import TextAssembler
 
 Prompt = Union[str, bytes, Sequence[int]]
@@ -107,13 +110,17 @@ class GenerationStream:
 
 
 def generate(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt: Prompt, *, max_tokens: int = 256,
-             n_draft: int = 3, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+             n_draft: Union[int, str] = "auto", temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
              min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
              stop: Union[None, str, Sequence[str]] = None, stream: bool = False,
-             session: Optional[MtpSession] = None) -> Union[GenerationResult, GenerationStream]:
+             session: Optional[MtpSession] = None, verify: str = "match") -> Union[GenerationResult, GenerationStream]:
     """Generate from ``prompt`` with MTP speculative decoding.
 
     ``target``/``draft``: from :func:`llama_mtp.load` (or an MtpLlama and its draft).
+    ``n_draft``: tokens drafted per step, or ``"auto"`` to pick each step's draft
+    length (0 = a plain step) from the observed acceptance and costs.
+    ``verify`` (temperature > 0): ``"match"`` (upstream's sample-and-match) or
+    ``"rejection"`` (speculative sampling with drafts sampled from the MTP head).
     Returns a :class:`GenerationResult`, or with ``stream=True`` a
     :class:`GenerationStream` yielding text pieces as tokens are committed.
     """
@@ -121,7 +128,7 @@ def generate(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt: Prompt, *,
         raise MtpArgumentError(f"temperature must be >= 0, got {temperature}")
     sampling = dict(top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature, repeat_penalty=repeat_penalty)
     run = _Run(target, draft, prompt, max_tokens=max_tokens, n_draft=n_draft, sampling=sampling, seed=seed,
-               stop=stop, session=session)
+               stop=stop, session=session, verify=verify)
     if stream:
         return GenerationStream(run)
     for _ in run.pieces():
@@ -150,42 +157,61 @@ class _Run:
     """One generation: prefill, then draft/verify/accept steps."""
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt: Prompt, *, max_tokens: int,
-                 n_draft: int, sampling: dict, seed: Optional[int], stop: Union[None, str, Sequence[str]],
-                 session: Optional[MtpSession]) -> None:
+                 n_draft: Union[int, str], sampling: dict, seed: Optional[int],
+                 stop: Union[None, str, Sequence[str]], session: Optional[MtpSession], verify: str = "match") -> None:
         if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
             raise MtpArgumentError("generate() takes the target and draft llama_cpp.Llama objects (see llama_mtp.load)")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise MtpArgumentError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
-        if isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0:
-            raise MtpArgumentError(f"n_draft must be an int >= 0, got {n_draft!r}")
+        auto = n_draft == "auto"
+        if not auto and (isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0):
+            raise MtpArgumentError(f"n_draft must be an int >= 0 or 'auto', got {n_draft!r}")
+        if verify not in ("match", "rejection"):
+            raise MtpArgumentError(f"verify must be 'match' or 'rejection', got {verify!r}")
+        if verify == "rejection" and not supports_rejection(sampling):
+            # rejection needs a target distribution: temperature > 0, no grammar or mirostat
+            verify = "match"
         self.target, self.draft = target, draft
         self.tokens_prompt = tokenize_prompt(target, prompt)
         if not self.tokens_prompt:
             raise MtpArgumentError("the prompt is empty")
-        self.n_ctx = target.n_ctx()
+        # llama.cpp may round n_ctx up; llama-cpp-python's token buffer keeps the requested size
+        self.n_ctx = min(target.n_ctx(), len(target.input_ids))
         if len(self.tokens_prompt) >= self.n_ctx:
             raise MtpArgumentError(f"the prompt has {len(self.tokens_prompt)} tokens, more than the context "
                                    f"allows (n_ctx={self.n_ctx}); shorten it or load with a larger n_ctx")
         self.max_tokens = max_tokens
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.owns_session = session is None
-        self.session = session or MtpSession(target, draft, n_draft_max=max(1, n_draft))
+        k_max = int(getattr(target, "mtp_n_draft_max", 3)) if auto else max(1, int(n_draft))
+        # the own draft loop (exact n_max, sampled drafts) reads draft logits: no backend sampler
+        self.session = session or MtpSession(target, draft, n_draft_max=k_max, backend_sampling=False)
         if self.session.target is not target:
             raise MtpArgumentError("the session was created for another target Llama")
-        if n_draft > self.session.n_draft_max:
+        if not auto and n_draft > self.session.n_draft_max:
             raise MtpArgumentError(f"n_draft={n_draft} exceeds the session's n_draft_max={self.session.n_draft_max}")
-        self.n_draft = n_draft
+        self.n_draft = self.session.n_draft_max if auto else int(n_draft)
+        self.policy = DraftPolicy(self.n_draft) if auto else None
+        self.rollback_cap = rollback_capacity(target)
+        self.checkpoint = TargetCheckpoint(target)
+        self.use_checkpoint = False
+        self._observation: Optional[tuple] = None  # last step's (k, n_acc, t_verify, t_draft, t_start)
+        self.verify_mode = verify
+        self.own_draft = auto or verify == "rejection"
+        self.draft_temp = sampling["temp"] if verify == "rejection" else 0.0
+        self.draft_top_k = sampling.get("top_k", 40) if sampling.get("top_k", 40) > 0 else 40
+        self.rng = random.Random(seed)
         if seed is not None:
             target.set_seed(seed)
-        # the exact sampler chain plain llama-cpp-python would build for these settings
-        self.sampler = target._init_sampler(**sampling)
+        self.verifier = RejectionVerifier(target, sampling, seed) if verify == "rejection" \
+            else MatchVerifier(target, sampling)
         self.ctx = target._ctx.ctx
         self.batch = target._batch.batch
         self.n_batch = target.n_batch
         self.vocab = target._model.vocab
         self.stats = GenerationStats(n_prompt_tokens=len(self.tokens_prompt),
-                                     drafted_per_pos=[0] * n_draft, accepted_per_pos=[0] * n_draft,
-                                     draft_len_hist=[0] * (n_draft + 1))
+                                     drafted_per_pos=[0] * self.n_draft, accepted_per_pos=[0] * self.n_draft,
+                                     draft_len_hist=[0] * (self.n_draft + 1))
         self.generated: List[int] = []
         self.finish_reason = "length"
         self.text = TextAssembler(lambda toks, prev: target.detokenize(toks, prev_tokens=prev),
@@ -261,14 +287,31 @@ class _Run:
         None when the context is full. Leaves the proposal pending until _settle().
         """
         st = self.stats
+        t = time.perf_counter()
+        if self._observation is not None and self.policy:
+            k_prev, n_acc_prev, t_verify, t_draft, t_start = self._observation
+            self.policy.observe(k_prev, n_acc_prev, t_verify, t_draft, t - t_start)
+            self._observation = None
         if self.n_past >= self.n_ctx:
             self.finish_reason = "length"
             return None
         # never overrun the context or max_tokens (a step commits up to k+1 tokens)
         room = min(self.n_ctx - self.n_past - 2, self.max_tokens - len(self.generated) - 1)
-        k_max = max(0, min(self.n_draft, room))
-        t = time.perf_counter()
-        self.proposal = self.session.draft(0, self.n_past, self.id_last, n_max=k_max) if k_max > 0 else []
+        k = self.policy.choose(room) if self.policy else max(0, min(self.n_draft, room))
+        self.q = None
+        if k == 0:
+            self.proposal = []
+        elif self.own_draft:
+            self.proposal, self.q = self.session.draft_dist(0, self.n_past, self.id_last, n_max=k,
+                                                            temperature=self.draft_temp, top_k=self.draft_top_k,
+                                                            seed=self.rng.getrandbits(32))
+        else:
+            self.proposal = self.session.draft(0, self.n_past, self.id_last, n_max=k)
+        # a draft longer than the recurrent state can roll back: checkpoint first (upstream's path)
+        self.use_checkpoint = bool(self.proposal) and self.rollback_cap is not None \
+            and len(self.proposal) > self.rollback_cap
+        if self.use_checkpoint:
+            self.checkpoint.save(0)
         t2 = time.perf_counter()
         st.t_draft += t2 - t
         if not self._decode([self.id_last, *self.proposal], self.n_past, all_logits=True):
@@ -281,8 +324,9 @@ class _Run:
         self.session.process(self.batch)
         t4 = time.perf_counter()
         st.t_process += t4 - t3
-        self.n_acc, new_tokens = self._verify(self.proposal)
+        self.n_acc, new_tokens = self.verifier.verify(self.proposal, self.q)
         st.t_sample += time.perf_counter() - t4
+        self._observation = (len(self.proposal), self.n_acc, t4 - t2, t2 - t, t)
         return new_tokens
 
     def _commit(self, new_tokens: List[int]) -> Tuple[int, str]:
@@ -306,6 +350,8 @@ class _Run:
         """Accept what is kept; a stop inside the accepted drafts keeps only what precedes it."""
         st = self.stats
         n_acc = min(self.n_acc, n_keep - 1)
+        if self.use_checkpoint and n_acc < len(self.proposal):
+            self._redo(n_acc)
         if self.proposal:
             self.session.accept(0, n_acc)  # trims target and draft to n_past + 1 + n_acc
         st.steps += 1
@@ -320,17 +366,12 @@ class _Run:
         self.n_past += 1 + n_acc
         self.id_last = new_tokens[n_keep - 1]
 
-    def _verify(self, proposal: List[int]) -> Tuple[int, List[int]]:
-        """Sample row by row; keep drafts while the sampler agrees (upstream sample-and-match)."""
-        ctx = self.target._ctx
-        new: List[int] = []
-        for i, want in enumerate(proposal):
-            tok = self.sampler.sample(ctx, i)
-            new.append(tok)
-            if tok != want:
-                return i, new
-        new.append(self.sampler.sample(ctx, len(proposal)))
-        return len(proposal), new
+    def _redo(self, n_acc: int) -> None:
+        """Restore the checkpoint and re-decode [id_last, accepted drafts] on both contexts."""
+        self.checkpoint.restore(0, self.n_past)
+        self.draft._ctx.kv_cache_seq_rm(0, self.n_past, -1)
+        self._decode([self.id_last, *self.proposal[:n_acc]], self.n_past, all_logits=False)
+        self.session.process(self.batch)
 
     def _decode(self, tokens: List[int], pos0: int, *, all_logits: bool) -> bool:
         """Decode tokens of seq 0 at pos0.. on the target; False when the context is full."""
@@ -361,6 +402,6 @@ class _Run:
             self.target.n_tokens = n_past
             self.target._requires_eval = True
         finally:
-            self.sampler.close()
+            self.verifier.close()
             if self.owns_session:
                 self.session.close()

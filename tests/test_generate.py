@@ -44,8 +44,9 @@ def plain_greedy(plain: llama_cpp.Llama, prompt_tokens: List[int], n: int) -> Li
     return out
 
 
-@pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_greedy_is_identical_to_plain(model, n_draft: int) -> None:
+@pytest.mark.parametrize("n_draft", [1, 2, 3, 4, 6, "auto"])
+def test_greedy_is_identical_to_plain(model, n_draft) -> None:
+    """n_draft 6 exceeds the target's n_rs_seq (4): partial rejections restore a checkpoint."""
     name, target, draft, plain = model
     prompt = tokenize_prompt(target, PROMPT)
     assert len(prompt) > 2 * N_BATCH  # the prefill crosses batch boundaries
@@ -54,10 +55,10 @@ def test_greedy_is_identical_to_plain(model, n_draft: int) -> None:
     assert res.tokens == ref
     assert res.finish_reason == "length"
     st = res.stats
-    assert st.n_generated == 64 and st.drafted > 0
+    assert st.n_generated == 64 and (st.drafted > 0 or n_draft == "auto")
     assert sum(st.draft_len_hist) == st.steps
     assert st.accepted <= st.drafted
-    if name == "context":
+    if name == "context" and n_draft != "auto":
         # partial rejections happen, so the recurrent rollback path ran
         assert 0 < st.accepted < st.drafted
 
@@ -172,13 +173,19 @@ def test_sampling_is_distributed_as_plain(context_model) -> None:
 
 def test_stop_strings_match_llama_cpp_python(context_model) -> None:
     target, draft, plain = context_model
-    full = llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3)
-    text = full.text
-    assert len(text) > 10
-    stop = text[5:8]
+    text = llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3).text
+    assert len(text) > 12
+    # a stop string llama-cpp-python itself stops on (text rendered from byte tokens
+    # like "<x31>" is not matched by its stop scan, so probe candidates)
+    for start in range(4, len(text) - 2):
+        stop = text[start: start + 2]
+        ref = plain.create_completion(PROMPT, max_tokens=40, temperature=0.0, stop=[stop])
+        if ref["choices"][0]["finish_reason"] == "stop":
+            break
+    else:
+        pytest.fail("no usable stop string in the generated text")
     res = llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3, stop=[stop])
-    ref = plain.create_completion(PROMPT, max_tokens=40, temperature=0.0, stop=[stop])
-    assert res.finish_reason == "stop" == ref["choices"][0]["finish_reason"]
+    assert res.finish_reason == "stop"
     assert res.text == ref["choices"][0]["text"] == text[: text.find(stop)]
     assert stop not in res.text
     streamed = "".join(llama_mtp.generate(target, draft, PROMPT, max_tokens=40, n_draft=3, stop=[stop], stream=True))
@@ -226,7 +233,9 @@ def test_running_out_of_context_ends_with_length() -> None:
         prompt = tokenize_prompt(target, PROMPT)
         res = llama_mtp.generate(target, draft, prompt, max_tokens=500, n_draft=3)
         assert res.finish_reason == "length"
-        assert len(prompt) + len(res.tokens) <= 64
+        # the context holds 64 tokens; the last committed one was sampled from its final row
+        assert len(prompt) + len(res.tokens) <= 64 + 1
+        assert target.n_tokens <= 64
         assert len(res.tokens) >= 64 - len(prompt) - 1
     finally:
         draft.close()
@@ -235,7 +244,8 @@ def test_running_out_of_context_ends_with_length() -> None:
 
 def test_bad_arguments_raise_typed_errors(context_model) -> None:
     target, draft, _ = context_model
-    for kwargs in (dict(max_tokens=0), dict(n_draft=-1), dict(temperature=-1.0), dict(n_draft=9)):
+    for kwargs in (dict(max_tokens=0), dict(n_draft=-1), dict(temperature=-1.0), dict(n_draft="many"),
+                   dict(verify="guess")):
         with pytest.raises(llama_mtp.MtpArgumentError):
             llama_mtp.generate(target, draft, PROMPT, **kwargs)
     with pytest.raises(llama_mtp.MtpArgumentError):
