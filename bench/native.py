@@ -68,7 +68,7 @@ def run(model: str, prompt: str, n_draft: int, n_predict: int, threads: int) -> 
     """One native run: tokens/s of the decode phase and the acceptance it reports."""
     cmd = [str(binary(quiet=True)), "-m", model, "-p", prompt, "--spec-type", "draft-mtp",
            "--spec-draft-n-max", str(n_draft), "-n", str(n_predict), "-t", str(threads), "-tb", str(threads),
-           "--temp", "0", "-c", "1024", "--no-warmup"]
+           "--temp", "0", "-c", "1024"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     m = _SPEED.search(text)

@@ -28,7 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text with MTP speculative decoding")
     g.add_argument("-m", "--model", help="GGUF model with MTP heads (default: a generated demo model)")
     g.add_argument("-p", "--prompt", default=DEMO_PROMPT)
-    g.add_argument("--n-draft", type=int, default=3)
+    g.add_argument("--n-draft", default="auto", help="tokens drafted per step, or 'auto' (default)")
+    g.add_argument("--n-draft-max", type=int, default=3, help="upper bound for --n-draft auto")
+    g.add_argument("--verify", choices=("match", "rejection"), default="match",
+                   help="verification at --temp > 0 (default: upstream's sample-and-match)")
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--temp", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None)
@@ -40,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     b.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS)
     return p
+
+
+def _int_arg(value: str, name: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer or 'auto', got {value!r}") from None
 
 
 def _demo_model() -> str:
@@ -66,12 +76,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from .generation import generate
     from .loading import load
 
+    n_draft = args.n_draft if args.n_draft == "auto" else _int_arg(args.n_draft, "--n-draft")
+    n_draft_max = args.n_draft_max if n_draft == "auto" else max(1, n_draft)
     path = args.model or _demo_model()
     kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=args.verbose)
-    target, draft = load(path, n_draft_max=max(1, args.n_draft), **kwargs)
+    target, draft = load(path, n_draft_max=n_draft_max, **kwargs)
     try:
         sampling = dict(max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed)
-        stream = generate(target, draft, args.prompt, n_draft=args.n_draft, stream=True, **sampling)
+        stream = generate(target, draft, args.prompt, n_draft=n_draft, stream=True, verify=args.verify, **sampling)
         print(args.prompt, end="", flush=True)
         for piece in stream:
             print(piece, end="", flush=True)
@@ -81,7 +93,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         st = res.stats
         print(f"\n[mtp] {st.n_generated} tokens in {st.generation_seconds:.2f} s = {st.tokens_per_second:.1f} tok/s "
               f"(prompt {st.n_prompt_tokens} tokens in {st.prompt_seconds:.2f} s); finish: {res.finish_reason}")
-        print(f"[mtp] n_draft={args.n_draft}: {st.steps} steps, drafted {st.drafted}, accepted {st.accepted} "
+        hist = ", ".join(f"k={k}: {n}" for k, n in enumerate(st.draft_len_hist) if n)
+        print(f"[mtp] n_draft={args.n_draft} ({hist}): {st.steps} steps, drafted {st.drafted}, accepted {st.accepted} "
               f"(acceptance {st.acceptance_rate:.1%}, per position "
               f"{', '.join(f'{a:.2f}' for a in st.per_pos_acceptance)}), "
               f"{st.mean_accepted_length:.2f} tokens/step")

@@ -56,16 +56,32 @@ class _HookedLlama(llama_cpp.Llama):
         self.__dict__.pop("_llama_mtp_hook", None)
 
 
+def _model_overrides(use_extra_bufts: bool | None) -> Dict[str, Any]:
+    # use_extra_bufts=False avoids repacked weight buffers (ggml's AMX q8_0 kernels crash on
+    # multi-token batches on some CPUs, upstream issue 20824)
+    return {} if use_extra_bufts is None else {"use_extra_bufts": bool(use_extra_bufts)}
+
+
+class PlainLlama(_HookedLlama):
+    """A plain ``llama_cpp.Llama`` that also takes ``use_extra_bufts`` (for fair comparisons)."""
+
+    def __init__(self, model_path: str, *, use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
+        self.__dict__["_llama_mtp_hook"] = _ParamsHook(_model_overrides(use_extra_bufts), {})
+        super().__init__(model_path=model_path, **kwargs)
+        self._finish_hook()
+
+
 class MtpTargetLlama(_HookedLlama):
     """A ``llama_cpp.Llama`` loaded with its MTP layers and rollback-capable context."""
 
-    def __init__(self, model_path: str, *, n_draft_max: int = 3, n_seq: int = 1, **kwargs: Any) -> None:
+    def __init__(self, model_path: str, *, n_draft_max: int = 3, n_seq: int = 1,
+                 use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
         logits_all = bool(kwargs.get("logits_all", False))
         ctx = {"n_seq_max": n_seq, "n_rs_seq": n_draft_max}
         if not logits_all:
             # the verify step outputs 1 + n_draft rows per sequence (upstream's output limits)
             ctx["n_outputs_max_per_seq"] = 1 + n_draft_max
-        self.__dict__["_llama_mtp_hook"] = _ParamsHook({"load_mtp": True}, ctx)
+        self.__dict__["_llama_mtp_hook"] = _ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx)
         super().__init__(model_path=model_path, **kwargs)
         self._finish_hook()
         self.mtp_n_draft_max = n_draft_max
@@ -76,7 +92,8 @@ class MtpTargetLlama(_HookedLlama):
 class MtpDraftLlama(_HookedLlama):
     """A ``llama_cpp.Llama`` whose context is the MTP draft context on the target's model."""
 
-    def __init__(self, target: MtpTargetLlama, **kwargs: Any) -> None:
+    def __init__(self, target: MtpTargetLlama, *, use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
+        del use_extra_bufts  # weight placement is the target's: the draft runs on its model
         ctx = {
             "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
             "ctx_other": target._ctx.ctx,

@@ -9,7 +9,7 @@ the speculative loop, with the very sampler chain llama-cpp-python builds.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from .errors import MtpArgumentError, MtpInitError
 from .generation import GenerationStats, _Run
@@ -18,7 +18,8 @@ from .session import MtpSession
 
 
 class MtpLlama(MtpTargetLlama):
-    """``llama_cpp.Llama`` with the model's MTP heads drafting ``n_draft`` tokens per step.
+    """``llama_cpp.Llama`` with the model's MTP heads drafting ``n_draft`` tokens per step
+    (``"auto"``: 0..n_draft_max, chosen per step from observed acceptance and costs).
 
     Owns its MTP draft context (``self.mtp_draft``) and session; ``close()``
     frees them first, exactly once. Requests MTP cannot honour token for token
@@ -27,17 +28,21 @@ class MtpLlama(MtpTargetLlama):
     then None.
     """
 
-    def __init__(self, model_path: str | os.PathLike[str], *, n_draft: int = 3, **llama_kwargs: Any) -> None:
+    def __init__(self, model_path: str | os.PathLike[str], *, n_draft: Union[int, str] = "auto",
+                 n_draft_max: int = 3, verify: str = "match", **llama_kwargs: Any) -> None:
         path = os.fspath(model_path)
-        if isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0:
-            raise MtpArgumentError(f"n_draft must be an int >= 0, got {n_draft!r}")
-        _validate(path, max(1, n_draft), 1, llama_kwargs)
+        if n_draft != "auto" and (isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0):
+            raise MtpArgumentError(f"n_draft must be an int >= 0 or 'auto', got {n_draft!r}")
+        if n_draft != "auto":
+            n_draft_max = max(1, int(n_draft))
+        _validate(path, n_draft_max, 1, llama_kwargs)
         try:
-            super().__init__(path, n_draft_max=max(1, n_draft), n_seq=1, **llama_kwargs)
+            super().__init__(path, n_draft_max=n_draft_max, n_seq=1, **llama_kwargs)
         except ValueError as e:
             raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
         self.mtp_draft = _open_draft(self, path, llama_kwargs)
         self.mtp_n_draft = n_draft
+        self.mtp_verify = verify
         self.last_mtp_stats: Optional[GenerationStats] = None
         self._mtp_session: Optional[MtpSession] = None
         # Llama.close() unwinds _stack last-in first-out: MTP parts go before the target
@@ -53,7 +58,8 @@ class MtpLlama(MtpTargetLlama):
 
     def _session(self) -> MtpSession:
         if self._mtp_session is None or self._mtp_session.closed:
-            self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=max(1, self.mtp_n_draft))
+            self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=self.mtp_n_draft_max,
+                                           backend_sampling=False)
         return self._mtp_session
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -74,7 +80,7 @@ class MtpLlama(MtpTargetLlama):
                                         stopping_criteria=stopping_criteria, **sampling)
             return
         run = _Run(self, self.mtp_draft, list(tokens), max_tokens=self.n_ctx(), n_draft=self.mtp_n_draft,
-                   sampling=sampling, seed=None, stop=None, session=self._session())
+                   sampling=sampling, seed=None, stop=None, session=self._session(), verify=self.mtp_verify)
         self.last_mtp_stats = run.stats
         yield from run.tokens()
 
