@@ -61,27 +61,27 @@ def raw_batch(batch: Any) -> int:
 
 
 class _ContextGuard:
-    """Releases attached native sessions right before a LlamaContext is freed."""
+    """Releases attached native sessions right before a LlamaContext is freed.
+
+    No lock: finalizers (MtpSession.__del__ -> detach) may run from the garbage
+    collector at any allocation, on a thread already inside attach() or fire();
+    single dict operations are atomic under the GIL.
+    """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
         self._releasers: Dict[int, Callable[[], None]] = {}
         self.fired = False
 
     def attach(self, key: int, release: Callable[[], None]) -> None:
-        with self._lock:
-            self._releasers[key] = release
+        self._releasers[key] = release
 
     def detach(self, key: int) -> None:
-        with self._lock:
-            self._releasers.pop(key, None)
+        self._releasers.pop(key, None)
 
     def fire(self) -> None:
-        with self._lock:
-            self.fired = True
-            releasers = list(self._releasers.values())
-            self._releasers.clear()
-        for release in releasers:
+        self.fired = True
+        releasers, self._releasers = self._releasers, {}
+        for release in list(releasers.values()):
             release()
 
 

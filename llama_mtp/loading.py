@@ -17,6 +17,7 @@ from typing import Any, Dict, Tuple
 
 import llama_cpp
 from llama_cpp import _internals
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from .errors import MtpArgumentError, MtpInitError
 
@@ -109,16 +110,21 @@ class MtpDraftLlama(_HookedLlama):
         super().__init__(model_path=target.model_path, **kwargs)
         self._finish_hook()
         self.__dict__.pop("_llama_mtp_target_model", None)
+        # From here on tokenize/detokenize/metadata use the draft's own vocab-only model, so the
+        # draft Llama stays usable for them after the target (whose weights it ran on) is closed.
+        own = self.__dict__.pop("_llama_mtp_vocab_model")
+        object.__setattr__(self, "_model", own)
+        if isinstance(self.tokenizer_, LlamaTokenizer):
+            self.tokenizer_ = LlamaTokenizer(self)
         self.mtp_target = target
 
     def __setattr__(self, name: str, value: Any) -> None:
         shared = self.__dict__.get("_llama_mtp_target_model")
         if name == "_model" and shared is not None and value is not shared:
-            # drop the vocab-only model Llama.__init__ just loaded; run on the target's weights
-            value.close()
+            # Llama.__init__ just loaded the vocab-only model: its context goes on the target's weights
+            self.__dict__["_llama_mtp_vocab_model"] = value
             value = shared
         super().__setattr__(name, value)
-
 
 def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, Any]) -> None:
     for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):

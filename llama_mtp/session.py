@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
@@ -207,11 +208,9 @@ class MtpSession:
         self._check_seq(seq_id)
         n_past = _i32(n_past, "n_past")
         id_last = _i32(id_last, "id_last")
-        n_max = -1 if n_max is None else _i32(n_max, "n_max")
-        if n_max < -1:
-            raise MtpArgumentError(f"n_max must be >= 0 (got {n_max})")
-        self._draft_n[0] = self._n_draft_max
+        n_max = _n_max(n_max)
         with self._call() as handle:
+            self._draft_n[0] = self._n_draft_max
             status = self._lib.mtp_session_draft(handle, seq_id, n_past, id_last, n_max, self._draft_buf, self._draft_n)
             self._raise_for(status, seq_id)
             return list(self._ffi.unpack(self._draft_buf, self._draft_n[0]))
@@ -229,14 +228,12 @@ class MtpSession:
         self._check_seq(seq_id)
         n_past = _i32(n_past, "n_past")
         id_last = _i32(id_last, "id_last")
-        n_max = -1 if n_max is None else _i32(n_max, "n_max")
-        if n_max < -1:
-            raise MtpArgumentError(f"n_max must be >= 0 (got {n_max})")
-        if self._q is None:
-            self._q = np.zeros((self._n_draft_max, self._n_vocab), dtype=np.float32)
-        q_ptr = self._ffi.cast("float *", self._q.ctypes.data)
-        self._draft_n[0] = self._n_draft_max
+        n_max = _n_max(n_max)
         with self._call() as handle:
+            if self._q is None:
+                self._q = np.zeros((self._n_draft_max, self._n_vocab), dtype=np.float32)
+            q_ptr = self._ffi.cast("float *", self._q.ctypes.data)
+            self._draft_n[0] = self._n_draft_max
             status = self._lib.mtp_session_draft_ex(handle, seq_id, n_past, id_last, n_max, float(temperature),
                                                     _i32(top_k, "top_k"), int(seed) & 0xFFFFFFFF, q_ptr,
                                                     self._draft_buf, self._draft_n)
@@ -263,8 +260,20 @@ class MtpSession:
 
     # -- internals --------------------------------------------------------------------------
 
-    def _call(self) -> "_NativeCall":
-        return _NativeCall(self)
+    @contextlib.contextmanager
+    def _call(self) -> Iterator[Any]:
+        """Hold the session lock for one native call and yield the live handle.
+
+        ``with native.lock`` (not acquire()/release()) so that a KeyboardInterrupt
+        delivered right after the acquire still releases it.
+        """
+        native = self._native
+        if native is None:
+            raise SessionClosedError("the session was never opened")
+        with native.lock:
+            if native.handle is None:
+                raise SessionClosedError(f"the MtpSession is closed ({native.closed_reason}); create a new one")
+            yield native.handle
 
     def _check_seq(self, seq_id: Any) -> None:
         if isinstance(seq_id, bool) or not isinstance(seq_id, int):
@@ -296,34 +305,22 @@ class MtpSession:
         raise MtpError(f"unknown status {status}: {message}")
 
 
-class _NativeCall:
-    """Holds the session lock for one native call and yields the live handle."""
-
-    def __init__(self, session: MtpSession) -> None:
-        self._session = session
-
-    def __enter__(self) -> Any:
-        native = self._session._native
-        if native is None:
-            raise SessionClosedError("the session was never opened")
-        native.lock.acquire()
-        if native.handle is None:
-            native.lock.release()
-            raise SessionClosedError(f"the MtpSession is closed ({native.closed_reason}); create a new one")
-        return native.handle
-
-    def __exit__(self, *exc: object) -> None:
-        native = self._session._native
-        assert native is not None
-        native.lock.release()
-
-
 def _i32(value: Any, name: str) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__"):
         raise MtpArgumentError(f"{name} must be an int, got {type(value).__name__}")
     value = int(value)
     if not -(2**31) <= value < 2**31:
         raise MtpArgumentError(f"{name}={value} does not fit in 32 bits")
+    return value
+
+
+def _n_max(value: Optional[int]) -> int:
+    """None -> the session's n_draft_max (-1 for the shim); otherwise an int >= 0."""
+    if value is None:
+        return -1
+    value = _i32(value, "n_max")
+    if value < 0:
+        raise MtpArgumentError(f"n_max must be >= 0 (got {value}); pass None for the session's n_draft_max")
     return value
 
 

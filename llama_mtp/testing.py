@@ -751,8 +751,9 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec) -> TestM
 
 
 def cache_dir() -> pathlib.Path:
+    """Models live under the llama_mtp cache root ($LLAMA_MTP_CACHE, as for shim builds), in models/."""
     env = os.environ.get("LLAMA_MTP_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "llama_mtp" / "models"
+    return (pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "llama_mtp") / "models"
 
 
 def _resolve_spec(spec: TestModelSpec | None, size: str, overrides: dict[str, Any]) -> TestModelSpec:

@@ -454,7 +454,6 @@ int32_t check_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_la
         fail(MTP_ERR_ARG, "a draft of %d tokens at pos0=%d would overrun the context (n_ctx per sequence %lld): pass a smaller n_max",
              n_max, pos0, (long long) n_ctx_seq);
     }
-    s->stats.n_draft_calls++;
     return n_max;
 }
 
@@ -486,6 +485,7 @@ MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t po
         std::lock_guard<std::mutex> lock(s->mu);
         scoped_timer timer(s->stats.t_draft_us);
         n_max = check_draft(s, seq_id, pos0, id_last, n_max, out, inout_n);
+        s->stats.n_draft_calls++;
         if (n_max == 0) {
             return;
         }
@@ -519,6 +519,7 @@ MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t
         }
         if (top_k < 1) fail(MTP_ERR_ARG, "top_k must be >= 1 (got %d)", top_k);
         if (!(temp >= 0.0f) || !std::isfinite(temp)) fail(MTP_ERR_ARG, "temp must be a finite number >= 0");
+        s->stats.n_draft_calls++; // counted only once every check passed: a rejected call changes nothing
         const int32_t k_cand = std::min(top_k, s->n_vocab);
         std::mt19937 rng(seed);
         std::uniform_real_distribution<float> unif(0.0f, 1.0f);

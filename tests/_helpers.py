@@ -1,0 +1,397 @@
+"""Shared test helpers: tiny models, multi-sequence decoding, the speculative loop
+and a plain greedy reference.
+
+Everything here drives llama.cpp through llama-cpp-python's low-level bindings so a
+test sees exactly what the session sees: one ``llama_batch`` per target decode,
+handed to ``MtpSession.process`` unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import llama_cpp
+import llama_mtp
+from llama_mtp import testing
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+N_THREADS = 2
+
+# The three tiny models of the suite (each builds in well under a second).
+ORACLE_SPEC = testing.TestModelSpec(recipe="oracle", accept=1.0)
+ORACLE_HALF_SPEC = testing.TestModelSpec(recipe="oracle", accept=0.5)
+# iid hits: the drafts a loop happens to visit are an unbiased sample of the rate
+ORACLE_RANDOM_SPEC = testing.TestModelSpec(recipe="oracle", accept=0.5, accept_pattern="random")
+CONTEXT_SPEC = testing.TestModelSpec(recipe="context")
+# history-dependent hybrid model whose drafts are rejected often (and partially)
+CONTEXT_HALF_SPEC = testing.TestModelSpec(recipe="context", accept=0.5, accept_pattern="random")
+
+
+# --------------------------------------------------------------------------- models
+
+
+@contextlib.contextmanager
+def models_cache(directory: os.PathLike) -> Iterator[None]:
+    """Point testing.cached_test_model at ``directory`` for the duration only.
+
+    LLAMA_MTP_CACHE is also the *shim build* cache root (build_ffi.cache_root), so it
+    must not stay set while the shim may be loaded or built: that would rebuild it.
+    """
+    old = os.environ.get("LLAMA_MTP_CACHE")
+    os.environ["LLAMA_MTP_CACHE"] = os.fspath(directory)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LLAMA_MTP_CACHE", None)
+        else:
+            os.environ["LLAMA_MTP_CACHE"] = old
+
+
+def build_model(spec: testing.TestModelSpec, directory: os.PathLike) -> pathlib.Path:
+    with models_cache(directory):
+        return testing.cached_test_model(spec)
+
+
+def write_model_without_mtp(src: os.PathLike, dst: os.PathLike) -> pathlib.Path:
+    """Copy a generated qwen35 GGUF without its MTP block (nextn_predict_layers = 0).
+
+    The generator always writes one MTP block (block ``n_layer``), so this rewrites the
+    file: block_count - 1, nextn_predict_layers = 0 and no ``blk.<n_layer>.*`` tensors.
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(os.fspath(src))
+    arch = "qwen35"
+    n_layer = int(reader.fields[f"{arch}.block_count"].contents()) - 1
+    writer = gguf.GGUFWriter(os.fspath(dst), arch)
+    try:
+        for name, fld in reader.fields.items():
+            if name.startswith("GGUF.") or name == "general.architecture":
+                continue
+            if name == f"{arch}.block_count":
+                writer.add_uint32(name, n_layer)
+                continue
+            if name == f"{arch}.nextn_predict_layers":
+                writer.add_uint32(name, 0)
+                continue
+            vtype = fld.types[0]
+            value = fld.contents()
+            if vtype == gguf.GGUFValueType.ARRAY:
+                writer.add_key_value(name, value, vtype, sub_type=fld.types[-1])
+            else:
+                writer.add_key_value(name, value, vtype)
+        for t in reader.tensors:
+            if t.name.startswith(f"blk.{n_layer}."):
+                continue
+            writer.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed([int(x) for x in t.shape])),
+                              raw_dtype=t.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    return pathlib.Path(dst)
+
+
+def load_pair(path: os.PathLike, *, n_draft_max: int = 3, n_seq: int = 1, n_ctx: int = 512,
+              **kwargs) -> Tuple[llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]:
+    kwargs.setdefault("n_threads", N_THREADS)
+    kwargs.setdefault("n_threads_batch", N_THREADS)
+    return llama_mtp.load(os.fspath(path), n_draft_max=n_draft_max, n_seq=n_seq, n_ctx=n_ctx, **kwargs)
+
+
+def plain_llama(path: os.PathLike, *, n_ctx: int = 512, **kwargs) -> llama_cpp.Llama:
+    """An ordinary llama_cpp.Llama (no MTP layers, default context) on the same file."""
+    kwargs.setdefault("n_threads", N_THREADS)
+    kwargs.setdefault("n_threads_batch", N_THREADS)
+    kwargs.setdefault("verbose", False)
+    return llama_cpp.Llama(model_path=os.fspath(path), n_ctx=n_ctx, **kwargs)
+
+
+def tokenize(llm: llama_cpp.Llama, text: str) -> List[int]:
+    return llm.tokenize(text.encode(), add_bos=False)
+
+
+# ------------------------------------------------------------------------ decoding
+
+
+def ctx_ptr(llm) -> int:
+    """The raw llama_context of a Llama (or LlamaContext)."""
+    ctx = llm._ctx if isinstance(llm, llama_cpp.Llama) else llm
+    return ctx.ctx
+
+
+def pos_max(llm, seq_id: int) -> int:
+    return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx_ptr(llm)), seq_id))
+
+
+def seq_rm(llm, seq_id: int, p0: int, p1: int = -1) -> bool:
+    return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx_ptr(llm)), seq_id, p0, p1))
+
+
+class Decoder:
+    """One heap ``llama_batch`` for decoding runs of tokens on any seq id of a context.
+
+    ``decode`` fills it with one sequence's tokens at consecutive positions, decodes it
+    on the context and returns the logits of every row (a copy). ``batch`` is the
+    ctypes struct to hand to ``MtpSession.process``.
+    """
+
+    def __init__(self, llm, capacity: int = 512, n_seq_max: int = 1) -> None:
+        self.llm = llm
+        self.capacity = capacity
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(
+            llama_cpp.llama_get_model(ctx_ptr(llm)))))
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
+        self.batch.n_tokens = 0
+
+    def fill(self, seq_id: int, tokens: Sequence[int], pos0: int, logits: Optional[Sequence[bool]] = None) -> None:
+        self.fill_runs([(seq_id, tokens, pos0)], logits)
+
+    def fill_runs(self, runs: Sequence[Tuple[int, Sequence[int], int]],
+                  logits: Optional[Sequence[bool]] = None) -> None:
+        """Fill the batch with runs of (seq_id, tokens, pos0), one after the other."""
+        b = self.batch
+        i = 0
+        for seq_id, tokens, pos0 in runs:
+            for j, tok in enumerate(tokens):
+                assert i < self.capacity
+                b.token[i] = int(tok)
+                b.pos[i] = pos0 + j
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq_id
+                b.logits[i] = 1 if logits is None else int(bool(logits[i]))
+                i += 1
+        b.n_tokens = i
+
+    def decode(self, seq_id: int, tokens: Sequence[int], pos0: int,
+               logits: Optional[Sequence[bool]] = None) -> np.ndarray:
+        """Decode ``tokens`` at ``pos0..`` on ``seq_id``; rows of logits for output tokens."""
+        return self.decode_runs([(seq_id, tokens, pos0)], logits)
+
+    def decode_runs(self, runs: Sequence[Tuple[int, Sequence[int], int]],
+                    logits: Optional[Sequence[bool]] = None) -> np.ndarray:
+        """Decode several runs in one batch; logits rows of the output tokens, in batch order."""
+        self.fill_runs(runs, logits)
+        rc = llama_cpp.llama_decode(ctx_ptr(self.llm), self.batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+        rows = [i for i in range(self.batch.n_tokens) if self.batch.logits[i]]
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for r, i in enumerate(rows):
+            ptr = llama_cpp.llama_get_logits_ith(ctx_ptr(self.llm), i)
+            out[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+    def __enter__(self) -> "Decoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def prefill(session: llama_mtp.MtpSession, dec: Decoder, seq_id: int, tokens: Sequence[int],
+            pos0: int = 0, chunk: int = 64) -> int:
+    """Decode a prompt on the target in chunks, handing each chunk to process(); returns n_past."""
+    pos = pos0
+    for lo in range(0, len(tokens), chunk):
+        part = list(tokens[lo:lo + chunk])
+        dec.decode(seq_id, part, pos, logits=[False] * (len(part) - 1) + [True])
+        session.process(dec.batch)
+        pos += len(part)
+    return pos
+
+
+@dataclass
+class LoopResult:
+    tokens: List[int]
+    steps: List[Tuple[int, int]]      # (len(draft), n_accepted) of every step
+    stats: llama_mtp.MtpStats
+    logits: np.ndarray                # (n_tokens, n_vocab): the target row each token was chosen from
+
+    @property
+    def partial_rejections(self) -> int:
+        return sum(1 for n, a in self.steps if 0 < a < n)
+
+    @property
+    def full_rejections(self) -> int:
+        return sum(1 for n, a in self.steps if n > 0 and a == 0)
+
+
+def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Sequence[int], n_tokens: int,
+              n_draft: int, *, seq_id: int = 0, dec: Optional[Decoder] = None,
+              check_positions: bool = True, draft_dist: Optional[dict] = None) -> LoopResult:
+    """Greedy speculative decoding with ``session`` from a fresh sequence ``seq_id``.
+
+    Prefill prompt[:-1], then per step: draft from id_last at n_past, decode
+    [id_last, *draft] on the target, process() it, accept the longest prefix that
+    matches the target's argmax and emit it plus the target's own next token.
+    Returns the first ``n_tokens`` generated tokens, the per-step (drafted,
+    accepted) pairs and the session's stats. With ``check_positions`` it asserts
+    after every step that target and draft memories both end at n_past - 1.
+    ``draft_dist``: draft with ``session.draft_dist(**draft_dist)`` instead of ``draft``.
+    """
+    prompt = [int(t) for t in prompt_tokens]
+    assert len(prompt) >= 1
+    own = dec is None
+    if own:
+        dec = Decoder(target, capacity=max(64, n_draft + 1))
+    try:
+        n_past = prefill(session, dec, seq_id, prompt[:-1]) if len(prompt) > 1 else 0
+        session.begin(seq_id, prompt[:-1])
+        id_last = prompt[-1]
+        out: List[int] = []
+        rows: List[np.ndarray] = []
+        steps: List[Tuple[int, int]] = []
+        while len(out) < n_tokens:
+            if draft_dist is None:
+                d = session.draft(seq_id, n_past, id_last, n_max=n_draft)
+            else:
+                d, q = session.draft_dist(seq_id, n_past, id_last, n_max=n_draft, **draft_dist)
+                assert q.shape == (len(d), dec.n_vocab)
+            assert len(d) <= n_draft
+            logits = dec.decode(seq_id, [id_last, *d], n_past)
+            session.process(dec.batch)
+            ids = logits.argmax(axis=-1)
+            acc = 0
+            while acc < len(d) and d[acc] == ids[acc]:
+                acc += 1
+            if d:
+                session.accept(seq_id, acc)
+            assert not session.pending(seq_id)
+            out += [int(t) for t in d[:acc]] + [int(ids[acc])]
+            rows += list(logits[:acc + 1])
+            steps.append((len(d), acc))
+            n_past += 1 + acc
+            id_last = out[-1]
+            if check_positions:
+                assert pos_max(target, seq_id) == n_past - 1, (pos_max(target, seq_id), n_past)
+                assert pos_max(draft, seq_id) == n_past - 1, (pos_max(draft, seq_id), n_past)
+        return LoopResult(out[:n_tokens], steps, session.stats, np.array(rows[:n_tokens]))
+    finally:
+        if own:
+            dec.close()
+
+
+def spec_loop_multi(target, draft, session: llama_mtp.MtpSession, prompts: Dict[int, Sequence[int]],
+                    n_tokens: int, n_draft: int, *, dec: Optional[Decoder] = None) -> Dict[int, List[int]]:
+    """spec_loop for several sequences at once: ONE target decode (and one process())
+    per step holds every sequence's verify run [id_last, *draft]."""
+    own = dec is None
+    if own:
+        dec = Decoder(target, capacity=max(64, len(prompts) * (n_draft + 1)), n_seq_max=1)
+    try:
+        n_past: Dict[int, int] = {}
+        id_last: Dict[int, int] = {}
+        out: Dict[int, List[int]] = {sid: [] for sid in prompts}
+        for sid, prompt in prompts.items():
+            prompt = [int(t) for t in prompt]
+            n_past[sid] = prefill(session, dec, sid, prompt[:-1]) if len(prompt) > 1 else 0
+            session.begin(sid, prompt[:-1])
+            id_last[sid] = prompt[-1]
+        while any(len(o) < n_tokens for o in out.values()):
+            live = [sid for sid in prompts if len(out[sid]) < n_tokens]
+            drafts = {sid: session.draft(sid, n_past[sid], id_last[sid], n_max=n_draft) for sid in live}
+            logits = dec.decode_runs([(sid, [id_last[sid], *drafts[sid]], n_past[sid]) for sid in live])
+            session.process(dec.batch)
+            row = 0
+            for sid in live:
+                d = drafts[sid]
+                ids = logits[row:row + len(d) + 1].argmax(axis=-1)
+                row += len(d) + 1
+                acc = 0
+                while acc < len(d) and d[acc] == ids[acc]:
+                    acc += 1
+                if d:
+                    session.accept(sid, acc)
+                out[sid] += [int(t) for t in d[:acc]] + [int(ids[acc])]
+                n_past[sid] += 1 + acc
+                id_last[sid] = out[sid][-1]
+                assert pos_max(target, sid) == n_past[sid] - 1
+                assert pos_max(draft, sid) == n_past[sid] - 1
+        return {sid: o[:n_tokens] for sid, o in out.items()}
+    finally:
+        if own:
+            dec.close()
+
+
+_greedy_cache: Dict[Tuple[str, Tuple[int, ...], int], Tuple[List[int], np.ndarray]] = {}
+
+
+def greedy_reference_logits(path: os.PathLike, prompt_tokens: Sequence[int], n_tokens: int, *,
+                            n_ctx: int = 512) -> Tuple[List[int], np.ndarray]:
+    """Plain greedy decoding with an ordinary llama_cpp.Llama: the reference output.
+
+    Uses ``Llama.eval`` (prompt in one batch, then one token at a time) and the argmax
+    of the last logits row: no MTP layers, no speculative machinery. Returns the
+    tokens and the logits row each was chosen from.
+    """
+    key = (os.fspath(path), tuple(int(t) for t in prompt_tokens), n_tokens)
+    if key not in _greedy_cache:
+        llm = plain_llama(path, n_ctx=n_ctx)
+        try:
+            n_vocab = llm.n_vocab()
+            llm.eval(list(key[1]))
+            out: List[int] = []
+            rows = np.empty((n_tokens, n_vocab), dtype=np.float32)
+            for i in range(n_tokens):
+                rows[i] = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+                tok = int(rows[i].argmax())
+                out.append(tok)
+                llm.eval([tok])
+        finally:
+            llm.close()
+        _greedy_cache[key] = (out, rows)
+    out, rows = _greedy_cache[key]
+    return list(out), rows.copy()
+
+
+def greedy_reference(path: os.PathLike, prompt_tokens: Sequence[int], n_tokens: int, *,
+                     n_ctx: int = 512) -> List[int]:
+    return greedy_reference_logits(path, prompt_tokens, n_tokens, n_ctx=n_ctx)[0]
+
+
+def counters(stats: llama_mtp.MtpStats) -> llama_mtp.MtpStats:
+    """The stats without their timings (what a rejected call must leave unchanged)."""
+    return dataclasses.replace(stats, t_draft_s=0.0, t_process_s=0.0, t_accept_s=0.0)
+
+
+# ------------------------------------------------------------------------ processes
+
+
+def read_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_python(code: str, *, timeout: float = 120, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter (tests/ and the repo on sys.path)."""
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO_ROOT / "tests"), str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    full_env.setdefault("PYTHONFAULTHANDLER", "1")
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(REPO_ROOT))
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    return (f"returncode={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-4000:]}")

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny generated models (built once per test session) and hypothesis profiles.
+
+Models are written to a per-session temporary directory: LLAMA_MTP_CACHE is set
+only while ``testing.cached_test_model`` runs (see ``_helpers.models_cache``),
+because the same variable is the root of the shim build cache, which must stay
+where it is (no rebuild).
+
+Hypothesis profiles: ``ci`` (default) and ``long`` (``HYPOTHESIS_PROFILE=long``
+for local runs: many more examples and longer state-machine runs).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import _helpers  # noqa: E402
+
+# ------------------------------------------------------------------------- hypothesis
+
+_COMMON = dict(deadline=None, print_blob=True,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# ci: pure property tests get 200 examples; the state machine sizes itself from the
+# profile name (see test_session_properties.STATE_MACHINE_RUNS).
+settings.register_profile("ci", max_examples=200, **_COMMON)
+settings.register_profile("long", max_examples=5000, **_COMMON)
+HYPOTHESIS_PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(HYPOTHESIS_PROFILE)
+
+
+# ------------------------------------------------------------------------------ models
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> pathlib.Path:
+    return tmp_path_factory.mktemp("llama_mtp_models")
+
+
+@pytest.fixture(scope="session")
+def oracle_model(model_dir) -> pathlib.Path:
+    """Oracle recipe, every MTP draft correct (accept=1.0)."""
+    return _helpers.build_model(_helpers.ORACLE_SPEC, model_dir)
+
+
+@pytest.fixture(scope="session")
+def oracle_half_model(model_dir) -> pathlib.Path:
+    """Oracle recipe, accept=0.5 laid out exactly along the cycle ("spread")."""
+    return _helpers.build_model(_helpers.ORACLE_HALF_SPEC, model_dir)
+
+
+@pytest.fixture(scope="session")
+def oracle_random_model(model_dir) -> pathlib.Path:
+    """Oracle recipe, accept=0.5 drawn iid per token ("random")."""
+    return _helpers.build_model(_helpers.ORACLE_RANDOM_SPEC, model_dir)
+
+
+@pytest.fixture(scope="session")
+def context_model(model_dir) -> pathlib.Path:
+    """Hybrid (recurrent + attention) trunk whose output depends on history."""
+    return _helpers.build_model(_helpers.CONTEXT_SPEC, model_dir)
+
+
+@pytest.fixture(scope="session")
+def context_half_model(model_dir) -> pathlib.Path:
+    """The context recipe with iid accept=0.5 MTP drafts: partial rejections roll back recurrent state."""
+    return _helpers.build_model(_helpers.CONTEXT_HALF_SPEC, model_dir)
+
+
+@pytest.fixture(scope="session")
+def no_mtp_model(model_dir, oracle_model) -> pathlib.Path:
+    """The oracle model rewritten without its MTP block (nextn_predict_layers = 0)."""
+    return _helpers.write_model_without_mtp(oracle_model, model_dir / "qwen35-no-mtp.gguf")
+
+
+@pytest.fixture
+def pair(oracle_model):
+    """(target, draft) on the accept=1.0 oracle model, closed after the test."""
+    target, draft = _helpers.load_pair(oracle_model)
+    yield target, draft
+    target.close()
+    draft.close()

@@ -1,0 +1,526 @@
+"""Misuse must never kill the process: each case runs in a SUBPROCESS, so a crash
+(abort, segfault, deadlock) is a failing test instead of a dead test run.
+
+Each script prints ``EXC <ExceptionName>`` for the exceptions it provokes and
+``DONE`` at the end; the test checks the exit status, ``DONE`` and the names.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from _helpers import describe, run_python
+
+PREAMBLE = """
+import os, sys, gc, threading, time, random, _thread
+import numpy as np
+import llama_cpp, llama_mtp
+from llama_mtp import testing
+from llama_mtp.errors import *
+from _helpers import *
+ORACLE = os.environ["MTP_TEST_ORACLE"]
+CONTEXT = os.environ["MTP_TEST_CONTEXT"]
+NO_MTP = os.environ["MTP_TEST_NO_MTP"]
+
+def expect(exc, call):
+    try:
+        call()
+    except exc as e:
+        print("EXC", type(e).__name__, "|", str(e)[:160], flush=True)
+        return e
+    raise AssertionError(f"{call} did not raise {exc}")
+
+def started(target, session, seq_id=0, text="hello world", dec=None):
+    prompt = tokenize(target, text)
+    dec = dec or Decoder(target)
+    n = prefill(session, dec, seq_id, prompt[:-1])
+    session.begin(seq_id, prompt[:-1])
+    return dec, n, prompt[-1]
+"""
+
+
+@pytest.fixture(scope="module")
+def env(oracle_model, context_model, no_mtp_model):
+    return {"MTP_TEST_ORACLE": str(oracle_model), "MTP_TEST_CONTEXT": str(context_model),
+            "MTP_TEST_NO_MTP": str(no_mtp_model)}
+
+
+def run_case(env, body: str, *expected: str, timeout: float = 120):
+    proc = run_python(PREAMBLE + body + "\nprint('DONE', flush=True)\n", env=env, timeout=timeout)
+    assert proc.returncode == 0, describe(proc)
+    assert "DONE" in proc.stdout, describe(proc)
+    printed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("EXC ")]
+    for name in expected:
+        assert name in printed, f"expected {name} among {printed}\n{describe(proc)}"
+    return proc
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def test_model_without_mtp_heads(env):
+    run_case(env, """
+expect(MtpInitError, lambda: llama_mtp.load(NO_MTP, n_ctx=256, n_threads=2))
+# built by hand: the target loads (nothing to load), the MTP context cannot be created
+t = llama_mtp.MtpTargetLlama(NO_MTP, n_ctx=256, verbose=False)
+assert t.mtp_n_layer_nextn == 0
+expect((MtpInitError, ValueError), lambda: llama_mtp.MtpDraftLlama(t, verbose=False))
+# a session whose target has no MTP layers but whose draft is a real MTP context
+target, draft = load_pair(ORACLE)
+plain = plain_llama(NO_MTP, n_ctx=512)
+try:
+    s = llama_mtp.MtpSession(plain, draft)
+    print("session on a no-MTP target: created")
+    s.close()
+except MtpError as e:
+    print("EXC", type(e).__name__, e)
+plain.close(); t.close(); target.close(); draft.close()
+""", "MtpInitError")
+
+
+def test_draft_that_is_not_an_mtp_context(env):
+    run_case(env, """
+target, draft = load_pair(ORACLE)
+target2, draft2 = load_pair(ORACLE)
+plain = plain_llama(ORACLE, n_ctx=512)
+plain_mtp = llama_cpp.Llama(model_path=ORACLE, n_ctx=512, verbose=False)  # load_mtp False
+expect(MtpInitError, lambda: llama_mtp.MtpSession(target, plain))
+expect(MtpInitError, lambda: llama_mtp.MtpSession(target, plain._ctx))
+expect(MtpInitError, lambda: llama_mtp.MtpSession(target, target2))      # a DEFAULT ctx with MTP layers
+expect(MtpInitError, lambda: llama_mtp.MtpSession(target, target))
+expect(MtpInitError, lambda: llama_mtp.MtpSession(draft, target))
+expect(MtpInitError, lambda: llama_mtp.MtpSession(draft, draft2))
+expect(MtpInitError, lambda: llama_mtp.MtpSession(plain, plain_mtp))
+expect(MtpArgumentError, lambda: llama_mtp.MtpSession(target, target._model))
+for x in (plain, plain_mtp, target, draft, target2, draft2):
+    x.close()
+""", "MtpInitError", "MtpArgumentError")
+
+
+def test_target_and_draft_from_different_models(env):
+    # same shapes, different weights: the shim only checks widths and vocab sizes, so the
+    # session may be created; verification by the target keeps the output exact anyway
+    run_case(env, """
+for a, b in ((ORACLE, CONTEXT), (CONTEXT, ORACLE), (ORACLE, ORACLE)):
+    tA, dA = load_pair(a)
+    tB, dB = load_pair(b)
+    try:
+        s = llama_mtp.MtpSession(tA, dB)
+    except MtpInitError as e:
+        print("EXC", type(e).__name__, e)
+    else:
+        prompt = tokenize(tA, testing.CONTEXT_TEST_PROMPT)
+        r = spec_loop(tA, dB, s, prompt, 48, 3)
+        assert r.tokens == greedy_reference(a, prompt, 48)
+        print("different models: session works, acceptance", r.stats.acceptance_rate)
+        expect(MtpProcessError, lambda: s.process(tB))  # B decoded nothing
+        s.close()
+    for x in (tA, dA, tB, dB):
+        x.close()
+""", "MtpProcessError")
+
+
+# ------------------------------------------------------------------------- arguments
+
+
+def test_bad_sizes(env):
+    run_case(env, """
+target, draft = load_pair(ORACLE, n_batch=16)
+for kw in (dict(n_seq=0), dict(n_seq=-5), dict(n_seq=2), dict(n_seq=2**31 - 1), dict(n_draft_max=0),
+           dict(n_draft_max=-1), dict(n_draft_max=-(2**31)), dict(n_draft_max=16), dict(n_draft_max=100),
+           dict(n_draft_max=65535), dict(n_draft_max=2**31 - 1)):
+    expect(MtpArgumentError, lambda: llama_mtp.MtpSession(target, draft, **kw))
+with llama_mtp.MtpSession(target, draft, n_draft_max=15) as s:  # exactly fits n_batch=16
+    r = spec_loop(target, draft, s, tokenize(target, "hello world"), 40, 15)
+    assert r.stats.mean_accepted_length == 16
+target.close(); draft.close()
+for kw in (dict(n_draft_max=0), dict(n_seq=0), dict(n_draft_max=600), dict(n_draft_max=8, n_batch=4)):
+    expect(MtpArgumentError, lambda: load_pair(ORACLE, **kw))
+""", "MtpArgumentError")
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_process_foreign_and_malformed_batches(env):
+    run_case(env, """
+target, draft = load_pair(ORACLE)
+other, other_draft = load_pair(ORACLE)
+plain = plain_llama(ORACLE, n_ctx=512)
+s = llama_mtp.MtpSession(target, draft)
+expect(MtpProcessError, lambda: s.process(target))        # nothing decoded yet: empty batch
+dec, n, id_last = started(target, s)
+expect(MtpProcessError, lambda: s.process(draft))          # the draft Llama's (never used) batch
+plain.eval(tokenize(plain, "hello world, again"))
+expect(MtpProcessError, lambda: s.process(plain))          # another Llama's batch (positions differ)
+other.eval(tokenize(other, "hello world")[:-1])
+expect(MtpProcessError, lambda: s.process(other))          # same tokens, other context: already seen
+expect(MtpProcessError, lambda: s.process(dec.batch))      # processed twice
+with Decoder(target, capacity=600) as big:
+    big.fill(0, [1] * 600, n)
+    expect(MtpProcessError, lambda: s.process(big.batch))  # more tokens than n_batch
+    big.fill_runs([(0, [1, 2], n), (0, [3], n + 5)])
+    expect(MtpProcessError, lambda: s.process(big.batch))  # non-consecutive positions
+    big.fill_runs([(0, [1], n), (1, [2], 0)])
+    expect(BadSeqIdError, lambda: s.process(big.batch))
+    big.fill(0, [10**6], n)
+    expect(MtpProcessError, lambda: s.process(big.batch))  # token outside the vocabulary
+    big.fill(0, [-5], n)
+    expect(MtpProcessError, lambda: s.process(big.batch))
+    big.fill(0, [1], n)
+    big.batch.n_seq_id[0] = 0
+    expect(MtpProcessError, lambda: s.process(big.batch))  # n_seq_id = 0
+    big.batch.n_tokens = -3
+    expect(MtpProcessError, lambda: s.process(big.batch))
+emb = llama_cpp.llama_batch_init(4, 128, 1)                # an embeddings batch: token is NULL
+emb.n_tokens = 2
+expect(MtpProcessError, lambda: s.process(emb))
+llama_cpp.llama_batch_free(emb)
+raw = llama_cpp.llama_batch()                              # hand-made: NULL pos / seq ids / logits
+toks = (llama_cpp.llama_token * 2)(1, 2)
+raw.n_tokens, raw.token = 2, toks
+expect(MtpProcessError, lambda: s.process(raw))
+raw.token = None
+raw.n_tokens = 2**31 - 1
+expect(MtpProcessError, lambda: s.process(raw))
+# the session is unharmed: the real loop continues
+d = s.draft(0, n, id_last)
+logits = dec.decode(0, [id_last, *d], n)
+s.process(dec.batch)
+s.accept(0, len(d))
+print("after garbage:", s.stats.n_accepted)
+s.close(); dec.close()
+for x in (target, draft, other, other_draft, plain):
+    x.close()
+""", "MtpProcessError", "BadSeqIdError")
+
+
+# ------------------------------------------------------------------------ closed Llamas
+
+
+@pytest.mark.parametrize("which", ["target", "draft", "both", "session_then_both"])
+def test_calls_after_a_llama_was_closed(env, which):
+    run_case(env, f"""
+target, draft = load_pair(ORACLE)
+s = llama_mtp.MtpSession(target, draft)
+dec, n, id_last = started(target, s)
+d = s.draft(0, n, id_last)
+dec.close()
+which = {which!r}
+if which == "session_then_both":
+    s.close()
+if which in ("target", "both", "session_then_both"):
+    target.close()
+if which in ("draft", "both", "session_then_both"):
+    draft.close()
+for call in (lambda: s.draft(0, n, id_last), lambda: s.accept(0, 0), lambda: s.pending(0),
+             lambda: s.begin(0, [1]), lambda: s.process(target), lambda: s.stats,
+             lambda: s.draft(0, n, id_last, n_max=1)):
+    expect(SessionClosedError, call)
+expect(SessionClosedError, lambda: llama_mtp.MtpSession(target, draft))
+s.close(); s.close()
+target.close(); draft.close()
+del s, target, draft
+gc.collect()
+""", "SessionClosedError")
+
+
+def test_draft_llama_after_target_close(env):
+    """Closing the target frees the model the draft Llama shares: the draft Llama must
+    then behave like a closed Llama (raise), not read freed memory."""
+    run_case(env, """
+target, draft = load_pair(ORACLE)
+target.close()
+try:
+    print("tokenize:", draft.tokenize(b"hello"))
+except Exception as e:
+    print("EXC", type(e).__name__, e)
+try:
+    print("n_vocab:", draft.n_vocab())
+except Exception as e:
+    print("EXC", type(e).__name__, e)
+draft.close()
+""")
+
+
+# ---------------------------------------------------------------------------- context
+
+
+def test_drafting_past_n_ctx(env):
+    run_case(env, """
+target, draft = load_pair(ORACLE, n_ctx=256)
+n_ctx = llama_cpp.llama_n_ctx_seq(target._ctx.ctx)
+s = llama_mtp.MtpSession(target, draft)
+dec, n, id_last = started(target, s)
+refused = 0
+while True:
+    try:
+        d = s.draft(0, n, id_last)
+    except MtpArgumentError:
+        refused += 1
+        try:
+            d = s.draft(0, n, id_last, n_max=max(0, min(3, n_ctx - 1 - n)))
+        except MtpArgumentError as e:
+            print("EXC", type(e).__name__, e)
+            break
+    assert n + len(d) < n_ctx
+    ids = dec.decode(0, [id_last, *d], n).argmax(-1)
+    s.process(dec.batch)
+    acc = 0
+    while acc < len(d) and d[acc] == ids[acc]:
+        acc += 1
+    if d:
+        s.accept(0, acc)
+    n += 1 + acc
+    id_last = int(ids[acc])
+assert n == n_ctx and refused >= 1, (n, n_ctx, refused)
+for pos in (n, n + 1, 2**31 - 1, -1, -(2**31)):
+    for n_max in (None, 0, 3):
+        expect(MtpArgumentError, lambda: s.draft(0, pos, id_last, n_max=n_max))
+s.close(); dec.close(); target.close(); draft.close()
+""", "MtpArgumentError")
+
+
+# ---------------------------------------------------------------------------- threads
+
+
+def test_two_threads_drive_one_session(env):
+    """Thread A runs the speculative loop on seq 0 (it alone touches the target);
+    thread B hammers the same session on seq 1 and with bad arguments (draft()/
+    begin()/accept()/pending()/stats/process()), then closes it under A's feet."""
+    run_case(env, """
+target, draft = load_pair(ORACLE, n_seq=2)
+s = llama_mtp.MtpSession(target, draft, n_seq=2)
+errors, counts = [], {"a_steps": 0, "a_rounds": 0, "b_calls": 0, "b_errors": 0}
+prompt = tokenize(target, testing.CONTEXT_TEST_PROMPT)
+
+def loop_a():
+    try:
+        with Decoder(target) as dec:
+            while True:
+                seq_rm(target, 0, 0); seq_rm(draft, 0, 0)
+                r = spec_loop(target, draft, s, prompt, 40, 3, dec=dec)
+                assert r.tokens == greedy_reference(ORACLE, prompt, 40)
+                counts["a_steps"] += len(r.steps)
+                counts["a_rounds"] += 1
+    except SessionClosedError:
+        counts["a_closed"] = True
+    except BaseException as e:
+        errors.append(repr(e))
+    finally:
+        a_done.set()
+
+a_done = threading.Event()
+
+def loop_b():
+    rng = random.Random(0)
+    junk = Decoder(target, capacity=4)
+    junk.batch.n_tokens = 0
+    t0 = time.time()
+    try:
+        while (counts["a_rounds"] < 20 or counts["b_calls"] + counts["b_errors"] < 2000) and time.time() - t0 < 60 and not a_done.is_set():
+            op = rng.randrange(7)
+            try:
+                if op == 0: s.pending(rng.choice([0, 1]))
+                elif op == 1: s.stats
+                elif op == 2: s.begin(1, [] if rng.random() < 0.9 else [10**6])  # never reads memory
+                elif op == 3: s.accept(1, rng.randrange(-1, 5))
+                elif op == 4: s.draft(1, 0, -1)                      # rejected before touching memory
+                elif op == 5: s.draft(rng.choice([-1, 2, 2**40]), 0, 1)
+                else: s.process(junk.batch)                          # empty batch
+                counts["b_calls"] += 1
+            except (MtpArgumentError, ProtocolError, BadSeqIdError, MtpProcessError):
+                counts["b_errors"] += 1
+            if rng.random() < 0.05:
+                time.sleep(0)
+        s.close()                                                    # under A's feet
+    except BaseException as e:
+        errors.append("B " + repr(e))
+    finally:
+        junk.close()
+
+ta, tb = threading.Thread(target=loop_a), threading.Thread(target=loop_b)
+ta.start(); tb.start()
+ta.join(90); tb.join(90)
+assert not ta.is_alive() and not tb.is_alive(), "deadlock"
+assert not errors, errors
+print("counts", counts)
+assert counts["a_rounds"] >= 20 and counts["b_calls"] + counts["b_errors"] >= 2000, counts
+assert counts.get("a_closed"), counts
+expect(SessionClosedError, lambda: s.pending(0))
+target.close(); draft.close()
+""", "SessionClosedError", timeout=180)
+
+
+def test_concurrent_drafts_do_not_share_their_length_buffer(env):
+    """draft() writes its in/out length (``_draft_n``) OUTSIDE the session lock. While
+    another thread's draft() is inside the native call, that write can (a) be zeroed by
+    the other call (-> a spurious 'output capacity 0' MtpArgumentError) or (b) overwrite
+    the other call's result length between the native return and unpacking (-> a draft
+    of n_max=1 comes back with n_draft_max tokens).
+
+    The interleaving is made deterministic: a pass-through wrapper around the cffi lib
+    pauses right after thread A's native draft returns (A still holds the session lock)
+    until thread B has run draft()'s Python prefix and blocked on that lock."""
+    run_case(env, """
+target, draft = load_pair(ORACLE, n_seq=2)
+s = llama_mtp.MtpSession(target, draft, n_seq=2)
+dec, n, id_last = started(target, s, seq_id=0)
+real_lib = s._lib
+other_errors = []
+
+def other():
+    try:
+        s.draft(1, 12345, 1)                 # fails natively (wrong pos0): that is fine
+    except MtpArgumentError:
+        pass
+    except BaseException as e:
+        other_errors.append(repr(e))
+
+class PausingLib:
+    def __getattr__(self, name):
+        return getattr(real_lib, name)
+    def mtp_session_draft(self, *args):
+        status = real_lib.mtp_session_draft(*args)
+        if args[1] == 0:                     # thread A's call on seq 0
+            th = threading.Thread(target=other)
+            th.start()
+            time.sleep(0.3)                  # B: Python prefix, then blocks on the session lock
+        return status
+
+s._lib = PausingLib()
+d = s.draft(0, n, id_last, n_max=1)
+s._lib = real_lib
+print("draft(n_max=1) returned", len(d), "tokens:", d)
+time.sleep(0.1)
+assert not other_errors, other_errors
+assert len(d) == 1, f"draft(n_max=1) returned {len(d)} tokens"
+s.close(); dec.close(); target.close(); draft.close()
+""", timeout=60)
+
+
+# ------------------------------------------------------------------- KeyboardInterrupt
+
+
+def test_keyboard_interrupt_mid_loop(env):
+    """_thread.interrupt_main() from a timer lands at random points of the loop (inside
+    draft/process/accept wrappers, between decode and process, ...). After each one the
+    session is either reset with begin() and used again, or closed and replaced, and
+    the next run must still match plain greedy decoding; finally another thread must
+    be able to use the session (no lock left held)."""
+    run_case(env, """
+target, draft = load_pair(ORACLE)
+prompt = tokenize(target, testing.CONTEXT_TEST_PROMPT)
+ref = greedy_reference(ORACLE, prompt, 24)
+s = llama_mtp.MtpSession(target, draft)
+rng = random.Random(1)
+n_interrupts = 0
+for rnd in range(30):
+    timer = threading.Timer(rng.uniform(0.0, 0.02), _thread.interrupt_main)
+    try:
+        timer.start()
+        seq_rm(target, 0, 0); seq_rm(draft, 0, 0)
+        for _ in range(100):
+            spec_loop(target, draft, s, prompt, 24, 3)
+            seq_rm(target, 0, 0); seq_rm(draft, 0, 0)
+    except KeyboardInterrupt:
+        n_interrupts += 1
+    finally:
+        timer.cancel()
+    if rnd % 2:
+        s.close()
+        s = llama_mtp.MtpSession(target, draft)
+    else:
+        s.begin(0, [])
+    seq_rm(target, 0, 0); seq_rm(draft, 0, 0)
+    r = spec_loop(target, draft, s, prompt, 24, 3)
+    assert r.tokens == ref, rnd
+print("interrupts:", n_interrupts)
+assert n_interrupts >= 20
+res = []
+th = threading.Thread(target=lambda: res.append(s.pending(0)), daemon=True)
+th.start(); th.join(10)
+assert res == [False], "another thread could not use the session after the interrupts"
+s.close(); target.close(); draft.close()
+""", timeout=180)
+
+
+def test_keyboard_interrupt_right_after_lock_acquire(env):
+    """A signal delivered right after the session lock is acquired must not leave the
+    lock held. CPython runs signal handlers at the end of the CALL instruction that
+    called lock.acquire(), i.e. before the next line of _NativeCall.__enter__: the
+    interrupt is injected at exactly that point with a profile hook (on the return of
+    any ``acquire()`` called from llama_mtp/session.py; nothing is injected if the
+    session no longer calls acquire() from Python, e.g. uses ``with native.lock:``)."""
+    run_case(env, """
+from llama_mtp import session as S
+target, draft = load_pair(ORACLE)
+s = llama_mtp.MtpSession(target, draft)
+armed = [True]
+def prof(frame, event, arg):
+    if (armed[0] and event == "c_return" and getattr(arg, "__name__", "") == "acquire"
+            and frame.f_code.co_filename == S.__file__):
+        armed[0] = False
+        raise KeyboardInterrupt("delivered right after lock.acquire() returned")
+sys.setprofile(prof)
+try:
+    s.pending(0)
+except KeyboardInterrupt as e:
+    print("EXC KeyboardInterrupt |", e)
+finally:
+    sys.setprofile(None)
+print("injected:", not armed[0])
+res = []
+th = threading.Thread(target=lambda: res.append(s.pending(0)), daemon=True)
+th.start(); th.join(3)
+assert res == [False], "the session lock stayed held after the KeyboardInterrupt: other threads hang"
+s.close(); target.close(); draft.close()
+""", timeout=60)
+
+
+# ----------------------------------------------------------------------- finalizers
+
+
+@pytest.mark.parametrize("garbage", ["unclosed", "closed"])
+def test_gc_during_guard_lock_does_not_deadlock(env, garbage):
+    """A MtpSession in a reference cycle (closed or not: __del__ -> close() -> guard.detach()
+    runs either way) finalized by the cyclic GC while the same thread holds that
+    context guard's non-reentrant lock deadlocks the process. GC can run at any
+    allocation, e.g. inside _ContextGuard.attach() while a new session registers or in
+    fire() (``list(...)``) while a Llama closes; a trace hook forces it at that point
+    (hypothesis' explain phase traces like this and hit the deadlock for real)."""
+    run_case(env, f"""
+from llama_mtp import _handles
+target, draft = load_pair(ORACLE)
+old = llama_mtp.MtpSession(target, draft)
+if {garbage!r} == "closed":
+    old.close()
+old.cycle = old           # only the cyclic GC can free it
+del old
+gc.disable()
+fired = [False]
+def tracer(frame, event, arg):
+    if frame.f_code is _handles._ContextGuard.attach.__code__:
+        def local(frame, event, arg):
+            # (the guard used to hold a lock here; now it must simply survive a GC at this point)
+            if event == "line" and not fired[0]:
+                fired[0] = True
+                gc.collect()    # what an allocation here may trigger
+            return local
+        return local
+    return None
+done = threading.Event()
+def watchdog():
+    if not done.wait(5):
+        print("DEADLOCK: MtpSession.__del__ waits for the guard lock its own thread holds", flush=True)
+        os._exit(3)
+threading.Thread(target=watchdog, daemon=True).start()
+sys.settrace(tracer)
+try:
+    new = llama_mtp.MtpSession(target, draft)
+finally:
+    sys.settrace(None)
+done.set()
+assert fired[0]
+new.close(); target.close(); draft.close()
+""", timeout=60)
