@@ -116,12 +116,12 @@ def test_same_seed_same_bytes(tmp_path: pathlib.Path) -> None:
 
 def test_cache_is_keyed_and_atomic(cached, model_cache: pathlib.Path) -> None:
     path = cached(size="tiny", accept=0.25)
-    assert path.parent == model_cache and path.exists()
+    assert path.parent == model_cache / "models" and path.exists()  # models/ under the cache root
     mtime = path.stat().st_mtime_ns
     assert cached(T.TestModelSpec(accept=0.25)) == path  # same spec, same file
     assert path.stat().st_mtime_ns == mtime  # not rebuilt
     assert cached(size="tiny", accept=0.5) != path
-    assert not list(model_cache.glob("*.tmp"))
+    assert not list((model_cache / "models").glob("*.tmp"))
 
 
 @pytest.mark.parametrize("accept,h_miss", [(1.0, 0.0), (0.75, 0.0), (0.5, 0.5), (0.0, 1.0)])
