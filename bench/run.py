@@ -202,6 +202,28 @@ def plot(rows: List[Dict[str, Any]], n_drafts: List[int], path: pathlib.Path, ti
     return True
 
 
+def rss_only(args: argparse.Namespace, accept: float) -> None:
+    path = str(testing.cached_test_model(size=args.size, recipe="oracle", accept=accept, ftype=args.ftype))
+    kw = dict(n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    rss0 = rss_mb()
+    target = MtpTargetLlama(path, n_draft_max=max(args.n_drafts), **kw)
+    rss1 = rss_mb()
+    draft = MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
+    rss2 = rss_mb()
+    res = llama_mtp.generate(target, draft, PROMPT, max_tokens=16, n_draft=3)
+    rss3 = rss_mb()
+    out = {"model": os.path.basename(path), "rss_target_mb": round(rss1 - rss0, 1),
+           "rss_draft_delta_mb": round(rss2 - rss1, 1), "rss_after_generate_delta_mb": round(rss3 - rss1, 1),
+           "draft_state_mb_after_generate": round(llama_cpp.llama_state_get_size(draft._ctx.ctx) / 2**20, 2),
+           "generated": len(res.tokens)}
+    draft.close()
+    target.close()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"{datetime.date.today().isoformat()}-{platform.machine()}-{os.cpu_count()}cpu-{args.size}-{args.ftype}-rss"
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", default="bench")
@@ -214,9 +236,13 @@ def main() -> None:
     p.add_argument("--no-native", action="store_true")
     p.add_argument("--sampling-accept", type=float, default=0.8, help="model used for the temperature rows")
     p.add_argument("--sampling-seeds", type=int, default=5)
+    p.add_argument("--rss-only", action="store_true", help="only measure the draft context's RSS cost")
     args = p.parse_args()
     args.n_drafts = [int(x) for x in args.n_drafts.split(",")]
     accepts = [float(x) for x in args.accepts.split(",")]
+    if args.rss_only:
+        rss_only(args, accepts[0])
+        return
 
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import llama_mtp"], check=True)

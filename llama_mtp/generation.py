@@ -23,7 +23,7 @@ from .errors import MtpArgumentError, MtpError, MtpProcessError
 from .adaptive import DraftPolicy
 from .checkpoint import TargetCheckpoint, rollback_capacity
 from .session import MtpSession
-from .verify import MatchVerifier, RejectionVerifier, supports_rejection
+from .verify import GreedyVerifier, MatchVerifier, RejectionVerifier, is_plain_greedy, supports_rejection
 from .text import TextAssembler
 
 Prompt = Union[str, bytes, Sequence[int]]
@@ -203,8 +203,12 @@ class _Run:
         self.rng = random.Random(seed)
         if seed is not None:
             target.set_seed(seed)
-        self.verifier = RejectionVerifier(target, sampling, seed) if verify == "rejection" \
-            else MatchVerifier(target, sampling)
+        if verify == "rejection":
+            self.verifier: Any = RejectionVerifier(target, sampling, seed)
+        elif is_plain_greedy(sampling):
+            self.verifier = GreedyVerifier(target)
+        else:
+            self.verifier = MatchVerifier(target, sampling)
         self.ctx = target._ctx.ctx
         self.batch = target._batch.batch
         self.n_batch = target.n_batch

@@ -105,8 +105,9 @@ class MtpDraftLlama(_HookedLlama):
             "n_outputs_max_per_seq": 1,
         }
         self.__dict__["_llama_mtp_target_model"] = target._model
-        self.__dict__["_llama_mtp_hook"] = _ParamsHook({"vocab_only": True}, ctx)
-        kwargs = dict(kwargs, n_ctx=target.n_ctx(), n_batch=target.n_batch)
+        self.__dict__["_llama_mtp_hook"] = _ParamsHook({}, ctx)
+        # vocab_only: Llama.__init__ loads a model first; it must not be a second copy of the weights
+        kwargs = dict(kwargs, n_ctx=target.n_ctx(), n_batch=target.n_batch, vocab_only=True)
         super().__init__(model_path=target.model_path, **kwargs)
         self._finish_hook()
         self.__dict__.pop("_llama_mtp_target_model", None)

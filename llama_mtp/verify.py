@@ -22,6 +22,34 @@ import numpy as np
 from llama_cpp import _internals
 
 
+class GreedyVerifier:
+    """Temperature 0 with no-op penalties and no grammar: llama-cpp-python's chain is
+    then argmax of the raw logits (first index on ties, as llama.cpp's greedy sampler),
+    so one vectorised argmax over the verify rows replaces k+1 sampler calls."""
+
+    def __init__(self, llm: llama_cpp.Llama) -> None:
+        self.llm = llm
+        self.n_vocab = llm.n_vocab()
+
+    def verify(self, proposal: List[int], q: Any = None) -> Tuple[int, List[int]]:
+        n = len(proposal) + 1
+        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm._ctx.ctx), shape=(n, self.n_vocab))
+        best = rows.argmax(axis=1).tolist()
+        for i, want in enumerate(proposal):
+            if best[i] != want:
+                return i, best[: i + 1]
+        return len(proposal), best
+
+    def close(self) -> None:
+        pass
+
+
+def is_plain_greedy(sampling: dict) -> bool:
+    return (sampling.get("temp", 0.8) == 0.0 and sampling.get("repeat_penalty", 1.0) == 1.0
+            and not sampling.get("frequency_penalty") and not sampling.get("presence_penalty")
+            and sampling.get("grammar") is None and not sampling.get("mirostat_mode"))
+
+
 class MatchVerifier:
     def __init__(self, llm: llama_cpp.Llama, sampling: dict) -> None:
         # the exact sampler chain plain llama-cpp-python would build for these settings

@@ -253,3 +253,29 @@ def test_bad_arguments_raise_typed_errors(context_model) -> None:
     with pytest.raises(llama_mtp.MtpArgumentError, match="empty"):
         llama_mtp.generate(target, draft, [])
     assert len(llama_mtp.generate(target, draft, PROMPT, max_tokens=3).tokens) == 3
+
+
+def test_rejection_sampling_is_distributed_as_plain(context_model) -> None:
+    """verify="rejection" (drafts sampled from the MTP head, min(1, p/q) acceptance,
+    residual resampling) leaves the output distribution unchanged, and on the same
+    runs accepts at least as many drafts per step as sample-and-match."""
+    target, draft, plain = context_model
+    n = 150
+    rej, match = [], []
+    acc_rej = acc_match = 0.0
+    for seed in range(n):
+        r = llama_mtp.generate(target, draft, "Hello", max_tokens=N_SAMPLE_TOKENS, n_draft=3, seed=seed,
+                               verify="rejection", **SAMPLING)
+        m = llama_mtp.generate(target, draft, "Hello", max_tokens=N_SAMPLE_TOKENS, n_draft=3, seed=seed,
+                               verify="match", **SAMPLING)
+        rej.append(r.tokens)
+        match.append(m.tokens)
+        acc_rej += r.stats.accepted / max(1, r.stats.steps)
+        acc_match += m.stats.accepted / max(1, m.stats.steps)
+    ref = [_plain_sample(plain, "Hello", 20_000 + seed) for seed in range(n)]
+    for pos in range(N_SAMPLE_TOKENS):
+        a = Counter(t[pos] if pos < len(t) else -1 for t in rej)
+        b = Counter(t[pos] if pos < len(t) else -1 for t in ref)
+        assert len(a) > 3
+        assert _chi_square_p(a, b) > 0.01
+    assert acc_rej >= acc_match
