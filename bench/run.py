@@ -237,6 +237,7 @@ def main() -> None:
     p.add_argument("--sampling-accept", type=float, default=0.8, help="model used for the temperature rows")
     p.add_argument("--sampling-seeds", type=int, default=5)
     p.add_argument("--rss-only", action="store_true", help="only measure the draft context's RSS cost")
+    p.add_argument("--tag", default="", help="suffix for the result file names")
     args = p.parse_args()
     args.n_drafts = [int(x) for x in args.n_drafts.split(",")]
     accepts = [float(x) for x in args.accepts.split(",")]
@@ -256,7 +257,7 @@ def main() -> None:
     machine = f"{platform.machine()}-{os.cpu_count()}cpu"
     date = datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{date}-{machine}-{args.size}-{args.ftype}"
+    stem = RESULTS / f"{date}-{machine}-{args.size}-{args.ftype}{'-' + args.tag if args.tag else ''}"
     result = {"date": date, "machine": machine, "args": vars(args), "import_llama_mtp_subprocess_s": round(import_s, 3),
               "shim_build_s": build.get("seconds"), "shim_bytes": build.get("lib_bytes"),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}

@@ -184,8 +184,10 @@ class _Run:
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.owns_session = session is None
         k_max = int(getattr(target, "mtp_n_draft_max", 3)) if auto else max(1, int(n_draft))
-        # the own draft loop (exact n_max, sampled drafts) reads draft logits: no backend sampler
-        self.session = session or MtpSession(target, draft, n_draft_max=k_max, backend_sampling=False)
+        own_draft = auto or verify == "rejection"
+        # the own draft loop (exact n_max, sampled drafts) reads draft logits: no backend sampler;
+        # upstream's drafter keeps its default (top-k on the backend, as the native loop runs it)
+        self.session = session or MtpSession(target, draft, n_draft_max=k_max, backend_sampling=not own_draft)
         if self.session.target is not target:
             raise MtpArgumentError("the session was created for another target Llama")
         if not auto and n_draft > self.session.n_draft_max:
@@ -197,7 +199,7 @@ class _Run:
         self.use_checkpoint = False
         self._observation: Optional[tuple] = None  # last step's (k, n_acc, t_verify, t_draft, t_start)
         self.verify_mode = verify
-        self.own_draft = auto or verify == "rejection"
+        self.own_draft = own_draft
         self.draft_temp = sampling["temp"] if verify == "rejection" else 0.0
         self.draft_top_k = sampling.get("top_k", 40) if sampling.get("top_k", 40) > 0 else 40
         self.rng = random.Random(seed)
