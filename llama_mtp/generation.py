@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 
@@ -227,39 +227,41 @@ class _Run:
 
     def pieces(self) -> Iterator[str]:
         """Text pieces as tokens are committed (stop strings, EOG and max_tokens applied)."""
-        try:
-            self._start()
-            while True:
-                new_tokens = self._step()
-                if new_tokens is None:
-                    break
-                n_keep, piece = self._commit(new_tokens)
-                self._settle(new_tokens, n_keep)
-                if piece:
-                    yield piece
-                if self.finish_reason == "stop" or len(self.generated) >= self.max_tokens:
-                    break
-            self.stats.generation_seconds = time.perf_counter() - self._t_gen
-            tail = self.text.finish()
-            if tail:
-                yield tail
-        finally:
-            self._finish()
+        for _, piece in self._loop(self._commit):
+            if piece:
+                yield piece
+        tail = self.text.finish()
+        if tail:
+            yield tail
 
     def tokens(self) -> Iterator[int]:
         """Committed tokens, unbounded (the caller stops, as Llama.generate's callers do)."""
+        for new_tokens, _ in self._loop(self._commit_all):
+            yield from new_tokens
+
+    def _loop(self, commit: Callable[[List[int]], Tuple[int, str]]) -> Iterator[Tuple[List[int], str]]:
+        """Prefill, then steps until the context is full or ``commit`` ends generation.
+
+        ``commit`` decides how many of a step's tokens are kept; the rest is rolled back.
+        """
         try:
             self._start()
             while True:
                 new_tokens = self._step()
                 if new_tokens is None:
-                    return
-                self._settle(new_tokens, len(new_tokens))
-                self.generated.extend(new_tokens)
+                    break
+                n_keep, piece = commit(new_tokens)
+                self._settle(new_tokens, n_keep)
                 self.stats.generation_seconds = time.perf_counter() - self._t_gen
-                yield from new_tokens
+                yield new_tokens[:n_keep], piece
+                if self.finish_reason == "stop" or len(self.generated) >= self.max_tokens:
+                    break
         finally:
             self._finish()
+
+    def _commit_all(self, new_tokens: List[int]) -> Tuple[int, str]:
+        self.generated.extend(new_tokens)
+        return len(new_tokens), ""
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.generated, self.text.text, self.finish_reason, self.stats)
