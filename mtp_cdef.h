@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 2
+#define MTP_ABI_VERSION 3
 
 struct llama_context;
 struct llama_batch;
@@ -34,6 +34,11 @@ typedef struct mtp_config {
     int32_t n_min;            /* drafts shorter than this are dropped (upstream n_min)   */
     float   p_min;            /* stop drafting below this top-1 probability              */
     int32_t backend_sampling; /* upstream's draft sampling on the backend (1) or CPU (0) */
+    int32_t defer_catchup;    /* 1: process() only records (token, pos, hidden state); the
+                                 next draft_ex decodes them on the draft context in the same
+                                 batch as its first draft token, so plain steps (no draft)
+                                 cost no draft decode. Needs backend_sampling = 0; upstream's
+                                 drafter (mtp_session_draft) is then unavailable.        */
 } mtp_config;
 
 typedef struct mtp_stats {

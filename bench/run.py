@@ -74,8 +74,14 @@ def best_and_median(xs: List[float]) -> Dict[str, float]:
     return {"best": max(xs), "median": statistics.median(xs), "runs": xs}
 
 
+def model_path(args: argparse.Namespace, accept: float) -> str:
+    """The oracle model for one acceptance (generated and cached on first use)."""
+    return str(testing.cached_test_model(size=args.size, recipe="oracle", accept=accept, ftype=args.ftype,
+                                         accept_pattern=args.pattern))
+
+
 def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
-    path = str(testing.cached_test_model(size=args.size, recipe="oracle", accept=accept, ftype=args.ftype))
+    path = str(model_path(args, accept))
     kw = dict(n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     if args.ftype == "q8_0":
         kw["use_extra_bufts"] = False  # ggml's AMX q8_0 kernels crash on multi-token batches on this CPU
@@ -203,7 +209,7 @@ def plot(rows: List[Dict[str, Any]], n_drafts: List[int], path: pathlib.Path, ti
 
 
 def rss_only(args: argparse.Namespace, accept: float) -> None:
-    path = str(testing.cached_test_model(size=args.size, recipe="oracle", accept=accept, ftype=args.ftype))
+    path = str(model_path(args, accept))
     kw = dict(n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     rss0 = rss_mb()
     target = MtpTargetLlama(path, n_draft_max=max(args.n_drafts), **kw)
@@ -229,6 +235,8 @@ def main() -> None:
     p.add_argument("--size", default="bench")
     p.add_argument("--ftype", default="f16")
     p.add_argument("--accepts", default="1.0,0.8,0.6,0.3,0.0")
+    p.add_argument("--pattern", default="random", choices=["random", "spread"],
+                   help="where the MTP head is wrong: iid per token (random, as the bound assumes) or evenly spread")
     p.add_argument("--n-drafts", default="1,2,3,4")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=128)

@@ -184,10 +184,12 @@ class _Run:
         self.stop = [stop] if isinstance(stop, str) else list(stop or [])
         self.owns_session = session is None
         k_max = int(getattr(target, "mtp_n_draft_max", 3)) if auto else max(1, int(n_draft))
-        own_draft = auto or verify == "rejection"
-        # the own draft loop (exact n_max, sampled drafts) reads draft logits: no backend sampler;
-        # upstream's drafter keeps its default (top-k on the backend, as the native loop runs it)
-        self.session = session or MtpSession(target, draft, n_draft_max=k_max, backend_sampling=not own_draft)
+        own_draft = auto or verify == "rejection" or (session is not None and session.defer_catchup)
+        # the own draft loop (exact n_max, sampled drafts) reads draft logits: no backend sampler,
+        # and it takes the deferred catch-up rows into its first decode (plain steps skip the MTP
+        # context); upstream's drafter keeps its default (top-k on the backend, as the native loop)
+        self.session = session or MtpSession(target, draft, n_draft_max=k_max, backend_sampling=not own_draft,
+                                             defer_catchup=own_draft)
         if self.session.target is not target:
             raise MtpArgumentError("the session was created for another target Llama")
         if not auto and n_draft > self.session.n_draft_max:
@@ -197,7 +199,8 @@ class _Run:
         self.rollback_cap = rollback_capacity(target)
         self.checkpoint = TargetCheckpoint(target)
         self.use_checkpoint = False
-        self._observation: Optional[tuple] = None  # last step's (k, n_acc, t_verify, t_draft, t_start)
+        self._observation: Optional[tuple] = None  # last step's (k, n_acc, t_verify, t_draft, t_start, steady)
+        self._k_prev = 0
         self.verify_mode = verify
         self.own_draft = own_draft
         self.draft_temp = sampling["temp"] if verify == "rejection" else 0.0
@@ -297,8 +300,8 @@ class _Run:
         st = self.stats
         t = time.perf_counter()
         if self._observation is not None and self.policy:
-            k_prev, n_acc_prev, t_verify, t_draft, t_start = self._observation
-            self.policy.observe(k_prev, n_acc_prev, t_verify, t_draft, t - t_start)
+            k_prev, n_acc_prev, t_verify, t_draft, t_start, steady = self._observation
+            self.policy.observe(k_prev, n_acc_prev, t_verify, t_draft, t - t_start, steady)
             self._observation = None
         if self.n_past >= self.n_ctx:
             self.finish_reason = "length"
@@ -334,7 +337,8 @@ class _Run:
         st.t_process += t4 - t3
         self.n_acc, new_tokens = self.verifier.verify(self.proposal, self.q)
         st.t_sample += time.perf_counter() - t4
-        self._observation = (len(self.proposal), self.n_acc, t4 - t2, t2 - t, t)
+        self._observation = (len(self.proposal), self.n_acc, t4 - t2, t2 - t, t, self._k_prev > 0)
+        self._k_prev = len(self.proposal)
         return new_tokens
 
     def _commit(self, new_tokens: List[int]) -> Tuple[int, str]:

@@ -108,6 +108,9 @@ class MtpDraftLlama(_HookedLlama):
         self.__dict__["_llama_mtp_hook"] = _ParamsHook({}, ctx)
         # vocab_only: Llama.__init__ loads a model first; it must not be a second copy of the weights
         kwargs = dict(kwargs, n_ctx=target.n_ctx(), n_batch=target.n_batch, vocab_only=True)
+        # its batches are a step's few rows (a prompt comes in n_ubatch pieces): a small
+        # n_ubatch keeps its compute buffer at a few MB instead of ~18 MB at 512
+        kwargs.setdefault("n_ubatch", min(DRAFT_N_UBATCH, target.n_batch))
         super().__init__(model_path=target.model_path, **kwargs)
         self._finish_hook()
         self.__dict__.pop("_llama_mtp_target_model", None)
@@ -126,6 +129,9 @@ class MtpDraftLlama(_HookedLlama):
             self.__dict__["_llama_mtp_vocab_model"] = value
             value = shared
         super().__setattr__(name, value)
+
+DRAFT_N_UBATCH = 32
+
 
 def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, Any]) -> None:
     for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):

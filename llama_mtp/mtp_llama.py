@@ -58,8 +58,9 @@ class MtpLlama(MtpTargetLlama):
 
     def _session(self) -> MtpSession:
         if self._mtp_session is None or self._mtp_session.closed:
+            # the own draft loop for every n_draft: deferred MTP decodes, exact draft lengths
             self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=self.mtp_n_draft_max,
-                                           backend_sampling=False)
+                                           backend_sampling=False, defer_catchup=True)
         return self._mtp_session
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,

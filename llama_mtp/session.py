@@ -66,10 +66,16 @@ class MtpSession:
     before decoding the prompt and hand every target decode to :meth:`process`.
     Per step: ``draft()`` -> decode ``[id_last, *draft]`` on the target ->
     ``process()`` -> ``accept(n)``, which trims both contexts to the new n_past.
+
+    ``defer_catchup=True`` (needs ``backend_sampling=False``; drafts then come from
+    :meth:`draft_dist`): ``process()`` only records what the MTP context must see,
+    and the next draft decodes it in the same batch as its first draft token. Steps
+    that draft nothing then cost no MTP decode, and a drafting step one decode less.
     """
 
     def __init__(self, target: ContextLike, draft: ContextLike, *, n_seq: int = 1, n_draft_max: int = 3,
-                 n_min: int = 0, p_min: float = 0.0, backend_sampling: bool = True) -> None:
+                 n_min: int = 0, p_min: float = 0.0, backend_sampling: bool = True,
+                 defer_catchup: bool = False) -> None:
         self._native: Optional[_Native] = None
         for name, value in (("n_seq", n_seq), ("n_draft_max", n_draft_max), ("n_min", n_min)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -90,7 +96,8 @@ class MtpSession:
         self._ffi, self._lib = ffi, lib
         cfg = ffi.new("mtp_config *", {"n_seq": _i32(n_seq, "n_seq"), "n_draft_max": _i32(n_draft_max, "n_draft_max"),
                                        "n_min": _i32(n_min, "n_min"), "p_min": float(p_min),
-                                       "backend_sampling": int(bool(backend_sampling))})
+                                       "backend_sampling": int(bool(backend_sampling)),
+                                       "defer_catchup": int(bool(defer_catchup))})
         out = ffi.new("mtp_session **")
         status = lib.mtp_session_new(ffi.cast("struct llama_context *", ptr_tgt),
                                      ffi.cast("struct llama_context *", ptr_dft), cfg, out)
@@ -99,6 +106,7 @@ class MtpSession:
         self._native = native
         self._n_seq = n_seq
         self._n_draft_max = n_draft_max
+        self._defer_catchup = bool(defer_catchup)
         self._draft_buf = ffi.new("int32_t[]", n_draft_max)
         self._draft_n = ffi.new("int32_t *")
         self._flag = ffi.new("int32_t *")
@@ -147,6 +155,11 @@ class MtpSession:
     @property
     def n_draft_max(self) -> int:
         return self._n_draft_max
+
+    @property
+    def defer_catchup(self) -> bool:
+        """Whether process() defers the MTP context's decodes to the next draft_dist()."""
+        return self._defer_catchup
 
     @property
     def need_embd(self) -> bool:

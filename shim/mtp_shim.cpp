@@ -110,6 +110,18 @@ struct seq_state {
     int32_t n_verify  = 0;     // rows of this seq in the last processed batch
 };
 
+// Draft-context decodes that process() deferred (defer_catchup): row i pairs token
+// tok[i] at position pos[i] with the target's hidden state before it, h[i].
+struct deferred_rows {
+    std::vector<llama_token> tok;
+    std::vector<llama_pos>   pos;
+    std::vector<float>       h;
+
+    size_t size() const { return tok.size(); }
+    void clear() { tok.clear(); pos.clear(); h.clear(); }
+    void resize(size_t n, size_t n_embd) { tok.resize(n); pos.resize(n); h.resize(n * n_embd); }
+};
+
 } // namespace
 
 struct mtp_session {
@@ -136,6 +148,8 @@ struct mtp_session {
     std::vector<float>              h_cur;
     common_batch                    dbatch;    // on the draft context
     bool                            backend_sampling = false;
+    bool                            defer_catchup    = false;
+    std::vector<deferred_rows>      deferred;  // [n_seq]
     std::vector<std::pair<float, llama_token>> cand;
     std::vector<float>              weights;
 
@@ -163,6 +177,59 @@ void check_seq(const mtp_session * s, int32_t seq_id) {
 
 llama_pos pos_max(llama_context * ctx, llama_seq_id seq) {
     return llama_memory_seq_pos_max(llama_get_memory(ctx), seq);
+}
+
+// Deferred rows are valid only as the continuation of the draft context's memory:
+// drop them all if the caller changed that memory, and those at positions >= upto
+// (rolled back, or about to be decoded again).
+void sync_deferred(mtp_session * s, int32_t sid, llama_pos upto) {
+    deferred_rows & d = s->deferred[sid];
+    if (d.size() == 0) return;
+    if (pos_max(s->dft, sid) != d.pos.front() - 1) {
+        d.clear();
+        return;
+    }
+    const int64_t keep = std::max<int64_t>(0, (int64_t) upto - d.pos.front());
+    if (keep < (int64_t) d.size()) d.resize((size_t) keep, (size_t) s->n_embd);
+}
+
+// Last position the drafter will have seen on sid (decoded or deferred) once
+// sync_deferred(s, sid, upto) has run; checks use it before changing anything.
+llama_pos drafter_pos_max(mtp_session * s, int32_t sid, llama_pos upto) {
+    const deferred_rows & d = s->deferred[sid];
+    const llama_pos mem_max = pos_max(s->dft, sid);
+    if (d.size() == 0 || mem_max != d.pos.front() - 1) return mem_max;
+    return std::max(mem_max, std::min(d.pos.back(), upto - 1));
+}
+
+// Decode sid's deferred rows on the draft context in batches of n_batch. With tok_next,
+// the row (tok_next at pos_next, h_next) is appended to the last batch as its only
+// output row and its batch index is returned (-1 otherwise). On failure the draft
+// context is trimmed back and the rows stay deferred, so nothing changed.
+int32_t decode_deferred(mtp_session * s, int32_t sid, const llama_token * tok_next, llama_pos pos_next,
+                        const float * h_next) {
+    deferred_rows & d = s->deferred[sid];
+    const size_t n = d.size();
+    const size_t n_rows = n + (tok_next ? 1 : 0);
+    const size_t n_per = std::max<size_t>(1, llama_n_batch(s->dft));
+    int32_t idx_next = -1;
+    for (size_t off = 0; off < n_rows; off += n_per) {
+        s->dbatch.clear();
+        const size_t end = std::min(n_rows, off + n_per);
+        for (size_t i = off; i < end; ++i) {
+            const bool is_next = i == n;
+            const int32_t idx = is_next ? s->dbatch.add(*tok_next, pos_next, sid, true)
+                                        : s->dbatch.add(d.tok[i], d.pos[i], sid, false);
+            s->dbatch.set_embd(idx, { is_next ? h_next : d.h.data() + i * s->n_embd, 1, (size_t) s->n_embd });
+            if (is_next) idx_next = idx;
+        }
+        if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
+            llama_memory_seq_rm(llama_get_memory(s->dft), sid, n ? d.pos.front() : pos_next, -1);
+            fail(MTP_ERR_DECODE, "the draft context failed to decode %zu deferred rows of seq_id %d", n, sid);
+        }
+    }
+    d.clear();
+    return idx_next;
 }
 
 void release_target(llama_context * tgt) {
@@ -251,6 +318,10 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
             fail(MTP_ERR_ARG, "p_min must be in [0, 1] (got %g)", (double) cfg->p_min);
         }
 
+        if (cfg->defer_catchup && cfg->backend_sampling) {
+            fail(MTP_ERR_ARG, "defer_catchup needs backend_sampling=0 (deferred rows are decoded by mtp_session_draft_ex)");
+        }
+
         auto s = std::make_unique<mtp_session>();
         s->tgt         = ctx_tgt;
         s->dft         = ctx_dft;
@@ -275,6 +346,8 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
         s->dbatch = common_batch(ctx_dft);
         s->n_embd = n_embd_tgt;
         s->backend_sampling = cfg->backend_sampling != 0;
+        s->defer_catchup    = cfg->defer_catchup != 0;
+        s->deferred.assign(cfg->n_seq, deferred_rows{});
         s->pending_h.assign(cfg->n_seq, std::vector<float>(n_embd_tgt, 0.0f));
         s->verify_h.assign(cfg->n_seq, {});
         s->h_cur.assign(n_embd_tgt, 0.0f);
@@ -319,8 +392,10 @@ MTP_EXPORT int32_t mtp_session_begin(mtp_session * s, int32_t seq_id, const int3
                 fail(MTP_ERR_ARG, "token %d at index %d is outside the vocabulary [0, %d)", tokens[i], i, s->n_vocab);
             }
         }
-        const llama_tokens prompt(tokens, tokens + n_tokens);
-        common_speculative_begin(s->spec, seq_id, prompt);
+        if (!s->defer_catchup) { // upstream's drafter is unused then, and would warn about deferred rows
+            const llama_tokens prompt(tokens, tokens + n_tokens);
+            common_speculative_begin(s->spec, seq_id, prompt);
+        }
         s->seqs[seq_id] = seq_state{};
     });
 }
@@ -387,17 +462,36 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
                 fail(MTP_ERR_PROCESS, "seq_id %d: the batch ends at position %d but the target holds positions up to %d: pass the batch that was just decoded on the target",
                      sid, p_last, tgt_max);
             }
-            const llama_pos dft_max = pos_max(s->dft, sid);
+            // deferred rows the batch decodes again are replaced, so with defer_catchup a
+            // rollback needs no trim of the draft context and processing twice is harmless
+            const llama_pos dft_max = drafter_pos_max(s, sid, p_first);
             if (dft_max != p_first - 1) {
                 fail(MTP_ERR_PROCESS, "seq_id %d: the batch starts at position %d but the drafter has seen positions up to %d: every target decode must go through process() exactly once, in order",
                      sid, p_first, dft_max);
             }
         }
 
-        if (!common_speculative_process(s->spec, s->cbatch)) {
+        const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
+        for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+            if (first[sid] >= 0) sync_deferred(s, sid, batch->pos[first[sid]]); // every check passed
+        }
+        if (s->defer_catchup) {
+            // record what upstream's process() would decode: token p with the hidden state after p-1
+            for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+                if (first[sid] < 0) continue;
+                deferred_rows & d = s->deferred[sid];
+                for (int32_t i = first[sid]; i <= last[sid]; ++i) {
+                    const float * h = i == first[sid] ? s->pending_h[sid].data()
+                                                      : llama_get_embeddings_nextn_ith(s->tgt, i - 1);
+                    if (h == nullptr) fail(MTP_ERR_INTERNAL, "the target has no hidden state for batch row %d", i - 1);
+                    d.tok.push_back(batch->token[i]);
+                    d.pos.push_back(batch->pos[i]);
+                    d.h.insert(d.h.end(), h, h + s->n_embd);
+                }
+            }
+        } else if (!common_speculative_process(s->spec, s->cbatch)) {
             fail(MTP_ERR_DECODE, "the draft context failed to decode the batch (see llama.cpp log)");
         }
-        const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
         for (int32_t sid = 0; sid < s->n_seq; ++sid) {
             if (first[sid] < 0) continue;
             seq_state & st = s->seqs[sid];
@@ -413,6 +507,10 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
             std::memcpy(s->pending_h[sid].data(), rows.data() + (size_t) (st.n_verify - 1) * s->n_embd, row_bytes);
             if (st.pending) {
                 st.verified = true;
+            }
+            // a long run (prompt) gains nothing from waiting: decode it now, keep memory small
+            if (s->defer_catchup && s->deferred[sid].size() >= (size_t) llama_n_ubatch(s->dft)) {
+                decode_deferred(s, sid, nullptr, 0, nullptr);
             }
         }
         s->stats.n_process_calls++;
@@ -444,7 +542,7 @@ int32_t check_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_la
     }
     if (pos0 < 0) fail(MTP_ERR_ARG, "pos0 must be >= 0 (got %d)", pos0);
     const llama_pos tgt_max = pos_max(s->tgt, seq_id);
-    const llama_pos dft_max = pos_max(s->dft, seq_id);
+    const llama_pos dft_max = drafter_pos_max(s, seq_id, pos0);
     if (tgt_max != pos0 - 1 || dft_max != pos0 - 1) {
         fail(MTP_ERR_ARG, "seq_id %d: pos0=%d must be the number of tokens in the context (target holds up to %d, drafter up to %d): pass n_past and hand every decode to process()",
              seq_id, pos0, tgt_max, dft_max);
@@ -484,6 +582,9 @@ MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t po
         check_session(s);
         std::lock_guard<std::mutex> lock(s->mu);
         scoped_timer timer(s->stats.t_draft_us);
+        if (s->defer_catchup) {
+            fail(MTP_ERR_ARG, "this session defers catch-up decodes (defer_catchup=1), which upstream's drafter cannot see: draft with mtp_session_draft_ex");
+        }
         n_max = check_draft(s, seq_id, pos0, id_last, n_max, out, inout_n);
         s->stats.n_draft_calls++;
         if (n_max == 0) {
@@ -520,6 +621,7 @@ MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t
         if (top_k < 1) fail(MTP_ERR_ARG, "top_k must be >= 1 (got %d)", top_k);
         if (!(temp >= 0.0f) || !std::isfinite(temp)) fail(MTP_ERR_ARG, "temp must be a finite number >= 0");
         s->stats.n_draft_calls++; // counted only once every check passed: a rejected call changes nothing
+        sync_deferred(s, seq_id, pos0);
         const int32_t k_cand = std::min(top_k, s->n_vocab);
         std::mt19937 rng(seed);
         std::uniform_real_distribution<float> unif(0.0f, 1.0f);
@@ -529,18 +631,35 @@ MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t
         int32_t n = 0;
         llama_token tok = id_last;
         for (int32_t i = 0; i < n_max; ++i) {
-            s->dbatch.clear();
-            const int32_t idx = s->dbatch.add(tok, pos0 + i, seq_id, true);
-            s->dbatch.set_embd(idx, { s->h_cur.data(), 1, (size_t) s->n_embd });
-            if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
-                llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
-                fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d", i);
+            int32_t idx = 0;
+            if (i == 0 && s->deferred[seq_id].size()) {
+                // the deferred catch-up rows and the first draft row share one decode
+                idx = decode_deferred(s, seq_id, &tok, pos0, s->h_cur.data());
+            } else {
+                s->dbatch.clear();
+                idx = s->dbatch.add(tok, pos0 + i, seq_id, true);
+                s->dbatch.set_embd(idx, { s->h_cur.data(), 1, (size_t) s->n_embd });
+                if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
+                    llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
+                    fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d", i);
+                }
             }
             const float * logits = llama_get_logits_ith(s->dft, idx);
             const float * h_next = llama_get_embeddings_nextn_ith(s->dft, idx);
             if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
             std::memcpy(s->h_cur.data(), h_next, row_bytes);
 
+            if (temp == 0.0f && s->params.draft.p_min <= 0.0f) {
+                // greedy without a confidence cut: the argmax is all that is needed
+                const llama_token pick = (llama_token) (std::max_element(logits, logits + s->n_vocab) - logits);
+                if (q_out) {
+                    std::fill(q_out + (size_t) i * s->n_vocab, q_out + (size_t) (i + 1) * s->n_vocab, 0.0f);
+                    q_out[(size_t) i * s->n_vocab + pick] = 1.0f;
+                }
+                out[n++] = pick;
+                tok = pick;
+                continue;
+            }
             // q: softmax over the top_k logits at temperature temp (argmax when temp == 0)
             auto & cand = s->cand;
             cand.resize(s->n_vocab);
@@ -638,6 +757,7 @@ MTP_EXPORT int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n
             fail(MTP_ERR_ROLLBACK, "seq_id %d: the target context refused to remove positions >= %d", seq_id, n_past);
         }
         llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, n_past, -1);
+        sync_deferred(s, seq_id, n_past);
     });
 }
 

@@ -15,7 +15,7 @@ import pathlib
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -224,6 +224,7 @@ class LoopResult:
     steps: List[Tuple[int, int]]      # (len(draft), n_accepted) of every step
     stats: llama_mtp.MtpStats
     logits: np.ndarray                # (n_tokens, n_vocab): the target row each token was chosen from
+    qs: List[np.ndarray] = field(default_factory=list)  # draft_dist's q of every drafting step
 
     @property
     def partial_rejections(self) -> int:
@@ -236,7 +237,8 @@ class LoopResult:
 
 def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Sequence[int], n_tokens: int,
               n_draft: int, *, seq_id: int = 0, dec: Optional[Decoder] = None,
-              check_positions: bool = True, draft_dist: Optional[dict] = None) -> LoopResult:
+              check_positions: bool = True, draft_dist: Optional[dict] = None,
+              schedule: Optional[Sequence[int]] = None) -> LoopResult:
     """Greedy speculative decoding with ``session`` from a fresh sequence ``seq_id``.
 
     Prefill prompt[:-1], then per step: draft from id_last at n_past, decode
@@ -246,6 +248,8 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
     accepted) pairs and the session's stats. With ``check_positions`` it asserts
     after every step that target and draft memories both end at n_past - 1.
     ``draft_dist``: draft with ``session.draft_dist(**draft_dist)`` instead of ``draft``.
+    ``schedule``: step i drafts ``schedule[i % len(schedule)]`` tokens (0 = a plain step)
+    instead of n_draft. A session with defer_catchup may leave the draft memory behind.
     """
     prompt = [int(t) for t in prompt_tokens]
     assert len(prompt) >= 1
@@ -259,13 +263,18 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
         out: List[int] = []
         rows: List[np.ndarray] = []
         steps: List[Tuple[int, int]] = []
+        qs: List[np.ndarray] = []
         while len(out) < n_tokens:
-            if draft_dist is None:
-                d = session.draft(seq_id, n_past, id_last, n_max=n_draft)
+            k = schedule[len(steps) % len(schedule)] if schedule else n_draft
+            if k == 0 and schedule:
+                d = []
+            elif draft_dist is None:
+                d = session.draft(seq_id, n_past, id_last, n_max=k)
             else:
-                d, q = session.draft_dist(seq_id, n_past, id_last, n_max=n_draft, **draft_dist)
+                d, q = session.draft_dist(seq_id, n_past, id_last, n_max=k, **draft_dist)
                 assert q.shape == (len(d), dec.n_vocab)
-            assert len(d) <= n_draft
+                qs.append(q)
+            assert len(d) <= k
             logits = dec.decode(seq_id, [id_last, *d], n_past)
             session.process(dec.batch)
             ids = logits.argmax(axis=-1)
@@ -282,8 +291,11 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
             id_last = out[-1]
             if check_positions:
                 assert pos_max(target, seq_id) == n_past - 1, (pos_max(target, seq_id), n_past)
-                assert pos_max(draft, seq_id) == n_past - 1, (pos_max(draft, seq_id), n_past)
-        return LoopResult(out[:n_tokens], steps, session.stats, np.array(rows[:n_tokens]))
+                if session.defer_catchup:
+                    assert pos_max(draft, seq_id) <= n_past - 1, (pos_max(draft, seq_id), n_past)
+                else:
+                    assert pos_max(draft, seq_id) == n_past - 1, (pos_max(draft, seq_id), n_past)
+        return LoopResult(out[:n_tokens], steps, session.stats, np.array(rows[:n_tokens]), qs)
     finally:
         if own:
             dec.close()

@@ -8,6 +8,7 @@ import gc
 import math
 import weakref
 
+import llama_cpp
 import numpy as np
 import pytest
 
@@ -537,12 +538,12 @@ def test_errors_leave_no_last_error_leak(pair):
 # ------------------------------------------------------------------- speculative loop
 
 
-def _loop(model, n_draft, n_tokens=N_GEN, text=PROMPT, **session_kwargs):
+def _loop(model, n_draft, n_tokens=N_GEN, text=PROMPT, loop_kwargs=None, **session_kwargs):
     target, draft = load_pair(model)
     try:
         prompt = tokenize(target, text)
         with llama_mtp.MtpSession(target, draft, **session_kwargs) as s:
-            r = spec_loop(target, draft, s, prompt, n_tokens, n_draft)
+            r = spec_loop(target, draft, s, prompt, n_tokens, n_draft, **(loop_kwargs or {}))
         return prompt, r
     finally:
         target.close()
@@ -856,3 +857,84 @@ def test_rejected_draft_dist_changes_nothing(pair):
                 offenders.append((backend_sampling, kwargs, before.n_draft_calls, s.stats.n_draft_calls))
             dec.close()
     assert not offenders, f"rejected draft_dist() calls counted as draft calls: {offenders}"
+
+
+# ----------------------------------------------------------------- deferred catch-up
+
+# plain steps (0) between drafts of every length, so deferred runs of 1..4 rows and
+# verify runs with every accepted count meet the next draft's first decode
+SCHEDULE = [0, 0, 3, 0, 1, 2, 0, 0, 0, 0, 3, 3, 1, 0, 2, 2]
+
+
+@pytest.mark.parametrize("model_fixture", ["context_half_model", "oracle_random_model"])
+def test_deferred_catchup_drafts_like_eager(request, model_fixture):
+    """defer_catchup moves the MTP context's decodes into the next draft's first batch:
+    every draft, every acceptance and the output are those of the eager session, and
+    the drafts' distributions agree up to batch-shape float noise (measured <= 0.016).
+    A row at a wrong position fails the shim's position checks; a row paired with the
+    wrong hidden state is NOT caught here: these models' MTP attention reads its KV
+    history too weakly (such a mutation moved q by 0.016 too)."""
+    model = request.getfixturevalue(model_fixture)
+    runs = {}
+    dist = dict(temperature=1.0, top_k=10**6, seed=5)  # q: the full softmax of the MTP logits
+    for defer in (False, True):
+        prompt, runs[defer] = _loop(model, 3, n_tokens=N_GEN, backend_sampling=False, defer_catchup=defer,
+                                    loop_kwargs=dict(draft_dist=dist, schedule=SCHEDULE))
+    eager, lazy = runs[False], runs[True]
+    assert lazy.steps == eager.steps and lazy.tokens == eager.tokens
+    assert len(lazy.qs) == len(eager.qs) > 0
+    assert max(float(np.abs(a - b).max()) for a, b in zip(lazy.qs, eager.qs)) < 0.05
+    assert 0 < lazy.stats.n_accepted < lazy.stats.n_drafted
+    assert lazy.tokens == greedy_reference(model, prompt, N_GEN)
+
+
+def test_deferred_catchup_skips_draft_decodes(pair):
+    """A step without a draft leaves the MTP context alone; the next draft catches up."""
+    target, draft = pair
+    with llama_mtp.MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
+        assert s.defer_catchup
+        dec, n_past, id_last = _started(target, draft, s)
+        assert 0 < n_past < llama_cpp.llama_n_ubatch(draft._ctx.ctx)
+        assert pos_max(draft, 0) == -1  # a short prompt waits for the first draft too
+        for _ in range(3):  # plain steps
+            ids = _verify(s, dec, n_past, id_last, [])
+            n_past, id_last = n_past + 1, int(ids[0])
+            assert pos_max(target, 0) == n_past - 1 and pos_max(draft, 0) == -1
+        d, _ = s.draft_dist(0, n_past, id_last)
+        assert pos_max(draft, 0) == n_past - 1  # caught up; the draft rows were trimmed
+        ids = _verify(s, dec, n_past, id_last, d)
+        s.accept(0, 1)
+        assert pos_max(draft, 0) == n_past - 1 and pos_max(target, 0) == n_past + 1
+        dec.close()
+
+
+def test_deferred_catchup_refuses_upstream_draft(pair):
+    target, draft = pair
+    with pytest.raises(MtpArgumentError, match="backend_sampling"):
+        llama_mtp.MtpSession(target, draft, defer_catchup=True)
+    with llama_mtp.MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
+        dec, n_past, id_last = _started(target, draft, s)
+        before = counters(s.stats)
+        with pytest.raises(MtpArgumentError, match="draft_dist|draft_ex"):
+            s.draft(0, n_past, id_last)
+        assert counters(s.stats) == before and not s.pending(0)
+        d, _ = s.draft_dist(0, n_past, id_last)  # still usable
+        assert len(d) == 3 and s.pending(0)
+        dec.close()
+
+
+def test_deferred_catchup_session_reused_after_clearing_memories(context_half_model):
+    """Rows a run left deferred are dropped once the caller clears the memories."""
+    target, draft = load_pair(context_half_model)
+    try:
+        prompt = tokenize(target, PROMPT)
+        ref = greedy_reference(context_half_model, prompt, 48)
+        with llama_mtp.MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
+            for schedule in ([0, 0, 2, 0, 3], [1, 0], [3]):
+                seq_rm(target, 0, 0)
+                seq_rm(draft, 0, 0)
+                r = spec_loop(target, draft, s, prompt, 48, 3, draft_dist={}, schedule=schedule)
+                assert r.tokens == ref
+    finally:
+        target.close()
+        draft.close()

@@ -48,7 +48,8 @@ I32_MAX = 2**31 - 1
 class SeqModel:
     """What the test knows about one sequence."""
 
-    mem: int = 0                  # tokens held by the target AND the draft context
+    mem: int = 0                  # tokens held by the target (and seen by the drafter)
+    dft_mem: int = 0              # tokens decoded on the draft context (< mem: deferred rows)
     id_last: int = 1              # the next token to decode (not in memory)
     pending: bool = False
     draft: List[int] = field(default_factory=list)
@@ -86,6 +87,8 @@ class MtpSessionMachine(RuleBasedStateMachine):
     check that pending(), stats and both contexts' memory agree with the model.
     """
 
+    DEFER = False  # the session's defer_catchup
+    n_ubatch_dft = 0  # deferred runs this long are decoded at once
     target = None  # set by the test before running
     draft_llm = None
     dec: Optional[Decoder] = None
@@ -101,12 +104,13 @@ class MtpSessionMachine(RuleBasedStateMachine):
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm._ctx.ctx), True)
         # backend_sampling=False: draft_dist() (the session's own draft loop) is available too
         self.session = llama_mtp.MtpSession(self.target, self.draft_llm, n_seq=N_SEQ, n_draft_max=N_DRAFT_MAX,
-                                            backend_sampling=False)
+                                            backend_sampling=False, defer_catchup=self.DEFER)
         self.closed = False
         self.seqs: Dict[int, SeqModel] = {i: SeqModel() for i in VALID_SEQS}
         self.stats = StatsModel()
         self.decoded_since_open = False  # the target has hidden states for this session
         self.last_batch_ok = False       # dec.batch holds the last processed verify batch
+        self.last_runs: List[tuple] = [] # its (seq, first pos, last pos) runs
 
     def teardown(self) -> None:
         self.session.close()
@@ -147,7 +151,7 @@ class MtpSessionMachine(RuleBasedStateMachine):
         m = self.seqs[seq_id]
         seq_rm(self.target, seq_id, 0)
         seq_rm(self.draft_llm, seq_id, 0)
-        m.mem = 0
+        m.mem = m.dft_mem = 0
         body = prompt[:-1]
         for lo in range(0, len(body), 64):
             part = body[lo:lo + 64]
@@ -157,6 +161,7 @@ class MtpSessionMachine(RuleBasedStateMachine):
             self.stats.n_process_calls += 1
             self.stats.n_process_tokens += len(part)
             m.mem += len(part)
+            self._drafter_saw(m)
         self.last_batch_ok = False
         self.expect(None, lambda: self.session.begin(seq_id, body))
         m.pending = m.verified = False
@@ -179,6 +184,8 @@ class MtpSessionMachine(RuleBasedStateMachine):
             err = MtpArgumentError  # checked in Python, before the session's state
         if err is None and self.closed:
             err = SessionClosedError
+        if err is None and self.DEFER and dist is None:
+            err = MtpArgumentError  # upstream's drafter cannot see deferred rows
         if err is None and m.pending:
             err = ProtocolError
         eff = N_DRAFT_MAX if n_max is None else n_max
@@ -214,13 +221,22 @@ class MtpSessionMachine(RuleBasedStateMachine):
             for i in range(len(d)):
                 self.stats.drafted_per_pos[i] += 1
             m.pending, m.verified, m.draft, m.pos0 = True, False, list(d), m.mem
+        if eff > 0:
+            m.dft_mem = m.mem  # the draft loop decoded the deferred rows first
 
     def _verify_runs(self, sids, ks):
         runs = []
         for sid, k in zip(sids, ks):
             m = self.seqs[sid]
             runs.append((sid, [m.id_last, *m.draft[:k]], m.mem))
+        self.last_runs = [(sid, pos, pos + len(toks) - 1) for sid, toks, pos in runs]
         return runs
+
+    def _drafter_saw(self, m):
+        """After a process(): eager sessions decode on the draft context right away,
+        deferring ones once a run reaches the draft context's n_ubatch."""
+        if not self.DEFER or m.mem - m.dft_mem >= self.n_ubatch_dft:
+            m.dft_mem = m.mem
 
     def _after_processed(self, sids, ks, logits):
         row = 0
@@ -236,6 +252,7 @@ class MtpSessionMachine(RuleBasedStateMachine):
             else:  # a plain step: id_last is now in memory, its argmax comes next
                 m.mem += 1
                 m.id_last = ids[0]
+            self._drafter_saw(m)
             self.stats.n_process_tokens += k + 1
         self.stats.n_process_calls += 1
 
@@ -283,6 +300,10 @@ class MtpSessionMachine(RuleBasedStateMachine):
             err = (MtpProcessError, BadSeqIdError) if kind == "bad_seq" else MtpProcessError
         elif kind == "bad_seq":
             err = BadSeqIdError
+        elif kind == "stale" and self.DEFER and all(
+                self.seqs[sid].mem - 1 == last and self.seqs[sid].dft_mem <= first
+                for sid, first, last in self.last_runs):
+            err = None  # the rows it re-sends are still deferred: they are replaced, same state
         else:
             err = MtpProcessError
         with Decoder(self.target, capacity=8, n_seq_max=1) as junk:
@@ -298,6 +319,9 @@ class MtpSessionMachine(RuleBasedStateMachine):
                 batch = junk.batch
             note(f"process_garbage({kind}) -> {err}")
             self.expect(err, lambda: self.session.process(batch))
+            if err is None:
+                self.stats.n_process_calls += 1
+                self.stats.n_process_tokens += sum(last - first + 1 for _, first, last in self.last_runs)
 
     @rule(data=st.data())
     def accept(self, data):
@@ -342,7 +366,8 @@ class MtpSessionMachine(RuleBasedStateMachine):
             eff = N_DRAFT_MAX if n_max is None else n_max
             if m.mem + 1 + eff >= self.n_ctx_seq:
                 return
-            dist = data.draw(st.one_of(st.none(), st.just((0.0, 40, 0)), st.just((1.0, 10, 3))), label="dist")
+            own = st.one_of(st.just((0.0, 40, 0)), st.just((1.0, 10, 3)))
+            dist = data.draw(own if self.DEFER else st.one_of(st.none(), own), label="dist")
             self.draft(seq_id, 0, n_max, None, dist)
         if m.pending and not m.verified:
             self.verify(str(seq_id), data.draw(st.sampled_from([1.0, 1.0, 1.0, 0.5, 0.0]), label="frac"))
@@ -357,6 +382,7 @@ class MtpSessionMachine(RuleBasedStateMachine):
     def _accepted(self, m, n):
         m.pending = m.verified = False
         m.mem = m.pos0 + 1 + n
+        m.dft_mem = min(m.dft_mem, m.mem)
         m.id_last = m.verify_argmax[n]
         m.draft = []
         self.stats.n_accept_calls += 1
@@ -419,7 +445,13 @@ class MtpSessionMachine(RuleBasedStateMachine):
     def memories_agree_with_model(self):
         for sid, m in self.seqs.items():
             assert pos_max(self.target, sid) == m.mem - 1, (sid, m)
-            assert pos_max(self.draft_llm, sid) == m.mem - 1, (sid, m)
+            assert pos_max(self.draft_llm, sid) == m.dft_mem - 1, (sid, m)
+
+
+class DeferredMtpSessionMachine(MtpSessionMachine):
+    """The same machine on a session with defer_catchup=True."""
+
+    DEFER = True
 
 
 @pytest.fixture(scope="module")
@@ -431,16 +463,18 @@ def machine_pair(model_dir):
     draft.close()
 
 
-def test_session_state_machine(machine_pair):
+@pytest.mark.parametrize("machine", [MtpSessionMachine, DeferredMtpSessionMachine], ids=["eager", "deferred"])
+def test_session_state_machine(machine_pair, machine):
     target, draft = machine_pair
     dec = Decoder(target, capacity=128)
     MtpSessionMachine.target = target
     MtpSessionMachine.draft_llm = draft
     MtpSessionMachine.dec = dec
     MtpSessionMachine.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(target._ctx.ctx))
+    MtpSessionMachine.n_ubatch_dft = int(llama_cpp.llama_n_ubatch(draft._ctx.ctx))
     try:
         run_state_machine_as_test(
-            MtpSessionMachine,
+            machine,
             settings=settings(max_examples=SM_EXAMPLES, stateful_step_count=SM_STEPS, deadline=None),
         )
     finally:
