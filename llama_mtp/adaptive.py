@@ -24,10 +24,11 @@ from typing import List, Optional
 
 
 class DraftPolicy:
-    ALPHA = 0.15          # running-average weight: adapts within a few dozen tokens
-    PROBE_EVERY = 16      # plain steps between k=1 probes
+    ALPHA = 0.1           # running-average weight: adapts within a few dozen tokens
+    PROBE_EVERY = 12      # plain steps between k=1 probes
     PRIOR_ACCEPT = 0.6
     PRIOR_N = 3           # weight of position 0's estimate in a deeper position's prior
+    EXPLORE_EVERY = 4     # steps between tries of a longer draft that might be better
 
     def __init__(self, k_max: int) -> None:
         self.k_max = k_max
@@ -40,26 +41,40 @@ class DraftPolicy:
         self._n_verify = [0] * (k_max + 2)
         self._n_draft = 0
         self._since_probe = 0
+        self._n_choices = 0
+        self._probing = False     # the step in flight is a probe
+        self._probe_hit = False   # the last probe's draft was accepted
 
     def choose(self, room: int) -> int:
         k_hi = max(0, min(self.k_max, room))
         if k_hi == 0:
             return 0
         best_k, best = 0, -1.0
+        rates = []
         for k in range(k_hi + 1):
             rate = self.expected_tokens(k) / self.cost(k)
+            rates.append(rate)
             if rate > best * 1.0001:
                 best_k, best = k, rate
+        self._n_choices += 1
+        nxt = best_k + 1
+        # one token longer is tried now and then if it could be better: its deepest position is
+        # only observed when it is drafted, so a low estimate from a few unlucky misses would
+        # otherwise never recover (optimism in the face of uncertainty, one standard error)
+        close = nxt <= k_hi and self._n_choices % self.EXPLORE_EVERY == 0 \
+            and self.expected_tokens(nxt, optimistic=True) / self.cost(nxt) > best
         if best_k == 0:
             self._since_probe += 1
-            if self._since_probe >= self.PROBE_EVERY:
+            if self._since_probe >= self.PROBE_EVERY or self._probe_hit or close:
+                # a probe that hit is followed up at once: the text may have turned predictable
                 self._since_probe = 0
+                self._probe_hit = False
+                self._probing = True
                 return 1
         else:
             self._since_probe = 0
         # measure each verify size twice (the first run is warm-up) before trusting extrapolations
-        nxt = best_k + 1
-        if nxt <= k_hi and self._n_verify[nxt + 1] < 2 and self.acceptance(best_k) > 0.5:
+        if close or (nxt <= k_hi and self._n_verify[nxt + 1] < 2 and self.acceptance(best_k) > 0.5):
             return nxt
         return best_k
 
@@ -71,10 +86,20 @@ class DraftPolicy:
         prior, weight = (self.PRIOR_ACCEPT, 1) if j == 0 else (self.acceptance(0), self.PRIOR_N)
         return (self._hits[j] + weight * prior) / (n + weight)
 
-    def expected_tokens(self, k: int) -> float:
+    def acceptance_stderr(self, j: int) -> float:
+        a, n = self.acceptance(j), self._n_accept_obs[j]
+        n_eff = (2 - self.ALPHA) / self.ALPHA if n * self.ALPHA >= 1 else n + (1 if j == 0 else self.PRIOR_N)
+        return (a * (1 - a) / n_eff) ** 0.5
+
+    def expected_tokens(self, k: int, optimistic: bool = False) -> float:
+        """Expected tokens of a k-token draft step; ``optimistic``: the deepest position's
+        acceptance one standard error higher."""
         total, run = 1.0, 1.0
         for j in range(k):
-            run *= self.acceptance(j)
+            a = self.acceptance(j)
+            if optimistic and j == k - 1:
+                a = min(1.0, a + self.acceptance_stderr(j))
+            run *= a
             total += run
         return total
 
@@ -105,6 +130,9 @@ class DraftPolicy:
         decodes their deferred MTP rows, a cost that is not paid again while drafting goes on.
         """
         a = self.ALPHA
+        if self._probing:
+            self._probing = False
+            self._probe_hit = k > 0 and n_accepted > 0
         self.t_other = (1 - a) * self.t_other + a * _clip(max(0.0, t_step - t_verify - t_draft), self.t_other)
         # the first run of a new batch shape pays llama.cpp's graph setup: a second one replaces it
         self._n_verify[k + 1] += 1
