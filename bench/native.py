@@ -64,11 +64,15 @@ _ACCEPT = re.compile(r"n_accept\s*=\s*(\d+)")
 _DRAFTED = re.compile(r"n_drafted\s*=\s*(\d+)")
 
 
-def run(model: str, prompt: str, n_draft: int, n_predict: int, threads: int) -> Optional[Dict[str, float]]:
-    """One native run: tokens/s of the decode phase and the acceptance it reports."""
+def run(model: str, prompt: str, n_draft: int, n_predict: int, threads: int,
+        no_repack: bool = False) -> Optional[Dict[str, float]]:
+    """One native run: tokens/s of the decode phase and the acceptance it reports.
+
+    ``no_repack``: ``-nr``, the native twin of ``use_extra_bufts=False``.
+    """
     cmd = [str(binary(quiet=True)), "-m", model, "-p", prompt, "--spec-type", "draft-mtp",
            "--spec-draft-n-max", str(n_draft), "-n", str(n_predict), "-t", str(threads), "-tb", str(threads),
-           "--temp", "0", "-c", "1024"]
+           "--temp", "0", "-c", "1024"] + (["-nr"] if no_repack else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     m = _SPEED.search(text)

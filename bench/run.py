@@ -105,7 +105,8 @@ def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
                 if c == "plain":
                     runs[c].append(plain_run(plain, prompt, args.max_tokens))
                 elif c.startswith("native_"):
-                    r = native.run(path, PROMPT, int(c[len("native_k"):]), args.max_tokens, args.threads)
+                    r = native.run(path, PROMPT, int(c[len("native_k"):]), args.max_tokens, args.threads,
+                                   no_repack=args.ftype == "q8_0")
                     if r is not None:
                         runs[c].append(r["tokens_per_second"])
                         native_acc[c] = r["acceptance"]
