@@ -225,7 +225,8 @@ int32_t decode_deferred(mtp_session * s, int32_t sid, const llama_token * tok_ne
         }
         if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
             llama_memory_seq_rm(llama_get_memory(s->dft), sid, n ? d.pos.front() : pos_next, -1);
-            fail(MTP_ERR_DECODE, "the draft context failed to decode %zu deferred rows of seq_id %d", n, sid);
+            fail(MTP_ERR_DECODE, "the draft context failed to decode seq_id %d at positions %d..%d",
+                 sid, n ? d.pos.front() : pos_next, tok_next ? pos_next : d.pos.back());
         }
     }
     d.clear();
@@ -449,8 +450,10 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
                      sid, i, batch->pos[i], batch->pos[i - 1]);
             }
             last[sid] = i;
-            const bool output = batch->logits ? batch->logits[i] != 0 : i == n - 1;
-            s->cbatch.add(tok, batch->pos[i], ids, output);
+            if (!s->defer_catchup) { // upstream's process() reads it; a deferring session records rows instead
+                const bool output = batch->logits ? batch->logits[i] != 0 : i == n - 1;
+                s->cbatch.add(tok, batch->pos[i], ids, output);
+            }
         }
 
         for (int32_t sid = 0; sid < s->n_seq; ++sid) {
@@ -631,18 +634,13 @@ MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t
         int32_t n = 0;
         llama_token tok = id_last;
         for (int32_t i = 0; i < n_max; ++i) {
-            int32_t idx = 0;
-            if (i == 0 && s->deferred[seq_id].size()) {
-                // the deferred catch-up rows and the first draft row share one decode
-                idx = decode_deferred(s, seq_id, &tok, pos0, s->h_cur.data());
-            } else {
-                s->dbatch.clear();
-                idx = s->dbatch.add(tok, pos0 + i, seq_id, true);
-                s->dbatch.set_embd(idx, { s->h_cur.data(), 1, (size_t) s->n_embd });
-                if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
-                    llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
-                    fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d", i);
-                }
+            // the first draft row shares one decode with the deferred catch-up rows (if any)
+            int32_t idx = -1;
+            try {
+                idx = decode_deferred(s, seq_id, &tok, pos0 + i, s->h_cur.data());
+            } catch (const mtp_failure &) {
+                llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1); // drop this draft's rows too
+                throw;
             }
             const float * logits = llama_get_logits_ith(s->dft, idx);
             const float * h_next = llama_get_embeddings_nextn_ith(s->dft, idx);
