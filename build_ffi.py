@@ -38,7 +38,9 @@ CDEF_NAME = "mtp_cdef.h"
 SHIM_SOURCE = pathlib.Path("shim") / "mtp_shim.cpp"
 FFI_MODULE = "_llama_mtp_cffi"
 LIB_NAME = "libllama_mtp.so"
-BUILD_FORMAT = 1  # bump when the build recipe changes
+BUILD_FORMAT = 2  # bump when the build recipe changes
+# llama-cpp-python versions the shim is tested against (pyproject.toml pins the same range)
+TESTED_LLAMA_CPP_PYTHON = ("0.3.36",)
 
 # upstream common/ files the MTP drafter needs (checked to link with --no-undefined)
 COMMON_SOURCES = (
@@ -188,7 +190,7 @@ def _fetch_sdist(version: str) -> pathlib.Path:
 def find_sources(inst: Installed) -> pathlib.Path:
     env = os.environ.get("LLAMA_MTP_LLAMA_CPP_SRC")
     tree = pathlib.Path(env).expanduser().resolve() if env else _fetch_sdist(inst.version)
-    for need in ("include/llama.h", "common/speculative.cpp", "common/build-info.cpp.in", "src/llama-cparams.h"):
+    for need in ("include/llama.h", "common/speculative.cpp", "common/build-info.cpp.in"):
         if not (tree / need).is_file():
             raise BuildError(f"llama.cpp sources at {tree} lack {need}")
     if (tree / "include" / "llama.h").read_bytes() != (inst.include_dir / "llama.h").read_bytes():
@@ -197,10 +199,27 @@ def find_sources(inst: Installed) -> pathlib.Path:
     return tree
 
 
+class _CompileFailed(Exception):
+    def __init__(self, src: pathlib.Path, stderr: str) -> None:
+        super().__init__(src.name)
+        self.src, self.stderr = src, stderr
+
+
 def _compile(cxx: str, flags: list[str], src: pathlib.Path, obj: pathlib.Path) -> None:
     proc = subprocess.run([cxx, *flags, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise BuildError(f"compiling {src.name} failed:\n{proc.stderr[-4000:]}")
+        raise _CompileFailed(src, proc.stderr)
+
+
+def _compile_error(inst: Installed, failed: _CompileFailed, log: pathlib.Path) -> BuildError:
+    """One line: an untested llama-cpp-python is named as such; the compiler output goes to a log."""
+    log.write_text(failed.stderr)
+    if inst.version not in TESTED_LLAMA_CPP_PYTHON:
+        return BuildError(f"the llama_mtp shim does not compile against llama-cpp-python {inst.version} "
+                          f"(tested: {', '.join(TESTED_LLAMA_CPP_PYTHON)}); install a tested version, e.g. "
+                          f"pip install 'llama-cpp-python=={TESTED_LLAMA_CPP_PYTHON[-1]}' (compiler output: {log})")
+    return BuildError(f"compiling {failed.src.name} failed (compiler output: {log}): "
+                      f"{(failed.stderr.strip().splitlines() or ['no output'])[0]}")
 
 
 def build(force: bool = False, quiet: bool = False) -> pathlib.Path:
@@ -231,14 +250,17 @@ def build(force: bool = False, quiet: bool = False) -> pathlib.Path:
         )
         sanitize = os.environ.get("LLAMA_MTP_SANITIZE", "")
         flags = ["-std=c++17", "-fPIC", "-O2", "-DNDEBUG", "-fvisibility=hidden",
-                 f"-I{tree / 'common'}", f"-I{inst.include_dir}", f"-I{tree / 'vendor'}", f"-idirafter{tree / 'src'}"]
+                 f"-I{tree / 'common'}", f"-I{inst.include_dir}", f"-I{tree / 'vendor'}"]
         if sanitize:
             flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
         sources = [tree / "common" / f"{name}.cpp" for name in COMMON_SOURCES]
         sources += [build_info, sources_root() / SHIM_SOURCE]
         objects = [work / f"{i:02d}-{src.stem}.o" for i, src in enumerate(sources)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            list(pool.map(lambda so: _compile(cxx, flags, *so), zip(sources, objects)))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+                list(pool.map(lambda so: _compile(cxx, flags, *so), zip(sources, objects)))
+        except _CompileFailed as failed:
+            raise _compile_error(inst, failed, out.parent / f"{out.name}.compile-error.log") from None
         lib = work / LIB_NAME
         link = [cxx, "-shared", "-o", str(lib), *map(str, objects), f"-L{inst.lib_dir}",
                 "-lllama", "-lggml", "-lggml-base", f"-Wl,-rpath,{inst.lib_dir}", "-Wl,--no-undefined"]

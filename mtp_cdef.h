@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 3
+#define MTP_ABI_VERSION 4
 
 struct llama_context;
 struct llama_batch;
@@ -39,7 +39,25 @@ typedef struct mtp_config {
                                  batch as its first draft token, so plain steps (no draft)
                                  cost no draft decode. Needs backend_sampling = 0; upstream's
                                  drafter (mtp_session_draft) is then unavailable.        */
+    int32_t ctx_type_tgt;     /* the contexts' llama_context_type, as they were created: the
+                                 type is not readable through llama.h, and the caller built
+                                 the param structs (must be DEFAULT and MTP)             */
+    int32_t ctx_type_dft;
 } mtp_config;
+
+/* One sequence's request to mtp_session_draft_many (the own draft loop). */
+typedef struct mtp_draft_req {
+    int32_t   seq_id;
+    int32_t   pos0;           /* n_past of the sequence                                  */
+    int32_t   id_last;        /* last committed token (not yet in the context)           */
+    int32_t   n_max;          /* tokens to draft, 0..n_draft_max                         */
+    float     temp;           /* 0: argmax; > 0: sample from q = softmax(top_k / temp)    */
+    int32_t   top_k;          /* >= 1                                                    */
+    uint32_t  seed;
+    float *   q_out;          /* NULL or n_max x n_vocab floats: q per drafted position  */
+    int32_t * out;            /* capacity n_draft_max                                    */
+    int32_t   n_out;          /* out: tokens drafted                                     */
+} mtp_draft_req;
 
 typedef struct mtp_stats {
     int64_t n_draft_calls;    /* draft() calls                                          */
@@ -86,6 +104,13 @@ int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t
 int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last, int32_t n_max,
                              float temp, int32_t top_k, uint32_t seed, float * q_out,
                              int32_t * out, int32_t * inout_n);
+
+/* The own draft loop for several sequences at once (distinct seq ids): draft
+ * position i of every sequence still drafting is ONE decode on the MTP context
+ * (the first one also takes each sequence's deferred catch-up rows), then each
+ * sequence samples as mtp_session_draft_ex. All checks run before anything
+ * changes; on failure no request has a pending draft. */
+int32_t mtp_session_draft_many(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs);
 
 /* Settle the pending proposal: n_accepted in [0, last draft length]. Trims the
  * target and draft contexts of seq_id to pos0 + 1 + n_accepted. */

@@ -1,7 +1,10 @@
-"""The native upstream loop (llama-speculative-simple) built from the same llama.cpp sources.
+"""The native upstream binaries built from the same llama.cpp sources as the shim.
 
-The binary is built once from the sdist of the installed llama-cpp-python (the
-sources the shim is built from) into $LLAMA_MTP_CACHE/native/<version>/.
+``binary()`` is the speculative loop (llama-speculative-simple, bench/run.py);
+``server_binary()`` is llama.cpp's own server (llama-server, bench/serve.py).
+Each is built once, on first use, from the sdist of the installed
+llama-cpp-python into $LLAMA_MTP_CACHE/native/<version>/ (one CMake build tree,
+so the second target reuses the libraries the first one compiled).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Dict, Optional
 from llama_mtp import _loader
 
 TARGET = "llama-speculative-simple"
+SERVER_TARGET = "llama-server"
 
 
 def _tree(version: str, root: pathlib.Path) -> pathlib.Path:
@@ -38,25 +42,45 @@ def _tree(version: str, root: pathlib.Path) -> pathlib.Path:
     return tree
 
 
-def binary(quiet: bool = False) -> pathlib.Path:
-    """Path of llama-speculative-simple, building it on first use (~5 min on 2 cores)."""
+def _native_root() -> tuple:
     builder = _loader.build_module()
     version = builder.find_installed().version
-    root = builder.cache_root() / "native" / version
-    exe = root / "build" / "bin" / TARGET
+    return version, builder.cache_root() / "native" / version
+
+
+def built(target: str = TARGET) -> Optional[pathlib.Path]:
+    """The target's binary if it has been built, else None (never builds)."""
+    exe = _native_root()[1] / "build" / "bin" / target
+    return exe if exe.is_file() else None
+
+
+def _build(target: str, quiet: bool) -> pathlib.Path:
+    version, root = _native_root()
+    exe = root / "build" / "bin" / target
     if exe.is_file():
         return exe
     root.mkdir(parents=True, exist_ok=True)
     tree = _tree(version, root)
     if not quiet:
-        print(f"bench: building {TARGET} from llama-cpp-python {version} sources (one-off, ~5 min)...",
+        print(f"bench: building {target} from llama-cpp-python {version} sources (one-off, ~5 min)...",
               file=sys.stderr, flush=True)
     jobs = str(os.cpu_count() or 2)
+    # LLAMA_BUILD_SERVER defaults on for a top-level build; tools (server included) need it and LLAMA_BUILD_TOOLS
     subprocess.run(["cmake", "-S", str(tree), "-B", str(root / "build"), "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(root / "build"), "--target", TARGET, "-j", jobs], check=True,
+                    "-DLLAMA_BUILD_SERVER=ON", "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(root / "build"), "--target", target, "-j", jobs], check=True,
                    capture_output=True)
     return exe
+
+
+def binary(quiet: bool = False) -> pathlib.Path:
+    """Path of llama-speculative-simple, building it on first use (~5 min on 2 cores)."""
+    return _build(TARGET, quiet)
+
+
+def server_binary(quiet: bool = False) -> pathlib.Path:
+    """Path of llama-server, building it on first use (several minutes on 2 cores; less after binary())."""
+    return _build(SERVER_TARGET, quiet)
 
 
 _SPEED = re.compile(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s")
@@ -86,4 +110,4 @@ def run(model: str, prompt: str, n_draft: int, n_predict: int, threads: int,
 
 
 if __name__ == "__main__":
-    print(binary())
+    print(server_binary() if sys.argv[1:] == ["server"] else binary())

@@ -137,7 +137,7 @@ def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
         row["speedup"] = row["best"] / plain_best
         if c in best_stats:
             st = best_stats[c]
-            row.update(acceptance=st["acceptance_rate"], tokens_per_step=st["mean_accepted_length"],
+            row.update(acceptance=st["acceptance_rate"], tokens_per_step=st["tokens_per_step"],
                        draft_len_hist=st["draft_len_hist"],
                        python_share=st["t_python"] / st["generation_seconds"],
                        split_s={key: st[key] for key in ("t_decode", "t_draft", "t_process", "t_sample", "t_python")})
@@ -174,7 +174,7 @@ def sampling_rows(target: Any, draft: Any, prompt: List[int], args: argparse.Nam
                                          temperature=temp, seed=seed, verify=verify)
                 acc.append(res.stats.acceptance_rate)
                 tps.append(res.stats.tokens_per_second)
-                tok_step.append(res.stats.mean_accepted_length)
+                tok_step.append(res.stats.tokens_per_step)
             rows[f"T{temp}-{verify}"] = {"acceptance": statistics.mean(acc), "tokens_per_step": statistics.mean(tok_step),
                                          "tokens_per_second_best": max(tps)}
     return rows

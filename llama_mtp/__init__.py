@@ -8,25 +8,31 @@ from __future__ import annotations
 
 from .errors import (
     BadSeqIdError,
+    EngineClosedError,
     MtpArgumentError,
     MtpError,
     MtpInitError,
     MtpProcessError,
     ProtocolError,
+    QueueFullError,
     RollbackError,
     SessionClosedError,
     ShimUnavailableError,
 )
-from .generation import GenerationResult, GenerationStats, GenerationStream, generate
+from .engine import Engine, RequestHandle
+from .generation import GenerationStream, generate, generate_many
+from .results import GenerationResult, GenerationStats
 from .loading import MtpDraftLlama, MtpTargetLlama, load
 from .mtp_llama import MtpLlama
-from .session import MtpSession
+from .session import DraftRequest, MtpSession
 from .stats import MtpStats
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BadSeqIdError", "GenerationResult", "GenerationStats", "GenerationStream", "MtpArgumentError", "MtpLlama", "MtpDraftLlama", "MtpError", "MtpInitError", "MtpProcessError",
-    "MtpSession", "MtpStats", "MtpTargetLlama", "ProtocolError", "RollbackError", "SessionClosedError",
-    "ShimUnavailableError", "generate", "load",
+    "BadSeqIdError", "DraftRequest", "Engine", "EngineClosedError", "GenerationResult", "GenerationStats",
+    "GenerationStream", "MtpArgumentError", "MtpDraftLlama", "MtpError", "MtpInitError", "MtpLlama",
+    "MtpProcessError", "MtpSession", "MtpStats", "MtpTargetLlama", "ProtocolError", "QueueFullError",
+    "RequestHandle", "RollbackError", "SessionClosedError", "ShimUnavailableError", "generate",
+    "generate_many", "load",
 ]

@@ -13,12 +13,15 @@ from typing import Optional
 
 import llama_cpp
 
+from . import _compat
+from .errors import RollbackError
+
 PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 
 
 def rollback_capacity(llm: llama_cpp.Llama) -> Optional[int]:
     """Tokens the target can drop with seq_rm; None when unbounded (attention-only)."""
-    ctx = llm._ctx.ctx
+    ctx = _compat.ctx_ptr(llm)
     model = llama_cpp.llama_get_model(ctx)
     if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
         return int(llama_cpp.llama_n_rs_seq(ctx))
@@ -32,7 +35,7 @@ class TargetCheckpoint:
         self._size = 0
 
     def save(self, seq_id: int) -> None:
-        ctx = self._llm._ctx.ctx
+        ctx = _compat.ctx_ptr(self._llm)
         need = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, PARTIAL_ONLY)
         if self._buf is None or len(self._buf) < need:
             self._buf = (ctypes.c_uint8 * need)()
@@ -40,8 +43,8 @@ class TargetCheckpoint:
 
     def restore(self, seq_id: int, n_past: int) -> None:
         """Back to the saved state, with positions >= n_past removed."""
-        ctx = self._llm._ctx.ctx
+        ctx = _compat.ctx_ptr(self._llm)
         assert self._buf is not None
         if llama_cpp.llama_state_seq_set_data_ext(ctx, self._buf, self._size, seq_id, PARTIAL_ONLY) == 0:
-            raise RuntimeError("llama.cpp could not restore the target checkpoint")
+            raise RollbackError("llama.cpp could not restore the target checkpoint")
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq_id, n_past, -1)

@@ -6,6 +6,9 @@
       decoding and prints the speedup and whether the outputs match.
   build [--force]
       (Re)builds the native shim for the installed llama-cpp-python.
+  serve ARGS
+      The OpenAI-compatible server: runs ``python -m llama_mtp.server ARGS``
+      (llama_cpp.server's flags plus --n_parallel/--n_draft/...; serve --help).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
     g.add_argument("--compare", action="store_true", help="also run plain decoding: speedup and output match")
     g.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS)
+    # listed for --help only: main() hands "serve ..." to the server's own parser before parsing
+    sub.add_parser("serve", help="OpenAI-compatible server (llama_mtp.server; serve --help)", add_help=False)
     b = sub.add_parser("build", help="(re)build the native shim")
     b.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     b.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS)
@@ -97,7 +102,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(f"[mtp] n_draft={args.n_draft} ({hist}): {st.steps} steps, drafted {st.drafted}, accepted {st.accepted} "
               f"(acceptance {st.acceptance_rate:.1%}, per position "
               f"{', '.join(f'{a:.2f}' for a in st.per_pos_acceptance)}), "
-              f"{st.mean_accepted_length:.2f} tokens/step")
+              f"{st.tokens_per_step:.2f} tokens/step")
         if args.compare:
             plain = llama_cpp.Llama(path, **kwargs)
             try:
@@ -122,6 +127,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        from .server.main import main as serve_main
+
+        return serve_main(argv[1:])
     args = _parser().parse_args(argv)
     from .errors import MtpError
 

@@ -45,3 +45,11 @@ class RollbackError(MtpError):
 
 class SessionClosedError(MtpError):
     """The session, or one of the Llama objects it drives, has been closed."""
+
+
+class EngineClosedError(MtpError):
+    """A request was submitted to an Engine after close()."""
+
+
+class QueueFullError(MtpError):
+    """The Engine's waiting queue is full (a server answers 503 with Retry-After)."""

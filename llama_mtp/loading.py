@@ -16,45 +16,12 @@ import os
 from typing import Any, Dict, Tuple
 
 import llama_cpp
-from llama_cpp import _internals
-from llama_cpp.llama_tokenizer import LlamaTokenizer
 
+from . import _compat
 from .errors import MtpArgumentError, MtpInitError
 
 # Llama kwargs that would break the MTP setup
 _RESERVED = ("draft_model", "vocab_only", "embedding")
-
-
-class _ParamsHook:
-    """Applies MTP settings to the param structs as Llama.__init__ assigns them."""
-
-    def __init__(self, model_overrides: Dict[str, Any], context_overrides: Dict[str, Any]) -> None:
-        self.model_overrides = model_overrides
-        self.context_overrides = context_overrides
-
-    def apply(self, owner: Any, name: str, value: Any) -> Any:
-        if name == "model_params" and isinstance(value, llama_cpp.llama_model_params):
-            for field, v in self.model_overrides.items():
-                setattr(value, field, v)
-        elif name == "context_params" and isinstance(value, llama_cpp.llama_context_params):
-            for field, v in self.context_overrides.items():
-                setattr(value, field, v)
-        return value
-
-
-class _HookedLlama(llama_cpp.Llama):
-    """A Llama whose native params get settings llama-cpp-python does not expose."""
-
-    _llama_mtp_hook: _ParamsHook | None = None
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        hook = self.__dict__.get("_llama_mtp_hook")
-        if hook is not None:
-            value = hook.apply(self, name, value)
-        object.__setattr__(self, name, value)
-
-    def _finish_hook(self) -> None:
-        self.__dict__.pop("_llama_mtp_hook", None)
 
 
 def _model_overrides(use_extra_bufts: bool | None) -> Dict[str, Any]:
@@ -63,16 +30,15 @@ def _model_overrides(use_extra_bufts: bool | None) -> Dict[str, Any]:
     return {} if use_extra_bufts is None else {"use_extra_bufts": bool(use_extra_bufts)}
 
 
-class PlainLlama(_HookedLlama):
+class PlainLlama(_compat.HookedLlama):
     """A plain ``llama_cpp.Llama`` that also takes ``use_extra_bufts`` (for fair comparisons)."""
 
     def __init__(self, model_path: str, *, use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
-        self.__dict__["_llama_mtp_hook"] = _ParamsHook(_model_overrides(use_extra_bufts), {})
-        super().__init__(model_path=model_path, **kwargs)
-        self._finish_hook()
+        super().__init__(model_path=model_path, llama_mtp_hook=_compat.ParamsHook(_model_overrides(use_extra_bufts), {}),
+                         **kwargs)
 
 
-class MtpTargetLlama(_HookedLlama):
+class MtpTargetLlama(_compat.HookedLlama):
     """A ``llama_cpp.Llama`` loaded with its MTP layers and rollback-capable context."""
 
     def __init__(self, model_path: str, *, n_draft_max: int = 3, n_seq: int = 1,
@@ -82,53 +48,52 @@ class MtpTargetLlama(_HookedLlama):
         if not logits_all:
             # the verify step outputs 1 + n_draft rows per sequence (upstream's output limits)
             ctx["n_outputs_max_per_seq"] = 1 + n_draft_max
-        self.__dict__["_llama_mtp_hook"] = _ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx)
-        super().__init__(model_path=model_path, **kwargs)
-        self._finish_hook()
+        hook = _compat.ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx)
+        super().__init__(model_path=model_path, llama_mtp_hook=hook, **kwargs)
         self.mtp_n_draft_max = n_draft_max
         self.mtp_n_seq = n_seq
-        self.mtp_n_layer_nextn = int(llama_cpp.llama_model_n_layer_nextn(self._model.model))
+        self.mtp_n_layer_nextn = int(llama_cpp.llama_model_n_layer_nextn(_compat.model_ptr(self)))
+        try:
+            _compat.verify_mtp_pair(self, None, n_rs_seq=n_draft_max, n_seq=n_seq)
+        except MtpInitError:
+            self.close()
+            raise
 
 
-class MtpDraftLlama(_HookedLlama):
+class MtpDraftLlama(_compat.HookedLlama):
     """A ``llama_cpp.Llama`` whose context is the MTP draft context on the target's model."""
 
     def __init__(self, target: MtpTargetLlama, *, use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
         del use_extra_bufts  # weight placement is the target's: the draft runs on its model
         ctx = {
             "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
-            "ctx_other": target._ctx.ctx,
+            "ctx_other": _compat.ctx_ptr(target),
             "n_rs_seq": 0,
             "n_seq_max": target.mtp_n_seq,
             # one output (the next draft token) per drafting sequence, as upstream
             "n_outputs_max": target.mtp_n_seq,
             "n_outputs_max_per_seq": 1,
         }
-        self.__dict__["_llama_mtp_target_model"] = target._model
-        self.__dict__["_llama_mtp_hook"] = _ParamsHook({}, ctx)
         # vocab_only: Llama.__init__ loads a model first; it must not be a second copy of the weights
         kwargs = dict(kwargs, n_ctx=target.n_ctx(), n_batch=target.n_batch, vocab_only=True)
         # its batches are a step's few rows (a prompt comes in n_ubatch pieces): a small
         # n_ubatch keeps its compute buffer at a few MB instead of ~18 MB at 512
         kwargs.setdefault("n_ubatch", min(DRAFT_N_UBATCH, target.n_batch))
-        super().__init__(model_path=target.model_path, **kwargs)
-        self._finish_hook()
-        self.__dict__.pop("_llama_mtp_target_model", None)
-        # From here on tokenize/detokenize/metadata use the draft's own vocab-only model, so the
-        # draft Llama stays usable for them after the target (whose weights it ran on) is closed.
-        own = self.__dict__.pop("_llama_mtp_vocab_model")
-        object.__setattr__(self, "_model", own)
-        if isinstance(self.tokenizer_, LlamaTokenizer):
-            self.tokenizer_ = LlamaTokenizer(self)
+        hook = _compat.ParamsHook({}, ctx, shared_model=_compat.model_of(target))
+        if target.mtp_n_layer_nextn <= 0:
+            raise MtpInitError(f"{target.model_path} has no MTP heads (nextn_predict_layers = 0): "
+                               "an MTP draft context needs them")
+        try:
+            super().__init__(model_path=target.model_path, llama_mtp_hook=hook, **kwargs)
+        except ValueError as e:
+            raise MtpInitError(f"llama.cpp could not create the MTP draft context for {target.model_path}: {e}") from None
         self.mtp_target = target
+        try:
+            _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_n_draft_max, n_seq=target.mtp_n_seq)
+        except MtpInitError:
+            self.close()
+            raise
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        shared = self.__dict__.get("_llama_mtp_target_model")
-        if name == "_model" and shared is not None and value is not shared:
-            # Llama.__init__ just loaded the vocab-only model: its context goes on the target's weights
-            self.__dict__["_llama_mtp_vocab_model"] = value
-            value = shared
-        super().__setattr__(name, value)
 
 DRAFT_N_UBATCH = 32
 
@@ -156,6 +121,9 @@ def _open_draft(target: MtpTargetLlama, path: str, llama_kwargs: Dict[str, Any])
     draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
     try:
         return MtpDraftLlama(target, **draft_kwargs)
+    except MtpInitError:
+        target.close()
+        raise
     except ValueError as e:
         target.close()
         raise MtpInitError(f"llama.cpp could not create the MTP draft context for {path}: {e}") from None
@@ -178,7 +146,3 @@ def load(model_path: str | os.PathLike[str], *, n_draft_max: int = 3, n_seq: int
     except ValueError as e:
         raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
     return target, _open_draft(target, path, llama_kwargs)
-
-
-def is_mtp_context(ctx: _internals.LlamaContext) -> bool:
-    return int(getattr(ctx.params, "ctx_type", 0)) == llama_cpp.LLAMA_CONTEXT_TYPE_MTP

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from .errors import MtpArgumentError, MtpInitError
-from .generation import GenerationStats, _Run
+from . import _compat
+from .core import check_n_draft, sequence_params
+from .errors import MtpInitError
+from .generation import OneSequenceRun
 from .loading import MtpTargetLlama, _open_draft, _validate
+from .results import GenerationStats
 from .session import MtpSession
 
 
@@ -31,8 +34,7 @@ class MtpLlama(MtpTargetLlama):
     def __init__(self, model_path: str | os.PathLike[str], *, n_draft: Union[int, str] = "auto",
                  n_draft_max: int = 3, verify: str = "match", **llama_kwargs: Any) -> None:
         path = os.fspath(model_path)
-        if n_draft != "auto" and (isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0):
-            raise MtpArgumentError(f"n_draft must be an int >= 0 or 'auto', got {n_draft!r}")
+        n_draft = check_n_draft(n_draft)
         if n_draft != "auto":
             n_draft_max = max(1, int(n_draft))
         _validate(path, n_draft_max, 1, llama_kwargs)
@@ -45,8 +47,8 @@ class MtpLlama(MtpTargetLlama):
         self.mtp_verify = verify
         self.last_mtp_stats: Optional[GenerationStats] = None
         self._mtp_session: Optional[MtpSession] = None
-        # Llama.close() unwinds _stack last-in first-out: MTP parts go before the target
-        self._stack.callback(self._close_mtp)
+        # Llama.close() unwinds its ExitStack last-in first-out: MTP parts go before the target
+        _compat.on_close(self, self._close_mtp)
 
     def _close_mtp(self) -> None:
         if self._mtp_session is not None:
@@ -74,14 +76,17 @@ class MtpLlama(MtpTargetLlama):
                         presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                         mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl,
                         grammar=grammar)
-        if logits_processor is not None or stopping_criteria is not None or self._logits_all \
+        if logits_processor is not None or stopping_criteria is not None or _compat.logits_all(self) \
                 or "mtp_draft" not in self.__dict__:
             self.last_mtp_stats = None
             yield from super().generate(tokens, reset=reset, logits_processor=logits_processor,
                                         stopping_criteria=stopping_criteria, **sampling)
             return
-        run = _Run(self, self.mtp_draft, list(tokens), max_tokens=self.n_ctx(), n_draft=self.mtp_n_draft,
-                   sampling=sampling, seed=None, stop=None, session=self._session(), verify=self.mtp_verify)
+        # Llama.generate's contract: every token is yielded, the caller stops (max_tokens, stops, EOG)
+        params = sequence_params(max_tokens=self.n_ctx(), verify=self.mtp_verify, raw=True,
+                                 temperature=temp, **{k: v for k, v in sampling.items() if k != "temp"})
+        run = OneSequenceRun(self, self.mtp_draft, list(tokens), params, n_draft=self.mtp_n_draft,
+                             session=self._session())
         self.last_mtp_stats = run.stats
         yield from run.tokens()
 

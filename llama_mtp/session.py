@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
 from . import _loader
-from ._handles import BatchLike, ContextLike, context_of, guard_of, raw_batch, raw_context
+from ._compat import BatchLike, ContextLike, context_of, context_type, guard_of, loaded_with_mtp, raw_batch, raw_context
 from .errors import (
     BadSeqIdError,
     MtpArgumentError,
@@ -21,6 +22,20 @@ from .errors import (
     SessionClosedError,
 )
 from .stats import MtpStats
+
+
+@dataclass(frozen=True)
+class DraftRequest:
+    """One sequence's part of :meth:`MtpSession.draft_many`."""
+
+    seq_id: int
+    n_past: int
+    id_last: int
+    n_max: int
+    temperature: float = 0.0   # 0: argmax drafts; > 0: sampled from q (rejection sampling)
+    top_k: int = 40
+    seed: int = 0
+    want_q: bool = False       # return q (only rejection sampling reads it)
 
 
 class _Native:
@@ -97,7 +112,9 @@ class MtpSession:
         cfg = ffi.new("mtp_config *", {"n_seq": _i32(n_seq, "n_seq"), "n_draft_max": _i32(n_draft_max, "n_draft_max"),
                                        "n_min": _i32(n_min, "n_min"), "p_min": float(p_min),
                                        "backend_sampling": int(bool(backend_sampling)),
-                                       "defer_catchup": int(bool(defer_catchup))})
+                                       "defer_catchup": int(bool(defer_catchup)),
+                                       "ctx_type_tgt": context_type(self._ctx_tgt),
+                                       "ctx_type_dft": context_type(self._ctx_dft)})
         out = ffi.new("mtp_session **")
         status = lib.mtp_session_new(ffi.cast("struct llama_context *", ptr_tgt),
                                      ffi.cast("struct llama_context *", ptr_dft), cfg, out)
@@ -110,9 +127,8 @@ class MtpSession:
         self._draft_buf = ffi.new("int32_t[]", n_draft_max)
         self._draft_n = ffi.new("int32_t *")
         self._flag = ffi.new("int32_t *")
-        self._n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(
+        self._vocab_size = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(
             llama_cpp.llama_get_model(ptr_tgt))))
-        self._q: Any = None  # draft_dist's q buffer, allocated on first use
         # free the native session before either llama_context is freed
         key = id(self)
         self._guards = (guard_of(self._ctx_tgt), guard_of(self._ctx_dft))
@@ -236,23 +252,44 @@ class MtpSession:
         Returns (tokens, q) with q a float32 array [len(tokens), n_vocab] (one-hot at T=0).
         Needs a session created with ``backend_sampling=False``.
         """
+        self._check_seq(seq_id)
+        n = self._n_draft_max if n_max is None else _n_max(n_max)
+        (tokens, q), = self.draft_many([DraftRequest(seq_id, n_past, id_last, n, temperature, top_k, seed, True)])
+        return tokens, q
+
+    def draft_many(self, requests: Sequence["DraftRequest"]) -> List[Tuple[List[int], Any]]:
+        """The own draft loop for several sequences at once (distinct seq ids): draft position i
+        of every sequence is one decode on the MTP context. Returns (tokens, q) per request, q
+        None unless ``want_q``. Every check runs first: a refused call drafts nothing."""
         import numpy as np
 
-        self._check_seq(seq_id)
-        n_past = _i32(n_past, "n_past")
-        id_last = _i32(id_last, "id_last")
-        n_max = _n_max(n_max)
+        ffi = self._ffi
+        n = len(requests)
+        reqs = ffi.new("mtp_draft_req[]", max(1, n))
+        outs = ffi.new("int32_t[]", max(1, n) * self._n_draft_max)
+        qs: List[Any] = []
+        for i, r in enumerate(requests):
+            if not isinstance(r, DraftRequest):
+                raise MtpArgumentError(f"draft_many takes DraftRequest objects, got {type(r).__name__}")
+            self._check_seq(r.seq_id)
+            c = reqs[i]
+            c.seq_id, c.pos0, c.id_last = r.seq_id, _i32(r.n_past, "n_past"), _i32(r.id_last, "id_last")
+            c.n_max = _n_max(r.n_max)
+            c.temp, c.top_k, c.seed = float(r.temperature), _i32(r.top_k, "top_k"), int(r.seed) & 0xFFFFFFFF
+            c.out = outs + i * self._n_draft_max
+            rows = self._n_draft_max if c.n_max < 0 else min(c.n_max, self._n_draft_max)
+            q = np.zeros((max(1, rows), self._vocab_size), dtype=np.float32) if r.want_q else None
+            c.q_out = ffi.cast("float *", q.ctypes.data) if q is not None else ffi.NULL
+            qs.append(q)
         with self._call() as handle:
-            if self._q is None:
-                self._q = np.zeros((self._n_draft_max, self._n_vocab), dtype=np.float32)
-            q_ptr = self._ffi.cast("float *", self._q.ctypes.data)
-            self._draft_n[0] = self._n_draft_max
-            status = self._lib.mtp_session_draft_ex(handle, seq_id, n_past, id_last, n_max, float(temperature),
-                                                    _i32(top_k, "top_k"), int(seed) & 0xFFFFFFFF, q_ptr,
-                                                    self._draft_buf, self._draft_n)
-            self._raise_for(status, seq_id)
-            n = self._draft_n[0]
-            return list(self._ffi.unpack(self._draft_buf, n)), self._q[:n].copy()
+            status = self._lib.mtp_session_draft_many(handle, reqs, n)
+        self._raise_for(status, requests[0].seq_id if n == 1 else None)
+        result = []
+        for i in range(n):
+            k = reqs[i].n_out
+            tokens = list(ffi.unpack(reqs[i].out, k))
+            result.append((tokens, qs[i][:k] if qs[i] is not None else None))
+        return result
 
     def accept(self, seq_id: int, n_accepted: int) -> None:
         """Settle the pending draft of seq_id: its first n_accepted tokens were accepted.
@@ -297,8 +334,7 @@ class MtpSession:
 
     def _check_model_loaded_with_mtp(self) -> None:
         # an MTP context on a model loaded without its MTP layers aborts inside llama.cpp
-        params = getattr(getattr(self._ctx_dft, "model", None), "params", None)
-        if params is not None and not getattr(params, "load_mtp", True):
+        if loaded_with_mtp(self._ctx_dft) is False:
             raise MtpInitError("the draft context's model was loaded with load_mtp=False: "
                                "load it with llama_mtp.load() so its MTP layers are present")
 

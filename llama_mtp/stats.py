@@ -32,6 +32,9 @@ class MtpStats:
         return tuple(a / d if d else 0.0 for a, d in zip(self.accepted_per_pos, self.drafted_per_pos))
 
     @property
-    def mean_accepted_length(self) -> float:
-        """Tokens committed per verify step: 1 + accepted drafts per accept call."""
+    def mean_tokens_per_draft_step(self) -> float:
+        """Tokens committed per drafting step: 1 + accepted drafts per accept() call (0.0 before any).
+
+        Steps that drafted nothing are not counted; GenerationStats.tokens_per_step counts every step.
+        """
         return 1.0 + self.n_accepted / self.n_accept_calls if self.n_accept_calls else 0.0

@@ -751,7 +751,15 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec) -> TestM
 
 
 def cache_dir() -> pathlib.Path:
-    """Models live under the llama_mtp cache root ($LLAMA_MTP_CACHE, as for shim builds), in models/."""
+    """Where generated models live: ``$LLAMA_MTP_MODEL_CACHE`` (models only), else models/ under
+    the llama_mtp cache root (``$LLAMA_MTP_CACHE``, as for shim builds, default ~/.cache/llama_mtp).
+
+    The test suite sets LLAMA_MTP_MODEL_CACHE to a temporary folder; setting LLAMA_MTP_CACHE
+    instead would also move the shim build cache (and so rebuild the shim).
+    """
+    models = os.environ.get("LLAMA_MTP_MODEL_CACHE")
+    if models:
+        return pathlib.Path(models)
     env = os.environ.get("LLAMA_MTP_CACHE")
     return (pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "llama_mtp") / "models"
 
@@ -769,7 +777,7 @@ def cached_test_model(
 ) -> pathlib.Path:
     """Path of the GGUF for ``spec`` (or ``SIZES[size]`` + overrides), built on first use.
 
-    Files live in ``$LLAMA_MTP_CACHE`` (default ``~/.cache/llama_mtp/models``) under a
+    Files live in ``cache_dir()`` (default ``~/.cache/llama_mtp/models``) under a
     name derived from the spec hash and GENERATOR_VERSION; they are written to a
     temporary file and renamed, so concurrent builders never expose a partial file.
     """

@@ -10,16 +10,34 @@ min(1, p(x)/q(x)); on rejection the token comes from normalize(max(0, p - q)).
 p is the target distribution after the same chain plain sampling applies
 (penalties, top-k, typical, top-p, min-p, temperature), so the output is
 distributed exactly as plain sampling, and acceptance is sum(min(p, q)).
+
+Several sequences share one verify decode: ``verify(proposal, q, row0)`` reads
+the sequence's rows ``row0 .. row0 + len(proposal)`` of that batch.
 """
 
 from __future__ import annotations
 
-import ctypes
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import llama_cpp
 import numpy as np
-from llama_cpp import _internals
+
+from . import _compat
+
+
+def row_logits(llm: llama_cpp.Llama, row: int, n_vocab: int) -> np.ndarray:
+    """The logits of batch row ``row`` of the last decode (a writable view)."""
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(_compat.ctx_ptr(llm), row), shape=(n_vocab,))
+
+
+def top_logprobs(logits: np.ndarray, token: int, n_top: int) -> Dict[str, Any]:
+    """llama-cpp-python's logprobs for one row: log-softmax of the raw logits."""
+    z = logits.astype(np.float64)
+    z = z - z.max()
+    logp = z - np.log(np.exp(z).sum())
+    top = np.argsort(-logp, kind="stable")[:n_top] if n_top > 0 else np.array([], dtype=np.int64)
+    return {"token": int(token), "logprob": float(logp[token]),
+            "top_logprobs": {int(t): float(logp[t]) for t in top}}
 
 
 class GreedyVerifier:
@@ -31,10 +49,8 @@ class GreedyVerifier:
         self.llm = llm
         self.n_vocab = llm.n_vocab()
 
-    def verify(self, proposal: List[int], q: Any = None) -> Tuple[int, List[int]]:
-        n = len(proposal) + 1
-        rows = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self.llm._ctx.ctx), shape=(n, self.n_vocab))
-        best = rows.argmax(axis=1).tolist()
+    def verify(self, proposal: List[int], q: Any = None, row0: int = 0) -> Tuple[int, List[int]]:
+        best = [int(row_logits(self.llm, row0 + i, self.n_vocab).argmax()) for i in range(len(proposal) + 1)]
         for i, want in enumerate(proposal):
             if best[i] != want:
                 return i, best[: i + 1]
@@ -51,19 +67,44 @@ def is_plain_greedy(sampling: dict) -> bool:
 
 
 class MatchVerifier:
-    def __init__(self, llm: llama_cpp.Llama, sampling: dict) -> None:
-        # the exact sampler chain plain llama-cpp-python would build for these settings
-        self.sampler = llm._init_sampler(**sampling)
-        self.ctx = llm._ctx
+    """``logit_bias`` is added to each row's logits before sampling (as llama-cpp-python's
+    logit_bias processor does); ``logprobs`` (top-n) records each sampled token's
+    log-probability from the raw row in ``self.logprobs``."""
 
-    def verify(self, proposal: List[int], q: Any = None) -> Tuple[int, List[int]]:
+    def __init__(self, llm: llama_cpp.Llama, sampling: dict, seed: Optional[int] = None, *,
+                 logit_bias: Optional[Dict[int, float]] = None, logprobs: Optional[int] = None) -> None:
+        # the exact sampler chain plain llama-cpp-python would build for these settings
+        self.sampler = _compat.init_sampler(llm, sampling, seed)
+        self.llm = llm
+        self.ctx = _compat.context_of(llm, "target")
+        self.n_vocab = llm.n_vocab()
+        self.bias = None
+        if logit_bias:
+            self.bias_ids = np.fromiter(logit_bias.keys(), dtype=np.int64)
+            self.bias = np.fromiter(logit_bias.values(), dtype=np.float32)
+        self.n_logprobs = logprobs
+        self.logprobs: List[Dict[str, Any]] = []
+
+    def _sample(self, row: int) -> int:
+        raw = None
+        if self.bias is not None or self.n_logprobs is not None:
+            logits = row_logits(self.llm, row, self.n_vocab)
+            raw = logits.copy() if self.n_logprobs is not None else None
+            if self.bias is not None:
+                logits[self.bias_ids] += self.bias  # in place: the sampler reads this row
+        tok = self.sampler.sample(self.ctx, row)
+        if raw is not None:
+            self.logprobs.append(top_logprobs(raw, tok, int(self.n_logprobs or 0)))
+        return tok
+
+    def verify(self, proposal: List[int], q: Any = None, row0: int = 0) -> Tuple[int, List[int]]:
         new: List[int] = []
         for i, want in enumerate(proposal):
-            tok = self.sampler.sample(self.ctx, i)
+            tok = self._sample(row0 + i)
             new.append(tok)
             if tok != want:
                 return i, new
-        new.append(self.sampler.sample(self.ctx, len(proposal)))
+        new.append(self._sample(row0 + len(proposal)))
         return len(proposal), new
 
     def close(self) -> None:
@@ -75,17 +116,13 @@ class RejectionVerifier:
         self.llm = llm
         self.n_vocab = llm.n_vocab()
         self.chain = _distribution_chain(llm, sampling)
-        self.cand = _internals.LlamaTokenDataArray(n_vocab=self.n_vocab)
+        self.cand = _compat.token_data_array(self.n_vocab)
         self.rng = np.random.default_rng(seed)
 
     def target_probs(self, row: int) -> np.ndarray:
         """p for a verify row: the chain's transforms, then softmax, as a dense vector."""
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm._ctx.ctx, row), shape=(self.n_vocab,))
-        self.cand.copy_logits(logits)
-        llama_cpp.llama_sampler_apply(self.chain.sampler, ctypes.byref(self.cand.candidates))
-        n = self.cand.candidates.size
-        data = ctypes.cast(self.cand.candidates.data, ctypes.POINTER(llama_cpp.llama_token_data * n)).contents
-        kept = np.frombuffer(data, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True), count=n)
+        kept = _compat.apply_chain(self.chain, self.cand, row_logits(self.llm, row, self.n_vocab))
+        n = len(kept)
         z = kept["logit"].astype(np.float64)
         finite = np.isfinite(z)
         w = np.zeros(n)
@@ -98,10 +135,10 @@ class RejectionVerifier:
         llama_cpp.llama_sampler_accept(self.chain.sampler, tok)
         return tok
 
-    def verify(self, proposal: List[int], q: Any = None) -> Tuple[int, List[int]]:
+    def verify(self, proposal: List[int], q: Any = None, row0: int = 0) -> Tuple[int, List[int]]:
         new: List[int] = []
         for i, x in enumerate(proposal):
-            p = self.target_probs(i)
+            p = self.target_probs(row0 + i)
             qi = q[i].astype(np.float64)
             if qi[x] > 0 and self.rng.random() * qi[x] < p[x]:
                 new.append(self._commit(x))
@@ -111,7 +148,7 @@ class RejectionVerifier:
             dist = residual / total if total > 0 else p
             new.append(self._commit(int(self.rng.choice(self.n_vocab, p=dist))))
             return i, new
-        p = self.target_probs(len(proposal))
+        p = self.target_probs(row0 + len(proposal))
         new.append(self._commit(int(self.rng.choice(self.n_vocab, p=p))))
         return len(proposal), new
 
@@ -119,9 +156,9 @@ class RejectionVerifier:
         self.chain.close()
 
 
-def _distribution_chain(llm: llama_cpp.Llama, sampling: dict) -> _internals.LlamaSampler:
-    """Llama._init_sampler's chain for temperature > 0, without its final dist sampler."""
-    chain = _internals.LlamaSampler()
+def _distribution_chain(llm: llama_cpp.Llama, sampling: dict) -> _compat.LlamaSampler:
+    """llama-cpp-python's sampler chain for temperature > 0, without its final dist sampler."""
+    chain = _compat.new_sampler_chain()
     chain.add_penalties(n_vocab=llm.n_vocab(), penalty_last_n=llm.last_n_tokens_size,
                         penalty_repeat=sampling.get("repeat_penalty", 1.0),
                         penalty_freq=sampling.get("frequency_penalty", 0.0),

@@ -38,14 +38,6 @@ LLAMA_API void llama_set_embeddings_nextn(struct llama_context * ctx, bool value
 LLAMA_API float * llama_get_embeddings_nextn(struct llama_context * ctx);
 LLAMA_API float * llama_get_embeddings_nextn_ith(struct llama_context * ctx, int32_t i);
 
-// The context type is not readable through llama.h, but libllama exports
-// llama_context::get_cparams() and llama-cparams.h (from the same sources the
-// shim is built against; build_ffi.py checks they match) gives its layout.
-#include "llama-cparams.h"
-struct llama_context {
-    const llama_cparams & get_cparams() const;
-};
-
 namespace {
 
 thread_local std::string g_last_error;
@@ -145,7 +137,6 @@ struct mtp_session {
     int32_t                         n_embd = 0;
     std::vector<std::vector<float>> pending_h; // [n_seq][n_embd]
     std::vector<std::vector<float>> verify_h;  // [n_seq][rows * n_embd]
-    std::vector<float>              h_cur;
     common_batch                    dbatch;    // on the draft context
     bool                            backend_sampling = false;
     bool                            defer_catchup    = false;
@@ -273,10 +264,11 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
         const llama_model * m_dft = llama_get_model(ctx_dft);
         if (m_tgt == nullptr || m_dft == nullptr) fail(MTP_ERR_INIT, "context has no model");
 
-        if (ctx_tgt->get_cparams().ctx_type != LLAMA_CONTEXT_TYPE_DEFAULT) {
+        // llama.h has no getter for a context's type: the caller, who built the param structs, says
+        if (cfg->ctx_type_tgt != LLAMA_CONTEXT_TYPE_DEFAULT) {
             fail(MTP_ERR_INIT, "the target context is not a DEFAULT context (is it the MTP context? pass target first, draft second)");
         }
-        if (ctx_dft->get_cparams().ctx_type != LLAMA_CONTEXT_TYPE_MTP) {
+        if (cfg->ctx_type_dft != LLAMA_CONTEXT_TYPE_MTP) {
             fail(MTP_ERR_INIT, "the draft context is not an MTP context: create it with ctx_type = LLAMA_CONTEXT_TYPE_MTP on the target's model (llama_mtp.load does this)");
         }
         if (llama_model_n_layer_nextn(m_dft) <= 0) {
@@ -351,7 +343,6 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
         s->deferred.assign(cfg->n_seq, deferred_rows{});
         s->pending_h.assign(cfg->n_seq, std::vector<float>(n_embd_tgt, 0.0f));
         s->verify_h.assign(cfg->n_seq, {});
-        s->h_cur.assign(n_embd_tgt, 0.0f);
         s->seqs.assign(cfg->n_seq, seq_state{});
         s->result.reserve(cfg->n_draft_max);
         s->drafted_per_pos.assign(cfg->n_draft_max, 0);
@@ -610,6 +601,174 @@ MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t po
     });
 }
 
+namespace {
+
+// One draft row's pick from the MTP logits: the argmax at temp 0, else a sample from
+// q = softmax(top_k logits / temp). Writes q (NULL: skipped); -1 when upstream's p_min
+// confidence cut stops the draft here.
+llama_token pick_draft_token(mtp_session * s, const float * logits, float temp, int32_t top_k,
+                             std::mt19937 & rng, float * q_row) {
+    if (temp == 0.0f && s->params.draft.p_min <= 0.0f) {
+        // greedy without a confidence cut: the argmax is all that is needed
+        const llama_token pick = (llama_token) (std::max_element(logits, logits + s->n_vocab) - logits);
+        if (q_row) {
+            std::fill(q_row, q_row + s->n_vocab, 0.0f);
+            q_row[pick] = 1.0f;
+        }
+        return pick;
+    }
+    const int32_t k_cand = std::min(top_k, s->n_vocab);
+    auto & cand = s->cand;
+    cand.resize(s->n_vocab);
+    for (int32_t v = 0; v < s->n_vocab; ++v) cand[v] = { logits[v], v };
+    std::partial_sort(cand.begin(), cand.begin() + k_cand, cand.end(),
+                      [](const auto & a, const auto & b) { return a.first > b.first; });
+    // upstream's p_min uses the softmax over its top-10 candidates at temperature 1
+    float z10 = 0.0f;
+    for (int32_t c = 0; c < std::min(k_cand, 10); ++c) z10 += std::exp(cand[c].first - cand[0].first);
+    if (1.0f / z10 < s->params.draft.p_min) {
+        return -1;
+    }
+    llama_token pick = cand[0].second;
+    if (q_row) std::fill(q_row, q_row + s->n_vocab, 0.0f);
+    if (temp > 0.0f) {
+        auto & w = s->weights;
+        w.resize(k_cand);
+        float z = 0.0f;
+        for (int32_t c = 0; c < k_cand; ++c) {
+            w[c] = std::exp((cand[c].first - cand[0].first) / temp);
+            z += w[c];
+        }
+        std::uniform_real_distribution<float> unif(0.0f, 1.0f);
+        const float u = unif(rng) * z;
+        float acc = 0.0f;
+        pick = cand[k_cand - 1].second; // rounding: u may reach z
+        for (int32_t c = 0; c < k_cand; ++c) {
+            acc += w[c];
+            if (u < acc) {
+                pick = cand[c].second;
+                break;
+            }
+        }
+        if (q_row) {
+            for (int32_t c = 0; c < k_cand; ++c) q_row[cand[c].second] = w[c] / z;
+        }
+    } else if (q_row) {
+        q_row[pick] = 1.0f;
+    }
+    return pick;
+}
+
+// The session's own draft loop, mirroring upstream's MTP drafter (hidden-state carry-over:
+// each draft row feeds the MTP block the hidden state its previous row produced), for
+// several sequences in lockstep: draft position i of every sequence still drafting is one
+// decode on the draft context, and the first also takes their deferred catch-up rows.
+void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
+    if (n_reqs < 0) fail(MTP_ERR_ARG, "n_reqs must be >= 0 (got %d)", n_reqs);
+    if (n_reqs > 0 && reqs == nullptr) fail(MTP_ERR_NULL, "reqs is NULL but n_reqs=%d", n_reqs);
+    if (s->backend_sampling) {
+        fail(MTP_ERR_ARG, "the own draft loop reads the draft logits: create the session with backend_sampling=0");
+    }
+    std::vector<char> seen(s->n_seq, 0);
+    for (int32_t r = 0; r < n_reqs; ++r) {
+        mtp_draft_req & q = reqs[r];
+        int32_t capacity = s->n_draft_max;
+        q.n_max = check_draft(s, q.seq_id, q.pos0, q.id_last, q.n_max, q.out, &capacity);
+        if (seen[q.seq_id]) fail(MTP_ERR_ARG, "seq_id %d appears twice in one draft_many call", q.seq_id);
+        seen[q.seq_id] = 1;
+        if (q.top_k < 1) fail(MTP_ERR_ARG, "top_k must be >= 1 (got %d)", q.top_k);
+        if (!(q.temp >= 0.0f) || !std::isfinite(q.temp)) fail(MTP_ERR_ARG, "temp must be a finite number >= 0");
+    }
+    // every check passed: from here on the calls count and state changes
+    for (int32_t r = 0; r < n_reqs; ++r) {
+        reqs[r].n_out = 0;
+        s->stats.n_draft_calls++;
+        sync_deferred(s, reqs[r].seq_id, reqs[r].pos0);
+    }
+    // the first decode holds every drafting sequence's deferred rows plus one row each:
+    // catch sequences up on their own while that would not fit one batch
+    const size_t n_batch = std::max<size_t>(1, llama_n_batch(s->dft));
+    size_t n_first = 0;
+    for (int32_t r = 0; r < n_reqs; ++r) {
+        if (reqs[r].n_max > 0) n_first += s->deferred[reqs[r].seq_id].size() + 1;
+    }
+    for (int32_t r = 0; r < n_reqs && n_first > n_batch; ++r) {
+        const size_t n_def = s->deferred[reqs[r].seq_id].size();
+        if (reqs[r].n_max > 0 && n_def > 0) {
+            decode_deferred(s, reqs[r].seq_id, nullptr, 0, nullptr);
+            n_first -= n_def;
+        }
+    }
+
+    struct lane {
+        int32_t            req;
+        llama_token        tok;
+        std::vector<float> h;
+        std::mt19937       rng;
+        bool               active;
+        int32_t            idx;
+    };
+    const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
+    std::vector<lane> lanes;
+    for (int32_t r = 0; r < n_reqs; ++r) {
+        if (reqs[r].n_max == 0) continue;
+        lanes.push_back({ r, reqs[r].id_last, s->pending_h[reqs[r].seq_id], std::mt19937(reqs[r].seed), true, -1 });
+    }
+    for (int32_t i = 0; ; ++i) {
+        s->dbatch.clear();
+        bool any = false;
+        for (lane & l : lanes) {
+            const mtp_draft_req & q = reqs[l.req];
+            if (!l.active || i >= q.n_max) continue;
+            any = true;
+            if (i == 0) {
+                const deferred_rows & d = s->deferred[q.seq_id];
+                for (size_t j = 0; j < d.size(); ++j) {
+                    const int32_t idx = s->dbatch.add(d.tok[j], d.pos[j], q.seq_id, false);
+                    s->dbatch.set_embd(idx, { d.h.data() + j * s->n_embd, 1, (size_t) s->n_embd });
+                }
+            }
+            l.idx = s->dbatch.add(l.tok, q.pos0 + i, q.seq_id, true);
+            s->dbatch.set_embd(l.idx, { l.h.data(), 1, (size_t) s->n_embd });
+        }
+        if (!any) break;
+        if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
+            for (const lane & l : lanes) {
+                const mtp_draft_req & q = reqs[l.req];
+                const deferred_rows & d = s->deferred[q.seq_id];
+                // the first decode's catch-up rows stay deferred; later ones are already in memory
+                const llama_pos from = (i == 0 && d.size()) ? d.pos.front() : q.pos0;
+                llama_memory_seq_rm(llama_get_memory(s->dft), q.seq_id, from, -1);
+            }
+            fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d of %zu sequence(s)", i, lanes.size());
+        }
+        for (lane & l : lanes) {
+            mtp_draft_req & q = reqs[l.req];
+            if (!l.active || i >= q.n_max) continue;
+            if (i == 0) s->deferred[q.seq_id].clear();
+            const float * logits = llama_get_logits_ith(s->dft, l.idx);
+            const float * h_next = llama_get_embeddings_nextn_ith(s->dft, l.idx);
+            if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
+            std::memcpy(l.h.data(), h_next, row_bytes);
+            float * q_row = q.q_out ? q.q_out + (size_t) i * s->n_vocab : nullptr;
+            const llama_token pick = pick_draft_token(s, logits, q.temp, q.top_k, l.rng, q_row);
+            if (pick < 0) {
+                l.active = false;
+                continue;
+            }
+            q.out[q.n_out++] = pick;
+            l.tok = pick;
+        }
+    }
+    for (int32_t r = 0; r < n_reqs; ++r) {
+        mtp_draft_req & q = reqs[r];
+        if (q.n_out < s->params.draft.n_min) q.n_out = 0;
+        finish_draft(s, q.seq_id, q.pos0, q.n_out, /*own=*/ true);
+    }
+}
+
+} // namespace
+
 MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
                                         int32_t n_max, float temp, int32_t top_k, uint32_t seed,
                                         float * q_out, int32_t * out, int32_t * inout_n) {
@@ -617,92 +776,24 @@ MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t
         check_session(s);
         std::lock_guard<std::mutex> lock(s->mu);
         scoped_timer timer(s->stats.t_draft_us);
-        n_max = check_draft(s, seq_id, pos0, id_last, n_max, out, inout_n);
-        if (s->backend_sampling) {
-            fail(MTP_ERR_ARG, "mtp_session_draft_ex reads the draft logits: create the session with backend_sampling=0");
+        if (inout_n == nullptr) fail(MTP_ERR_NULL, "output buffer or its length is NULL");
+        const int32_t capacity = *inout_n;
+        *inout_n = 0;
+        if (capacity < s->n_draft_max) {
+            fail(MTP_ERR_ARG, "output capacity %d is smaller than n_draft_max=%d", capacity, s->n_draft_max);
         }
-        if (top_k < 1) fail(MTP_ERR_ARG, "top_k must be >= 1 (got %d)", top_k);
-        if (!(temp >= 0.0f) || !std::isfinite(temp)) fail(MTP_ERR_ARG, "temp must be a finite number >= 0");
-        s->stats.n_draft_calls++; // counted only once every check passed: a rejected call changes nothing
-        sync_deferred(s, seq_id, pos0);
-        const int32_t k_cand = std::min(top_k, s->n_vocab);
-        std::mt19937 rng(seed);
-        std::uniform_real_distribution<float> unif(0.0f, 1.0f);
-        const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
-        std::memcpy(s->h_cur.data(), s->pending_h[seq_id].data(), row_bytes);
+        mtp_draft_req req = { seq_id, pos0, id_last, n_max, temp, top_k, seed, q_out, out, 0 };
+        draft_own(s, &req, 1);
+        *inout_n = req.n_out;
+    });
+}
 
-        int32_t n = 0;
-        llama_token tok = id_last;
-        for (int32_t i = 0; i < n_max; ++i) {
-            // the first draft row shares one decode with the deferred catch-up rows (if any)
-            int32_t idx = -1;
-            try {
-                idx = decode_deferred(s, seq_id, &tok, pos0 + i, s->h_cur.data());
-            } catch (const mtp_failure &) {
-                llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1); // drop this draft's rows too
-                throw;
-            }
-            const float * logits = llama_get_logits_ith(s->dft, idx);
-            const float * h_next = llama_get_embeddings_nextn_ith(s->dft, idx);
-            if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
-            std::memcpy(s->h_cur.data(), h_next, row_bytes);
-
-            if (temp == 0.0f && s->params.draft.p_min <= 0.0f) {
-                // greedy without a confidence cut: the argmax is all that is needed
-                const llama_token pick = (llama_token) (std::max_element(logits, logits + s->n_vocab) - logits);
-                if (q_out) {
-                    std::fill(q_out + (size_t) i * s->n_vocab, q_out + (size_t) (i + 1) * s->n_vocab, 0.0f);
-                    q_out[(size_t) i * s->n_vocab + pick] = 1.0f;
-                }
-                out[n++] = pick;
-                tok = pick;
-                continue;
-            }
-            // q: softmax over the top_k logits at temperature temp (argmax when temp == 0)
-            auto & cand = s->cand;
-            cand.resize(s->n_vocab);
-            for (int32_t v = 0; v < s->n_vocab; ++v) cand[v] = { logits[v], v };
-            std::partial_sort(cand.begin(), cand.begin() + k_cand, cand.end(),
-                              [](const auto & a, const auto & b) { return a.first > b.first; });
-            // upstream's p_min uses the softmax over its top-10 candidates at temperature 1
-            float z10 = 0.0f;
-            for (int32_t c = 0; c < std::min(k_cand, 10); ++c) z10 += std::exp(cand[c].first - cand[0].first);
-            const float p_top = 1.0f / z10;
-            if (p_top < s->params.draft.p_min) {
-                break;
-            }
-            llama_token pick = cand[0].second;
-            if (q_out) std::fill(q_out + (size_t) i * s->n_vocab, q_out + (size_t) (i + 1) * s->n_vocab, 0.0f);
-            if (temp > 0.0f) {
-                auto & w = s->weights;
-                w.resize(k_cand);
-                float z = 0.0f;
-                for (int32_t c = 0; c < k_cand; ++c) {
-                    w[c] = std::exp((cand[c].first - cand[0].first) / temp);
-                    z += w[c];
-                }
-                const float u = unif(rng) * z;
-                float acc = 0.0f;
-                pick = cand[k_cand - 1].second; // rounding: u may reach z
-                for (int32_t c = 0; c < k_cand; ++c) {
-                    acc += w[c];
-                    if (u < acc) {
-                        pick = cand[c].second;
-                        break;
-                    }
-                }
-                if (q_out) {
-                    for (int32_t c = 0; c < k_cand; ++c) q_out[(size_t) i * s->n_vocab + cand[c].second] = w[c] / z;
-                }
-            } else if (q_out) {
-                q_out[(size_t) i * s->n_vocab + pick] = 1.0f;
-            }
-            out[n++] = pick;
-            tok = pick;
-        }
-        if (n < s->params.draft.n_min) n = 0;
-        *inout_n = n;
-        finish_draft(s, seq_id, pos0, n, /*own=*/ true);
+MTP_EXPORT int32_t mtp_session_draft_many(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        scoped_timer timer(s->stats.t_draft_us);
+        draft_own(s, reqs, n_reqs);
     });
 }
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
+from collections import Counter
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,22 +41,26 @@ CONTEXT_HALF_SPEC = testing.TestModelSpec(recipe="context", accept=0.5, accept_p
 # --------------------------------------------------------------------------- models
 
 
+MODEL_CACHE_ENV = "LLAMA_MTP_MODEL_CACHE"  # testing.cache_dir(): models only, not the shim build cache
+
+
 @contextlib.contextmanager
 def models_cache(directory: os.PathLike) -> Iterator[None]:
     """Point testing.cached_test_model at ``directory`` for the duration only.
 
-    LLAMA_MTP_CACHE is also the *shim build* cache root (build_ffi.cache_root), so it
-    must not stay set while the shim may be loaded or built: that would rebuild it.
+    (conftest's autouse ``model_dir`` already points it at the session's temporary
+    folder; this is for a test that wants a folder of its own.) LLAMA_MTP_CACHE is not
+    touched: it is also the *shim build* cache root (build_ffi.cache_root).
     """
-    old = os.environ.get("LLAMA_MTP_CACHE")
-    os.environ["LLAMA_MTP_CACHE"] = os.fspath(directory)
+    old = os.environ.get(MODEL_CACHE_ENV)
+    os.environ[MODEL_CACHE_ENV] = os.fspath(directory)
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("LLAMA_MTP_CACHE", None)
+            os.environ.pop(MODEL_CACHE_ENV, None)
         else:
-            os.environ["LLAMA_MTP_CACHE"] = old
+            os.environ[MODEL_CACHE_ENV] = old
 
 
 def build_model(spec: testing.TestModelSpec, directory: os.PathLike) -> pathlib.Path:
@@ -382,6 +387,44 @@ def greedy_reference(path: os.PathLike, prompt_tokens: Sequence[int], n_tokens: 
 def counters(stats: llama_mtp.MtpStats) -> llama_mtp.MtpStats:
     """The stats without their timings (what a rejected call must leave unchanged)."""
     return dataclasses.replace(stats, t_draft_s=0.0, t_process_s=0.0, t_accept_s=0.0)
+
+
+# ------------------------------------------------------------------------ statistics
+
+
+def chi_square_p(a: Counter, b: Counter) -> float:
+    """Two-sample chi-square homogeneity test (scipy-free), sparse cells pooled."""
+    from math import exp, lgamma, log
+
+    keys = sorted(set(a) | set(b))
+    na, nb = sum(a.values()), sum(b.values())
+    rows, pool_a, pool_b = [], 0, 0
+    for k in keys:
+        if a[k] + b[k] >= 10:
+            rows.append((a[k], b[k]))
+        else:
+            pool_a, pool_b = pool_a + a[k], pool_b + b[k]
+    if pool_a + pool_b:
+        rows.append((pool_a, pool_b))
+    stat = 0.0
+    for x, y in rows:
+        tot = x + y
+        for obs, n in ((x, na), (y, nb)):
+            exp_ = tot * n / (na + nb)
+            stat += (obs - exp_) ** 2 / exp_
+    dof = max(1, len(rows) - 1)
+    # regularized upper incomplete gamma Q(dof/2, stat/2) by series (good enough for p-values)
+    s, x = dof / 2.0, stat / 2.0
+    if x == 0:
+        return 1.0
+    term = total = 1.0 / s
+    n = 1
+    while term > 1e-12 * total and n < 10000:
+        term *= x / (s + n)
+        total += term
+        n += 1
+    lower = exp(-x + s * log(x) - lgamma(s)) * total
+    return max(0.0, 1.0 - lower)
 
 
 # ------------------------------------------------------------------------ processes

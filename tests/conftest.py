@@ -1,9 +1,11 @@
 """Shared fixtures: tiny generated models (built once per test session) and hypothesis profiles.
 
-Models are written to a per-session temporary directory: LLAMA_MTP_CACHE is set
-only while ``testing.cached_test_model`` runs (see ``_helpers.models_cache``),
-because the same variable is the root of the shim build cache, which must stay
-where it is (no rebuild).
+Models are written to a per-session temporary directory: the autouse ``model_dir``
+fixture points LLAMA_MTP_MODEL_CACHE (models only, see ``testing.cache_dir``) at it
+for the whole session, so every ``testing.cached_test_model`` call, in this process
+or in the subprocesses tests start (they inherit the environment), builds there and
+never in the user's ~/.cache/llama_mtp/models. LLAMA_MTP_CACHE is left alone: it is
+the root of the shim build cache, which must stay where it is (no rebuild).
 
 Hypothesis profiles: ``ci`` (default) and ``long`` (``HYPOTHESIS_PROFILE=long``
 for local runs: many more examples and longer state-machine runs).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 import sys
+from typing import Iterator
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -37,9 +40,13 @@ settings.load_profile(HYPOTHESIS_PROFILE)
 # ------------------------------------------------------------------------------ models
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> pathlib.Path:
-    return tmp_path_factory.mktemp("llama_mtp_models")
+@pytest.fixture(scope="session", autouse=True)
+def model_dir(tmp_path_factory) -> Iterator[pathlib.Path]:
+    """The session's model cache: LLAMA_MTP_MODEL_CACHE for the whole test session."""
+    directory = tmp_path_factory.mktemp("llama_mtp_models")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(_helpers.MODEL_CACHE_ENV, str(directory))
+        yield directory
 
 
 @pytest.fixture(scope="session")

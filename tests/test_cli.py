@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
-from llama_mtp import testing
+from llama_mtp import _loader, testing
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
@@ -31,4 +32,11 @@ def test_errors_are_one_line_without_traceback() -> None:
 def test_build_prints_the_build_directory() -> None:
     proc = run("build")
     assert proc.returncode == 0, proc.stderr
-    assert "libllama_mtp" not in proc.stdout and proc.stdout.strip()
+    printed = proc.stdout.strip().splitlines()
+    assert printed, proc.stderr
+    out = pathlib.Path(printed[-1])
+    builder = _loader.build_module()
+    assert out.is_absolute() and out.is_dir(), printed
+    assert out == builder.build_dir()  # the build for the installed llama-cpp-python
+    assert (out / "libllama_mtp.so").is_file() and builder.LIB_NAME == "libllama_mtp.so"
+    assert (out / f"{builder.FFI_MODULE}.py").is_file()  # the cffi ABI-mode module

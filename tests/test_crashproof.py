@@ -64,16 +64,14 @@ expect(MtpInitError, lambda: llama_mtp.load(NO_MTP, n_ctx=256, n_threads=2))
 # built by hand: the target loads (nothing to load), the MTP context cannot be created
 t = llama_mtp.MtpTargetLlama(NO_MTP, n_ctx=256, verbose=False)
 assert t.mtp_n_layer_nextn == 0
-expect((MtpInitError, ValueError), lambda: llama_mtp.MtpDraftLlama(t, verbose=False))
+expect(MtpInitError, lambda: llama_mtp.MtpDraftLlama(t, verbose=False))
 # a session whose target has no MTP layers but whose draft is a real MTP context
 target, draft = load_pair(ORACLE)
 plain = plain_llama(NO_MTP, n_ctx=512)
-try:
-    s = llama_mtp.MtpSession(plain, draft)
-    print("session on a no-MTP target: created")
-    s.close()
-except MtpError as e:
-    print("EXC", type(e).__name__, e)
+# created: the shim only checks that the draft is an MTP context and that the two models'
+# widths and vocab sizes agree, and the no-MTP file has the oracle's trunk
+s = llama_mtp.MtpSession(plain, draft)
+s.close()
 plain.close(); t.close(); target.close(); draft.close()
 """, "MtpInitError")
 
@@ -99,22 +97,20 @@ for x in (plain, plain_mtp, target, draft, target2, draft2):
 
 def test_target_and_draft_from_different_models(env):
     # same shapes, different weights: the shim only checks widths and vocab sizes, so the
-    # session may be created; verification by the target keeps the output exact anyway
+    # session is created; verification by the target keeps the output exact anyway
     run_case(env, """
 for a, b in ((ORACLE, CONTEXT), (CONTEXT, ORACLE), (ORACLE, ORACLE)):
     tA, dA = load_pair(a)
     tB, dB = load_pair(b)
-    try:
-        s = llama_mtp.MtpSession(tA, dB)
-    except MtpInitError as e:
-        print("EXC", type(e).__name__, e)
-    else:
-        prompt = tokenize(tA, testing.CONTEXT_TEST_PROMPT)
-        r = spec_loop(tA, dB, s, prompt, 48, 3)
-        assert r.tokens == greedy_reference(a, prompt, 48)
-        print("different models: session works, acceptance", r.stats.acceptance_rate)
-        expect(MtpProcessError, lambda: s.process(tB))  # B decoded nothing
-        s.close()
+    s = llama_mtp.MtpSession(tA, dB)
+    prompt = tokenize(tA, testing.CONTEXT_TEST_PROMPT)
+    r = spec_loop(tA, dB, s, prompt, 48, 3)
+    assert r.tokens == greedy_reference(a, prompt, 48)
+    print("draft from another model: acceptance", r.stats.acceptance_rate)
+    if a == b:  # two loads of the accept=1.0 oracle: B's MTP head is A's
+        assert r.stats.acceptance_rate == 1.0, r.stats
+    expect(MtpProcessError, lambda: s.process(tB))  # B decoded nothing
+    s.close()
     for x in (tA, dA, tB, dB):
         x.close()
 """, "MtpProcessError")
@@ -132,7 +128,7 @@ for kw in (dict(n_seq=0), dict(n_seq=-5), dict(n_seq=2), dict(n_seq=2**31 - 1), 
     expect(MtpArgumentError, lambda: llama_mtp.MtpSession(target, draft, **kw))
 with llama_mtp.MtpSession(target, draft, n_draft_max=15) as s:  # exactly fits n_batch=16
     r = spec_loop(target, draft, s, tokenize(target, "hello world"), 40, 15)
-    assert r.stats.mean_accepted_length == 16
+    assert r.stats.mean_tokens_per_draft_step == 16
 target.close(); draft.close()
 for kw in (dict(n_draft_max=0), dict(n_seq=0), dict(n_draft_max=600), dict(n_draft_max=8, n_batch=4)):
     expect(MtpArgumentError, lambda: load_pair(ORACLE, **kw))
@@ -482,15 +478,15 @@ s.close(); target.close(); draft.close()
 
 
 @pytest.mark.parametrize("garbage", ["unclosed", "closed"])
-def test_gc_during_guard_lock_does_not_deadlock(env, garbage):
+def test_gc_inside_guard_attach_is_harmless(env, garbage):
     """A MtpSession in a reference cycle (closed or not: __del__ -> close() -> guard.detach()
-    runs either way) finalized by the cyclic GC while the same thread holds that
-    context guard's non-reentrant lock deadlocks the process. GC can run at any
-    allocation, e.g. inside _ContextGuard.attach() while a new session registers or in
-    fire() (``list(...)``) while a Llama closes; a trace hook forces it at that point
-    (hypothesis' explain phase traces like this and hit the deadlock for real)."""
+    runs either way) may be finalized by the cyclic GC at any allocation, e.g. inside
+    _ContextGuard.attach() while a new session registers on the same context. The guard
+    takes no lock, so that nested detach() must simply return (an earlier guard with a
+    non-reentrant lock hung the process here, under hypothesis' tracing explain phase);
+    a trace hook forces the GC at that point and a watchdog turns a hang into a failure."""
     run_case(env, f"""
-from llama_mtp import _handles
+from llama_mtp import _compat
 target, draft = load_pair(ORACLE)
 old = llama_mtp.MtpSession(target, draft)
 if {garbage!r} == "closed":
@@ -500,9 +496,9 @@ del old
 gc.disable()
 fired = [False]
 def tracer(frame, event, arg):
-    if frame.f_code is _handles._ContextGuard.attach.__code__:
+    if frame.f_code is _compat._ContextGuard.attach.__code__:
         def local(frame, event, arg):
-            # (the guard used to hold a lock here; now it must simply survive a GC at this point)
+            # the first line of attach(): a new session is registering on this context
             if event == "line" and not fired[0]:
                 fired[0] = True
                 gc.collect()    # what an allocation here may trigger
@@ -512,7 +508,7 @@ def tracer(frame, event, arg):
 done = threading.Event()
 def watchdog():
     if not done.wait(5):
-        print("DEADLOCK: MtpSession.__del__ waits for the guard lock its own thread holds", flush=True)
+        print("HANG: a session finalized inside _ContextGuard.attach() did not return", flush=True)
         os._exit(3)
 threading.Thread(target=watchdog, daemon=True).start()
 sys.settrace(tracer)

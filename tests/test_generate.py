@@ -55,9 +55,15 @@ def test_greedy_is_identical_to_plain(model, n_draft) -> None:
     assert res.tokens == ref
     assert res.finish_reason == "length"
     st = res.stats
-    assert st.n_generated == 64 and (st.drafted > 0 or n_draft == "auto")
+    assert st.n_generated == 64
     assert sum(st.draft_len_hist) == st.steps
+    assert sum(k * n for k, n in enumerate(st.draft_len_hist)) == st.drafted
+    # each step commits its accepted drafts plus one sampled token (drafts never overshoot max_tokens)
+    assert st.steps + st.accepted == st.n_generated
     assert st.accepted <= st.drafted
+    # 0.6 / 0.8 of these models' drafts are right: auto, like every fixed length, must draft
+    # and get drafts accepted (fewer steps than tokens)
+    assert st.accepted > 0
     if name == "context" and n_draft != "auto":
         # partial rejections happen, so the recurrent rollback path ran
         assert 0 < st.accepted < st.drafted
@@ -257,12 +263,13 @@ def test_bad_arguments_raise_typed_errors(context_model) -> None:
 
 def test_rejection_sampling_is_distributed_as_plain(context_model) -> None:
     """verify="rejection" (drafts sampled from the MTP head, min(1, p/q) acceptance,
-    residual resampling) leaves the output distribution unchanged, and on the same
-    runs accepts at least as many drafts per step as sample-and-match."""
+    residual resampling) leaves the output distribution unchanged, and at this
+    temperature accepts far more drafts than sample-and-match."""
     target, draft, plain = context_model
     n = 150
     rej, match = [], []
-    acc_rej = acc_match = 0.0
+    acc_rej = [0, 0]  # accepted, drafted
+    acc_match = [0, 0]
     for seed in range(n):
         r = llama_mtp.generate(target, draft, "Hello", max_tokens=N_SAMPLE_TOKENS, n_draft=3, seed=seed,
                                verify="rejection", **SAMPLING)
@@ -270,12 +277,21 @@ def test_rejection_sampling_is_distributed_as_plain(context_model) -> None:
                                verify="match", **SAMPLING)
         rej.append(r.tokens)
         match.append(m.tokens)
-        acc_rej += r.stats.accepted / max(1, r.stats.steps)
-        acc_match += m.stats.accepted / max(1, m.stats.steps)
+        acc_rej[0] += r.stats.accepted
+        acc_rej[1] += r.stats.drafted
+        acc_match[0] += m.stats.accepted
+        acc_match[1] += m.stats.drafted
     ref = [_plain_sample(plain, "Hello", 20_000 + seed) for seed in range(n)]
     for pos in range(N_SAMPLE_TOKENS):
         a = Counter(t[pos] if pos < len(t) else -1 for t in rej)
         b = Counter(t[pos] if pos < len(t) else -1 for t in ref)
         assert len(a) > 3
         assert _chi_square_p(a, b) > 0.01
-    assert acc_rej >= acc_match
+    # At T=12 the target's p is nearly flat over the vocabulary. Match drafts the MTP head's
+    # argmax d and accepts it with probability p(d); rejection drafts from q (the head's top-40
+    # at the same temperature, nearly flat too) and accepts with probability sum(min(p, q)),
+    # about p's mass on those 40 tokens: an order of magnitude more (measured ~0.08 vs ~0.007
+    # of drafted tokens). Rejection drafting the argmax (temperature not passed to the draft
+    # loop) would accept with probability p(d) too, as often as match, failing the factor 2.
+    rate_rej, rate_match = acc_rej[0] / acc_rej[1], acc_match[0] / acc_match[1]
+    assert rate_rej > 0.03 and rate_rej > 2 * rate_match, (acc_rej, acc_match)

@@ -29,8 +29,11 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
 
 @contextlib.contextmanager
 def _cache_env(directory: pathlib.Path) -> Iterator[None]:
-    # LLAMA_MTP_CACHE is also the shim build cache root: set it only while building models
+    # the fallback layout (models/ under LLAMA_MTP_CACHE), so the session-wide
+    # LLAMA_MTP_MODEL_CACHE (conftest) is lifted; LLAMA_MTP_CACHE is also the shim build
+    # cache root: set it only while building models
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("LLAMA_MTP_MODEL_CACHE", raising=False)
         mp.setenv("LLAMA_MTP_CACHE", str(directory))
         yield
 
@@ -122,6 +125,25 @@ def test_cache_is_keyed_and_atomic(cached, model_cache: pathlib.Path) -> None:
     assert path.stat().st_mtime_ns == mtime  # not rebuilt
     assert cached(size="tiny", accept=0.5) != path
     assert not list((model_cache / "models").glob("*.tmp"))
+
+
+def test_model_cache_env_takes_precedence(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLAMA_MTP_MODEL_CACHE holds the models themselves and wins over LLAMA_MTP_CACHE."""
+    monkeypatch.setenv("LLAMA_MTP_CACHE", str(tmp_path / "root"))
+    monkeypatch.setenv("LLAMA_MTP_MODEL_CACHE", str(tmp_path / "models-only"))
+    assert T.cache_dir() == tmp_path / "models-only"
+    path = T.cached_test_model(size="tiny", accept=0.25)
+    assert path.parent == tmp_path / "models-only" and path.exists()
+    assert not (tmp_path / "root").exists()
+    monkeypatch.delenv("LLAMA_MTP_MODEL_CACHE")
+    assert T.cache_dir() == tmp_path / "root" / "models"
+    monkeypatch.delenv("LLAMA_MTP_CACHE")
+    assert T.cache_dir() == pathlib.Path.home() / ".cache" / "llama_mtp" / "models"
+
+
+def test_session_models_stay_out_of_the_user_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """conftest points the model cache at a temporary folder for the whole session."""
+    assert T.cache_dir().resolve().is_relative_to(tmp_path_factory.getbasetemp().resolve())
 
 
 @pytest.mark.parametrize("accept,h_miss", [(1.0, 0.0), (0.75, 0.0), (0.5, 0.5), (0.0, 1.0)])

@@ -1,0 +1,322 @@
+"""The one seam onto llama-cpp-python internals.
+
+Every private attribute or internal of llama-cpp-python that llama_mtp uses is
+touched here and nowhere else (``_ctx``, ``_batch``, ``_model``, ``_stack``,
+``_init_sampler``, ``_requires_eval``, ``_logits_all``, ``_internals``, the
+ExitStacks, the param structs ``Llama.__init__`` builds), so that a
+llama-cpp-python upgrade is one file's work. What ``load()`` injects into the
+native param structs is verified on the native objects afterwards
+(:func:`verify_mtp_pair`): if a new llama-cpp-python builds them differently,
+loading fails loudly instead of silently running without MTP.
+
+It also holds the guard that frees native sessions before llama-cpp-python
+frees their contexts: upstream aborts if a speculative session outlives either
+of its contexts, so each ``LlamaContext`` gets one guard on its own ExitStack.
+It runs before the context's free (ExitStack is LIFO) and releases every
+native session still attached, whatever order Python closes or collects
+things in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import threading
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import llama_cpp
+from llama_cpp import _internals
+from llama_cpp.llama_tokenizer import LlamaTokenizer
+
+from .errors import MtpArgumentError, MtpInitError, SessionClosedError
+
+# the range pyproject.toml declares; build_ffi.TESTED_LLAMA_CPP_PYTHON lists the tested versions
+SUPPORTED_RANGE = ">=0.3.36,<0.3.37"
+
+LlamaContext = _internals.LlamaContext
+LlamaBatch = _internals.LlamaBatch
+LlamaSampler = _internals.LlamaSampler
+ContextLike = Union[llama_cpp.Llama, _internals.LlamaContext]
+BatchLike = Union[llama_cpp.Llama, _internals.LlamaBatch, llama_cpp.llama_batch, "ctypes._Pointer[Any]"]
+
+
+def llama_cpp_python_version() -> str:
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(llama_cpp, "__version__", "unknown")
+
+
+# ------------------------------------------------------------------------- raw handles
+
+
+def context_of(obj: Any, role: str) -> _internals.LlamaContext:
+    """The LlamaContext of a Llama (or the LlamaContext itself)."""
+    if isinstance(obj, _internals.LlamaContext):
+        return obj
+    if isinstance(obj, llama_cpp.Llama):
+        ctx = getattr(obj, "_ctx", None)
+        if ctx is None:
+            raise SessionClosedError(f"the {role} Llama has no context (was it closed?)")
+        return ctx
+    raise MtpArgumentError(f"{role} must be a llama_cpp.Llama or llama_cpp._internals.LlamaContext, got {type(obj).__name__}")
+
+
+def raw_context(ctx: _internals.LlamaContext, role: str) -> int:
+    """Address of the native llama_context; raises if llama-cpp-python freed it."""
+    ptr = ctx.ctx
+    if not ptr:
+        raise SessionClosedError(f"the {role} context has been closed (Llama.close() or LlamaContext.close())")
+    return int(ptr)
+
+
+def ctx_ptr(llm: llama_cpp.Llama) -> Any:
+    """The native llama_context of a Llama (a ctypes pointer; None once closed)."""
+    ctx = getattr(llm, "_ctx", None)
+    return None if ctx is None else ctx.ctx
+
+
+def model_ptr(llm: llama_cpp.Llama) -> Any:
+    """The native llama_model of a Llama."""
+    return llm._model.model
+
+
+def vocab_ptr(llm: llama_cpp.Llama) -> Any:
+    return llm._model.vocab
+
+
+def context_type(ctx: _internals.LlamaContext) -> int:
+    """The llama_context_type the context was created with (llama.h has no getter)."""
+    return int(getattr(ctx.params, "ctx_type", llama_cpp.LLAMA_CONTEXT_TYPE_DEFAULT))
+
+
+def loaded_with_mtp(ctx: _internals.LlamaContext) -> Optional[bool]:
+    """Whether the context's model was loaded with its MTP layers (None: unknown)."""
+    params = getattr(getattr(ctx, "model", None), "params", None)
+    return None if params is None else bool(getattr(params, "load_mtp", True))
+
+
+def raw_batch(batch: Any) -> int:
+    """Address of a native llama_batch struct."""
+    if isinstance(batch, llama_cpp.Llama):
+        batch = getattr(batch, "_batch", None)
+        if batch is None:
+            raise SessionClosedError("the Llama has no batch (was it closed?)")
+    if isinstance(batch, _internals.LlamaBatch):
+        batch = batch.batch
+        if batch is None:
+            raise SessionClosedError("the LlamaBatch has been closed")
+    if isinstance(batch, llama_cpp.llama_batch):
+        return ctypes.addressof(batch)
+    if isinstance(batch, ctypes._Pointer) and isinstance(batch.contents, llama_cpp.llama_batch):  # type: ignore[attr-defined]
+        return ctypes.addressof(batch.contents)
+    raise MtpArgumentError(
+        f"process() takes the target Llama, a LlamaBatch or a ctypes llama_batch, got {type(batch).__name__}")
+
+
+def logits_all(llm: llama_cpp.Llama) -> bool:
+    return bool(getattr(llm, "_logits_all", False))
+
+
+def on_close(llm: llama_cpp.Llama, callback: Callable[[], None]) -> None:
+    """Run ``callback`` when ``llm.close()`` unwinds its ExitStack (before what was pushed earlier)."""
+    llm._stack.callback(callback)
+
+
+# ------------------------------------------------------------------------------ samplers
+
+
+def init_sampler(llm: llama_cpp.Llama, sampling: Dict[str, Any], seed: Optional[int] = None) -> _internals.LlamaSampler:
+    """The exact sampler chain plain llama-cpp-python builds for these settings.
+
+    ``seed``: the dist sampler's seed (``Llama._init_sampler`` reads the Llama's own).
+    """
+    if seed is not None:
+        llm.set_seed(seed)
+    return llm._init_sampler(**sampling)
+
+
+def token_data_array(n_vocab: int) -> _internals.LlamaTokenDataArray:
+    return _internals.LlamaTokenDataArray(n_vocab=n_vocab)
+
+
+def new_sampler_chain() -> _internals.LlamaSampler:
+    return _internals.LlamaSampler()
+
+
+# ------------------------------------------------------------------ Llama token state
+
+
+def sync_llama_tokens(llm: llama_cpp.Llama, tokens: Sequence[int], n_past: int) -> None:
+    """Tell the Llama its context holds ``tokens[:n_past]`` (after we decoded on it ourselves),
+    so its own eval/generate continue from there."""
+    n_past = min(n_past, len(tokens))
+    if n_past and ctx_ptr(llm):
+        llm.input_ids[:n_past] = tokens[:n_past]
+    llm.n_tokens = n_past
+    llm._requires_eval = True
+
+
+# --------------------------------------------------------------- param-struct injection
+
+
+class ParamsHook:
+    """Applies settings llama-cpp-python does not expose to the native param structs
+    the moment ``Llama.__init__`` assigns them (it never touches those fields afterwards)."""
+
+    def __init__(self, model_overrides: Dict[str, Any], context_overrides: Dict[str, Any],
+                 shared_model: Any = None) -> None:
+        self.model_overrides = model_overrides
+        self.context_overrides = context_overrides
+        # a LlamaModel to use instead of the one Llama.__init__ loads (the draft: vocab only)
+        self.shared_model = shared_model
+        self.own_model: Any = None
+
+    def apply(self, name: str, value: Any) -> Any:
+        if name == "model_params" and isinstance(value, llama_cpp.llama_model_params):
+            for field, v in self.model_overrides.items():
+                setattr(value, field, v)
+        elif name == "context_params" and isinstance(value, llama_cpp.llama_context_params):
+            for field, v in self.context_overrides.items():
+                setattr(value, field, v)
+        elif name == "_model" and self.shared_model is not None and value is not self.shared_model:
+            # Llama.__init__ just loaded the vocab-only model: its context goes on the shared weights
+            self.own_model = value
+            value = self.shared_model
+        return value
+
+
+class HookedLlama(llama_cpp.Llama):
+    """A Llama whose native params get settings llama-cpp-python does not expose."""
+
+    def __init__(self, *args: Any, llama_mtp_hook: Optional[ParamsHook] = None, **kwargs: Any) -> None:
+        self.__dict__["_llama_mtp_hook"] = llama_mtp_hook
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            hook = self.__dict__.pop("_llama_mtp_hook", None)
+        if hook is not None and hook.own_model is not None:
+            # from here on tokenize/detokenize/metadata use the Llama's own vocab-only model, so
+            # it stays usable for them after the Llama whose weights it ran on is closed
+            object.__setattr__(self, "_model", hook.own_model)
+            if isinstance(self.tokenizer_, LlamaTokenizer):
+                self.tokenizer_ = LlamaTokenizer(self)
+
+    def close(self) -> None:
+        # a constructor that raised before Llama.__init__ built its ExitStack leaves nothing to free
+        # (Llama.__del__ still calls close())
+        if "_stack" in self.__dict__:
+            super().close()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        hook = self.__dict__.get("_llama_mtp_hook")
+        if hook is not None:
+            value = hook.apply(name, value)
+        object.__setattr__(self, name, value)
+
+
+def model_of(llm: llama_cpp.Llama) -> Any:
+    """The LlamaModel object (to share with a draft Llama)."""
+    return llm._model
+
+
+# ------------------------------------------------------------------ verification
+
+
+def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *, n_rs_seq: int,
+                    n_seq: int) -> None:
+    """Check on the native objects that what load() injected took effect.
+
+    Raises MtpInitError naming the installed llama-cpp-python otherwise: a newer
+    version that builds its param structs differently must not run silently without MTP.
+    """
+    version = llama_cpp_python_version()
+
+    def fail(what: str) -> None:
+        raise MtpInitError(f"llama_mtp could not set up MTP on llama-cpp-python {version} ({what}); "
+                           f"supported: llama-cpp-python{SUPPORTED_RANGE}")
+
+    tctx = ctx_ptr(target)
+    if not tctx:
+        fail("the target has no context")
+    if n_rs_seq and (llama_cpp.llama_model_is_recurrent(model_ptr(target))
+                     or llama_cpp.llama_model_is_hybrid(model_ptr(target))):
+        got = int(llama_cpp.llama_n_rs_seq(tctx))
+        if got < n_rs_seq:
+            fail(f"the target context keeps {got} recurrent snapshots, n_rs_seq={n_rs_seq} was requested")
+    if int(llama_cpp.llama_n_seq_max(tctx)) < n_seq:
+        fail(f"the target context has n_seq_max={int(llama_cpp.llama_n_seq_max(tctx))}, {n_seq} requested")
+    if context_type(target._ctx) != llama_cpp.LLAMA_CONTEXT_TYPE_DEFAULT:
+        fail("the target context is not a DEFAULT context")
+    if draft is None:
+        return
+    dctx = ctx_ptr(draft)
+    if not dctx:
+        fail("the draft has no context")
+    if context_type(draft._ctx) != llama_cpp.LLAMA_CONTEXT_TYPE_MTP:
+        fail("the draft context was not created as an MTP context")
+    t_model = llama_cpp.llama_get_model(tctx)
+    d_model = llama_cpp.llama_get_model(dctx)
+    if _address(t_model) != _address(d_model):
+        fail("the draft context does not run on the target's llama_model")
+    if int(llama_cpp.llama_n_seq_max(dctx)) < n_seq:
+        fail(f"the draft context has n_seq_max={int(llama_cpp.llama_n_seq_max(dctx))}, {n_seq} requested")
+
+
+def _address(ptr: Any) -> Optional[int]:
+    return ptr if isinstance(ptr, int) or ptr is None else ctypes.cast(ptr, ctypes.c_void_p).value
+
+
+# ------------------------------------------------------------------ context guards
+
+
+class _ContextGuard:
+    """Releases attached native sessions right before a LlamaContext is freed.
+
+    No lock: finalizers (MtpSession.__del__ -> detach) may run from the garbage
+    collector at any allocation, on a thread already inside attach() or fire();
+    single dict operations are atomic under the GIL.
+    """
+
+    def __init__(self) -> None:
+        self._releasers: Dict[int, Callable[[], None]] = {}
+        self.fired = False
+
+    def attach(self, key: int, release: Callable[[], None]) -> None:
+        self._releasers[key] = release
+
+    def detach(self, key: int) -> None:
+        self._releasers.pop(key, None)
+
+    def fire(self) -> None:
+        self.fired = True
+        releasers, self._releasers = self._releasers, {}
+        for release in list(releasers.values()):
+            release()
+
+
+_guards_lock = threading.Lock()
+
+
+def guard_of(ctx: _internals.LlamaContext) -> _ContextGuard:
+    """The (single) guard of a LlamaContext, installed on first use."""
+    with _guards_lock:
+        guard = ctx.__dict__.get("_llama_mtp_guard")
+        if guard is None:
+            guard = _ContextGuard()
+            ctx._exit_stack.callback(guard.fire)
+            ctx.__dict__["_llama_mtp_guard"] = guard
+        return guard
+
+
+def apply_chain(chain: _internals.LlamaSampler, cand: _internals.LlamaTokenDataArray, logits: Any) -> Any:
+    """Run a sampler chain's transforms over one row of logits: a structured numpy view
+    (fields id, logit, p) of the candidates that survive, valid until ``cand`` is reused."""
+    import numpy as np
+
+    cand.copy_logits(logits)
+    llama_cpp.llama_sampler_apply(chain.sampler, ctypes.byref(cand.candidates))
+    n = cand.candidates.size
+    data = ctypes.cast(cand.candidates.data, ctypes.POINTER(llama_cpp.llama_token_data * n)).contents
+    return np.frombuffer(data, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True),
+                         count=n)

@@ -1,0 +1,697 @@
+"""StepEngine: the speculative step loop for 1..N sequences (the core every API runs on).
+
+A documented internal: ``generate()``, ``generate_many()``, :class:`MtpLlama`
+and the threaded :class:`llama_mtp.Engine` drive it; it is importable as
+``llama_mtp.core.StepEngine`` but its interface may change between releases.
+
+Each target sequence id is a *slot*. A slot holds one :class:`Sequence` from
+:meth:`StepEngine.add` until it finishes or is cancelled; sequences join and
+leave between steps (continuous batching). One :meth:`StepEngine.step` runs
+these phases, each handing its results to the next in a :class:`StepRecord`:
+
+1. plan: every running sequence chooses its draft length (its own ``auto``
+   policy, a fixed k, or 0 for plain-decoding sequences), bounded by its room;
+2. draft: one MTP decode per draft position for all drafting sequences
+   (``MtpSession.draft_many``), or upstream's drafter per sequence;
+3. decode: every sequence's ``[id_last, *draft]`` rows, plus prompt chunks of
+   joining sequences (``prefill="shared"``), in ONE target ``llama_decode``,
+   handed to the drafter with one ``process()``;
+4. verify: each sequence samples its rows with its own sampler chain;
+5. settle: EOG, stop strings and max_tokens per sequence; accept (trims both
+   contexts); drafts longer than the recurrent rollback restore their
+   checkpoint and re-decode the accepted prefix (one decode for all of them).
+
+A finished or cancelled sequence frees its slot; both contexts' memory for that
+seq id is cleared before the slot is used again.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
+
+import llama_cpp
+
+from . import _compat
+from .adaptive import DraftPolicy
+from .checkpoint import TargetCheckpoint, rollback_capacity
+from .errors import MtpArgumentError, MtpError, SessionClosedError
+from .session import DraftRequest, MtpSession
+from .results import GenerationResult, GenerationStats
+from .text import TextAssembler
+from .verify import GreedyVerifier, MatchVerifier, RejectionVerifier, is_plain_greedy, supports_rejection
+
+Prompt = Union[str, bytes, Seq[int]]
+NDraft = Union[int, str]
+
+
+# ----------------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class SequenceParams:
+    """A sequence's validated settings (see :func:`sequence_params`)."""
+
+    sampling: Dict[str, Any]            # Llama._init_sampler keywords (temp, top_k, ..., grammar)
+    max_tokens: int
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    n_draft: Optional[NDraft] = None    # None: the engine's default; 0: plain decoding
+    verify: str = "match"
+    logit_bias: Optional[Dict[int, float]] = None
+    logprobs: Optional[int] = None      # top-n logprobs per token (plain decoding)
+    raw: bool = False                   # commit every token (no EOG/stop/max_tokens): Llama.generate's contract
+
+
+def _number(name: str, value: Any, lo: float, hi: float = float("inf"), *, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise MtpArgumentError(f"{name} must be a number, got {type(value).__name__}")
+    v = float(value)
+    if v != v or (v <= lo if lo_open else v < lo) or v > hi:
+        bound = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi != float("inf") else "")
+        raise MtpArgumentError(f"{name} must be {bound}, got {value!r}")
+    return v
+
+
+def _int(name: str, value: Any, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MtpArgumentError(f"{name} must be an int >= {lo}, got {value!r}")
+    if value < lo:
+        raise MtpArgumentError(f"{name} must be an int >= {lo}, got {value!r}")
+    return value
+
+
+def check_n_draft(n_draft: Any, name: str = "n_draft") -> NDraft:
+    if n_draft == "auto":
+        return "auto"
+    if isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0:
+        raise MtpArgumentError(f"{name} must be an int >= 0 or 'auto', got {n_draft!r}")
+    return n_draft
+
+
+def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                    min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
+                    frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: Optional[int] = None,
+                    stop: Union[None, str, Seq[str]] = None, grammar: Any = None,
+                    logit_bias: Optional[Dict[int, float]] = None, logprobs: Optional[int] = None,
+                    n_draft: Optional[NDraft] = None, verify: str = "match", mirostat_mode: int = 0,
+                    mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, tfs_z: float = 1.0,
+                    penalize_nl: bool = True, raw: bool = False) -> SequenceParams:
+    """Validate one sequence's settings (llama-cpp-python's names and defaults for sampling)."""
+    _int("max_tokens", max_tokens, 1)
+    temp = _number("temperature", temperature, 0.0)
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise MtpArgumentError(f"top_k must be an int (<= 0: the whole vocabulary), got {top_k!r}")
+    _number("top_p", top_p, 0.0, 1.0)
+    _number("min_p", min_p, 0.0, 1.0)
+    _number("typical_p", typical_p, 0.0, 1.0, lo_open=True)
+    _number("repeat_penalty", repeat_penalty, 0.0, lo_open=True)
+    _number("frequency_penalty", frequency_penalty, -2.0, 2.0)
+    _number("presence_penalty", presence_penalty, -2.0, 2.0)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise MtpArgumentError(f"seed must be an int or None, got {seed!r}")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if not all(isinstance(s, str) for s in stops):
+        raise MtpArgumentError("stop must be a string or a list of strings")
+    if logprobs is not None:
+        _int("logprobs", logprobs, 0)
+    if logit_bias is not None:
+        if not isinstance(logit_bias, dict):
+            raise MtpArgumentError("logit_bias must map token ids to numbers")
+        logit_bias = {_int("logit_bias token id", int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, 0):
+                      _number("logit_bias value", v, float("-inf")) for k, v in logit_bias.items()}
+    if n_draft is not None:
+        n_draft = check_n_draft(n_draft)
+    if verify not in ("match", "rejection"):
+        raise MtpArgumentError(f"verify must be 'match' or 'rejection', got {verify!r}")
+    sampling = dict(top_k=top_k, top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p), temp=temp,
+                    repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
+                    presence_penalty=float(presence_penalty), tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                    mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl, grammar=grammar)
+    return SequenceParams(sampling=sampling, max_tokens=max_tokens, seed=seed, stop=stops, n_draft=n_draft,
+                          verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw)
+
+
+def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
+    """Tokens of a prompt, as llama-cpp-python's create_completion tokenizes it."""
+    if isinstance(prompt, str):
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    if isinstance(prompt, bytes):
+        return llm.tokenize(prompt, add_bos=True, special=True)
+    try:
+        tokens = [int(t) for t in prompt]
+    except (TypeError, ValueError):
+        raise MtpArgumentError(f"prompt must be str, bytes or a sequence of token ids, got {type(prompt).__name__}") from None
+    n_vocab = llm.n_vocab()
+    bad = [t for t in tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise MtpArgumentError(f"prompt token {bad[0]} is outside the vocabulary [0, {n_vocab})")
+    return tokens
+
+
+# ------------------------------------------------------------------------- sequences
+
+
+class Sequence:
+    """One generation in a slot: its settings, sampler chain, policy, progress and stats."""
+
+    def __init__(self, engine: "StepEngine", seq_id: int, prompt_tokens: List[int], params: SequenceParams) -> None:
+        target = engine.target
+        self.seq_id = seq_id
+        self.params = params
+        self.tokens_prompt = prompt_tokens
+        self.head = prompt_tokens[:-1]        # decoded by the prefill; the last prompt token is id_last
+        self.n_prefilled = 0
+        self.n_past = 0
+        self.id_last = prompt_tokens[-1]
+        self.generated: List[int] = []
+        self.finish_reason: Optional[str] = None
+        self.error: Optional[BaseException] = None
+        self.tag: Any = None                  # the caller's (e.g. the prompt's index)
+        sampling = params.sampling
+        n_draft = engine.n_draft if params.n_draft is None else params.n_draft
+        plain_only = params.logit_bias is not None or params.logprobs is not None
+        n_vocab = target.n_vocab()
+        bad = [t for t in (params.logit_bias or {}) if t >= n_vocab]
+        if bad:
+            raise MtpArgumentError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {n_vocab})")
+        if plain_only:
+            n_draft = 0  # a per-row hook or per-token logprobs: a plain-decoding sequence
+        if n_draft != "auto" and n_draft > engine.k_max:
+            raise MtpArgumentError(f"n_draft={n_draft} exceeds the engine's n_draft_max={engine.k_max}")
+        self.policy = DraftPolicy(engine.k_max) if n_draft == "auto" else None
+        self.k_fixed = 0 if n_draft == "auto" else int(n_draft)
+        verify = params.verify if supports_rejection(sampling) and not plain_only else "match"
+        if verify == "rejection" and not engine.own_drafts:
+            raise MtpArgumentError("verify='rejection' needs drafts sampled by the session's own draft loop")
+        self.draft_temp = sampling["temp"] if verify == "rejection" else 0.0
+        self.draft_top_k = sampling["top_k"] if sampling["top_k"] > 0 else 40
+        self.want_q = verify == "rejection"
+        self.rng = random.Random(params.seed)
+        if verify == "rejection":
+            self.verifier: Any = RejectionVerifier(target, sampling, params.seed)
+        elif is_plain_greedy(sampling) and not plain_only:
+            self.verifier = GreedyVerifier(target)
+        else:
+            self.verifier = MatchVerifier(target, sampling, params.seed, logit_bias=params.logit_bias,
+                                          logprobs=params.logprobs)
+        self.checkpoint = TargetCheckpoint(target)
+        k_hist = max(engine.k_max, self.k_fixed)
+        self.stats = GenerationStats(n_prompt_tokens=len(prompt_tokens), drafted_per_pos=[0] * k_hist,
+                                     accepted_per_pos=[0] * k_hist, draft_len_hist=[0] * (k_hist + 1))
+        self.text = TextAssembler(lambda toks, prev: target.detokenize(toks, prev_tokens=prev),
+                                  prompt_tokens, params.stop)
+        self.k_prev = 0                       # the last step's draft length (policy: steady costs)
+        self.t_added = time.perf_counter()
+        self.t_gen = 0.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_prefilled < len(self.head)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def result(self) -> GenerationResult:
+        logprobs = getattr(self.verifier, "logprobs", None) if self.params.logprobs is not None else None
+        return GenerationResult(list(self.generated), self.text.text, self.finish_reason or "length", self.stats,
+                                logprobs=list(logprobs) if logprobs is not None else None)
+
+    def commit(self, new_tokens: List[int], vocab: Any) -> Tuple[int, str]:
+        """Apply EOG, stop strings and max_tokens token by token: (tokens kept, final text)."""
+        if self.params.raw:
+            self.generated.extend(new_tokens)
+            return len(new_tokens), ""
+        out: List[str] = []
+        for i, tok in enumerate(new_tokens):
+            self.generated.append(tok)
+            if llama_cpp.llama_vocab_is_eog(vocab, tok):
+                self.finish_reason = "stop"
+                return i + 1, "".join(out)
+            out.append(self.text.feed(tok))
+            if self.text.stopped:
+                self.finish_reason = "stop"
+                return i + 1, "".join(out)
+            if len(self.generated) >= self.params.max_tokens:
+                self.finish_reason = "length"
+                return i + 1, "".join(out)
+        return len(new_tokens), "".join(out)
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class Part:
+    """One sequence's rows in a step's target decode."""
+
+    seq: Sequence
+    tokens: List[int]
+    pos0: int
+    verify: bool                     # verify rows (all output logits) or a prompt chunk
+    k: int = 0                       # the draft length chosen (the drafter may return fewer)
+    proposal: List[int] = field(default_factory=list)
+    q: Any = None
+    checkpoint: bool = False
+    row0: int = 0                    # batch index of its first row
+    n_acc: int = 0                   # filled by verify
+    new_tokens: List[int] = field(default_factory=list)
+
+
+@dataclass
+class StepRecord:
+    """A step's data, passed from phase to phase."""
+
+    parts: List[Part] = field(default_factory=list)
+    t_start: float = 0.0
+    t_draft: float = 0.0
+    t_decode: float = 0.0
+    t_process: float = 0.0
+    t_sample: float = 0.0
+    decoded: bool = True             # False: the target had no room (every part ends "length")
+
+
+@dataclass
+class SeqEvent:
+    """What a step did for one sequence: the tokens it committed, their final text, whether it ended."""
+
+    seq: Sequence
+    tokens: List[int]
+    text: str
+    done: bool
+
+
+# ---------------------------------------------------------------------------- batch
+
+
+class _Batch:
+    """A llama_batch the engine fills with several sequences' runs."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self.n = 0
+
+    def clear(self) -> None:
+        self.n = 0
+
+    def add_run(self, seq_id: int, tokens: Seq[int], pos0: int, logits: bool) -> int:
+        """Append a run; returns its first row. The last row always outputs (llama.cpp wants one)."""
+        b, row0 = self.batch, self.n
+        if row0 + len(tokens) > self.capacity:
+            raise MtpError(f"internal: a step of {row0 + len(tokens)} rows exceeds the batch of {self.capacity}")
+        for i, tok in enumerate(tokens):
+            r = row0 + i
+            b.token[r] = tok
+            b.pos[r] = pos0 + i
+            b.n_seq_id[r] = 1
+            b.seq_id[r][0] = seq_id
+            b.logits[r] = logits
+        self.n += len(tokens)
+        return row0
+
+    def finish(self) -> None:
+        self.batch.logits[self.n - 1] = True
+        self.batch.n_tokens = self.n
+
+    def close(self) -> None:
+        if self.batch is not None:
+            llama_cpp.llama_batch_free(self.batch)
+            self.batch = None
+
+
+# --------------------------------------------------------------------------- engine
+
+
+class StepEngine:
+    """Speculative steps over the slots of one (target, draft) pair; not thread-safe.
+
+    ``n_draft``: the default draft length ("auto" or an int); ``drafter``:
+    "own" (the session's own draft loop, batched across sequences, with deferred
+    MTP catch-up) or "upstream" (upstream's drafter with backend sampling, as the
+    native loop runs it; fixed lengths and sample-and-match only). ``prefill``:
+    "shared" (a joining sequence's prompt chunks ride in the step's decode) or
+    "separate" (its whole prompt is decoded before the step). ``keep_memory``:
+    a finished sequence leaves its tokens in the contexts (one-shot runs that
+    leave the target Llama usable); they are cleared when its slot is reused.
+    """
+
+    def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
+                 drafter: str = "own", prefill: str = "shared", session: Optional[MtpSession] = None,
+                 k_max: Optional[int] = None, keep_memory: bool = False) -> None:
+        if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
+            raise MtpArgumentError("the target and draft must be llama_cpp.Llama objects (see llama_mtp.load)")
+        self.n_draft = check_n_draft(n_draft)
+        if drafter not in ("own", "upstream"):
+            raise MtpArgumentError(f"drafter must be 'own' or 'upstream', got {drafter!r}")
+        if prefill not in ("shared", "separate"):
+            raise MtpArgumentError(f"prefill must be 'shared' or 'separate', got {prefill!r}")
+        self.target, self.draft = target, draft
+        self.own_drafts = drafter == "own"
+        self.prefill = prefill
+        self.keep_memory = keep_memory
+        if session is not None:
+            if session.target is not target:
+                raise MtpArgumentError("the session was created for another target Llama")
+            if self.own_drafts != session.defer_catchup:
+                raise MtpArgumentError("the session's defer_catchup must match the drafter "
+                                       "(own: defer_catchup=True, backend_sampling=False; upstream: the defaults)")
+            self.k_max = session.n_draft_max
+        else:
+            self.k_max = int(k_max or getattr(target, "mtp_n_draft_max", 3))
+        if self.n_draft != "auto" and self.n_draft > self.k_max:
+            raise MtpArgumentError(f"n_draft={self.n_draft} exceeds the session's n_draft_max={self.k_max}")
+        n_slots = session.n_seq if session is not None else int(getattr(target, "mtp_n_seq", 1))
+        self.owns_session = session is None
+        self.session = session or MtpSession(target, draft, n_seq=n_slots, n_draft_max=self.k_max,
+                                             backend_sampling=not self.own_drafts, defer_catchup=self.own_drafts)
+        self.ctx = _compat.ctx_ptr(target)
+        self.vocab = _compat.vocab_ptr(target)
+        self.n_batch = int(target.n_batch)
+        if n_slots * (self.k_max + 1) > self.n_batch:
+            raise MtpArgumentError(f"n_batch={self.n_batch} cannot hold a verify step of {n_slots} sequences x "
+                                   f"(n_draft_max+1)={self.k_max + 1} rows")
+        # llama.cpp may round n_ctx up; llama-cpp-python's token buffer keeps the requested size
+        self.n_ctx_slot = min(int(llama_cpp.llama_n_ctx_seq(self.ctx)), len(target.input_ids))
+        self.rollback_cap = rollback_capacity(target)
+        self.slots: List[Optional[Sequence]] = [None] * n_slots
+        self._rows = _Batch(self.n_batch)
+        self.closed = False
+
+    # -- slots ------------------------------------------------------------------------
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+    @property
+    def active(self) -> List[Sequence]:
+        return [s for s in self.slots if s is not None]
+
+    def free_slots(self) -> int:
+        return sum(1 for s in self.slots if s is None)
+
+    def check_prompt(self, tokens: List[int]) -> None:
+        if not tokens:
+            raise MtpArgumentError("the prompt is empty")
+        if len(tokens) >= self.n_ctx_slot:
+            raise MtpArgumentError(f"the prompt has {len(tokens)} tokens, more than a sequence's context allows "
+                                   f"(n_ctx per sequence = {self.n_ctx_slot}); shorten it or load with a larger n_ctx")
+
+    def add(self, prompt_tokens: List[int], params: SequenceParams) -> Sequence:
+        """Put a new sequence in a free slot (its prompt is decoded by the next steps)."""
+        self._check_open()
+        self.check_prompt(prompt_tokens)
+        sid = next((i for i, s in enumerate(self.slots) if s is None), None)
+        if sid is None:
+            raise MtpArgumentError(f"all {self.n_slots} slots are busy")
+        seq = Sequence(self, sid, list(prompt_tokens), params)
+        self._clear_memory(sid)
+        self.session.begin(sid, [])
+        self.slots[sid] = seq
+        if not seq.prefilling:
+            self._begin(seq)
+        elif self.prefill == "separate":
+            self._prefill_now(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """End a sequence between steps (finish_reason "cancelled") and free its slot."""
+        if self.slots[seq.seq_id] is seq:
+            seq.finish_reason = "cancelled"
+            self._release(seq)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for seq in self.active:
+            seq.finish_reason = seq.finish_reason or "cancelled"
+            self._release(seq)
+        self._rows.close()
+        if self.owns_session:
+            self.session.close()
+
+    def __enter__(self) -> "StepEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- step -------------------------------------------------------------------------
+
+    def step(self) -> List[SeqEvent]:
+        """One step over every sequence in a slot; events for those that committed tokens or ended."""
+        self._check_open()
+        rec = StepRecord(t_start=time.perf_counter())
+        events = self._plan(rec)
+        self._draft(rec)
+        self._add_prefill(rec)
+        if not rec.parts:
+            return events
+        self._decode(rec)
+        if not rec.decoded:
+            return events + self._out_of_room(rec)
+        self._verify(rec)
+        return events + self._settle(rec)
+
+    def _plan(self, rec: StepRecord) -> List[SeqEvent]:
+        """Choose each running sequence's draft length; sequences out of context end here."""
+        events = []
+        for seq in self.active:
+            if seq.prefilling:
+                continue
+            if seq.n_past >= self.n_ctx_slot:
+                seq.finish_reason = "length"
+                self._release(seq)
+                events.append(SeqEvent(seq, [], seq.text.finish() if not seq.params.raw else "", True))
+                continue
+            # never overrun the context or max_tokens (a step commits up to k+1 tokens)
+            room = self.n_ctx_slot - seq.n_past - 2
+            if not seq.params.raw:
+                room = min(room, seq.params.max_tokens - len(seq.generated) - 1)
+            k = seq.policy.choose(room) if seq.policy else max(0, min(seq.k_fixed, room))
+            rec.parts.append(Part(seq, [seq.id_last], seq.n_past, verify=True, k=k))
+        return events
+
+    def _draft(self, rec: StepRecord) -> None:
+        t0 = time.perf_counter()
+        drafting = [p for p in rec.parts if p.k]
+        if self.own_drafts and drafting:
+            reqs = [DraftRequest(p.seq.seq_id, p.pos0, p.seq.id_last, p.k, p.seq.draft_temp,
+                                 p.seq.draft_top_k, p.seq.rng.getrandbits(32), p.seq.want_q) for p in drafting]
+            for p, (tokens, q) in zip(drafting, self.session.draft_many(reqs)):
+                p.proposal, p.q = tokens, q
+        else:
+            for p in drafting:
+                p.proposal = self.session.draft(p.seq.seq_id, p.pos0, p.seq.id_last, n_max=p.k)
+        for p in rec.parts:
+            p.tokens = [p.seq.id_last, *p.proposal]
+            # a draft longer than the recurrent state can roll back: checkpoint first (upstream's path)
+            p.checkpoint = bool(p.proposal) and self.rollback_cap is not None and len(p.proposal) > self.rollback_cap
+            if p.checkpoint:
+                p.seq.checkpoint.save(p.seq.seq_id)
+        rec.t_draft = time.perf_counter() - t0
+
+    def _add_prefill(self, rec: StepRecord) -> None:
+        """prefill="shared": joining sequences' next prompt chunks fill the rest of the batch."""
+        budget = self.n_batch - sum(len(p.tokens) for p in rec.parts)
+        for seq in self.active:
+            if budget <= 0:
+                break
+            if seq.prefilling:
+                chunk = seq.head[seq.n_prefilled: seq.n_prefilled + budget]
+                rec.parts.append(Part(seq, chunk, seq.n_prefilled, verify=False))
+                budget -= len(chunk)
+
+    def _prefill_now(self, seq: Sequence) -> None:
+        """prefill="separate": the whole prompt in n_batch chunks, before the next step."""
+        while seq.prefilling:
+            rec = StepRecord(t_start=time.perf_counter())
+            chunk = seq.head[seq.n_prefilled: seq.n_prefilled + self.n_batch]
+            rec.parts.append(Part(seq, chunk, seq.n_prefilled, verify=False))
+            self._decode(rec)
+            if not rec.decoded:
+                raise MtpError("the target has no room for the prompt (llama_decode returned 1)")
+            self._prefilled(rec.parts[0])
+
+    def _decode(self, rec: StepRecord) -> None:
+        """Every part in ONE target decode, handed to the drafter with one process()."""
+        t0 = time.perf_counter()
+        b = self._rows
+        b.clear()
+        # rows in seq-id order: llama.cpp splits a hybrid model's batch into ubatches of consecutive,
+        # increasing seq ids, and with sequences out of order (a joining prompt chunk after the
+        # others' verify rows) a later partial rollback restored the wrong recurrent state (measured)
+        rec.parts.sort(key=lambda p: p.seq.seq_id)
+        for p in rec.parts:
+            p.row0 = b.add_run(p.seq.seq_id, p.tokens, p.pos0, logits=p.verify)
+        b.finish()
+        rc = llama_cpp.llama_decode(self.ctx, b.batch)
+        t1 = time.perf_counter()
+        rec.t_decode = t1 - t0
+        if rc == 1:
+            rec.decoded = False  # no room in the KV cache
+            return
+        if rc != 0:
+            raise MtpError(f"llama_decode failed on the target (status {rc})")
+        self.session.process(b.batch)
+        rec.t_process = time.perf_counter() - t1
+
+    def _verify(self, rec: StepRecord) -> None:
+        t0 = time.perf_counter()
+        for p in rec.parts:
+            if p.verify:
+                try:
+                    p.n_acc, p.new_tokens = p.seq.verifier.verify(p.proposal, p.q, p.row0)
+                except Exception as e:  # one sequence's sampler failing ends that sequence only
+                    p.seq.error = e
+        rec.t_sample = time.perf_counter() - t0
+
+    def _settle(self, rec: StepRecord) -> List[SeqEvent]:
+        """Commit, roll back and account per sequence; one re-decode for checkpointed drafts."""
+        events: List[SeqEvent] = []
+        redo: List[Tuple[Part, int]] = []
+        kept: Dict[int, Tuple[int, str]] = {}
+        for p in rec.parts:
+            if not p.verify:
+                self._prefilled(p)
+                continue
+            if p.seq.error is not None:
+                continue
+            n_keep, piece = p.seq.commit(p.new_tokens, self.vocab)
+            kept[id(p)] = (n_keep, piece)
+            n_acc = min(p.n_acc, n_keep - 1)
+            p.n_acc = n_acc
+            if p.checkpoint and n_acc < len(p.proposal):
+                redo.append((p, n_acc))
+        if redo:
+            self._redo(redo)
+        t_end = time.perf_counter()
+        t_verify = rec.t_decode + rec.t_process
+        for p in rec.parts:
+            if not p.verify:
+                continue
+            if p.seq.error is not None:
+                events.append(self._fail(p.seq, p.seq.error))
+                continue
+            seq, (n_keep, piece) = p.seq, kept[id(p)]
+            if p.proposal:
+                self.session.accept(seq.seq_id, p.n_acc)  # trims target and draft to n_past + 1 + n_acc
+            self._account(seq, p, n_keep, rec, t_end)
+            if seq.policy is not None:
+                # steady: the step before drafted too (the first draft also catches up deferred rows)
+                seq.policy.observe(len(p.proposal), p.n_acc, t_verify, rec.t_draft, t_end - rec.t_start,
+                                   seq.k_prev > 0)
+            seq.k_prev = len(p.proposal)
+            seq.n_past += 1 + p.n_acc
+            seq.id_last = p.new_tokens[n_keep - 1]
+            done = seq.finished or (not seq.params.raw and len(seq.generated) >= seq.params.max_tokens)
+            if done:
+                seq.finish_reason = seq.finish_reason or "length"
+                if not seq.params.raw:
+                    piece += seq.text.finish()
+                self._release(seq)
+            events.append(SeqEvent(seq, p.new_tokens[:n_keep], piece, done))
+        return events
+
+    def _account(self, seq: Sequence, p: Part, n_keep: int, rec: StepRecord, t_end: float) -> None:
+        st = seq.stats
+        st.steps += 1
+        st.n_generated += n_keep
+        st.drafted += len(p.proposal)
+        st.accepted += p.n_acc
+        st.draft_len_hist[len(p.proposal)] += 1
+        for i in range(len(p.proposal)):
+            st.drafted_per_pos[i] += 1
+        for i in range(p.n_acc):
+            st.accepted_per_pos[i] += 1
+        st.t_draft += rec.t_draft
+        st.t_decode += rec.t_decode
+        st.t_process += rec.t_process
+        st.t_sample += rec.t_sample
+        st.generation_seconds = t_end - seq.t_gen
+
+    def _redo(self, redo: List[Tuple[Part, int]]) -> None:
+        """Restore checkpoints and re-decode [id_last, accepted drafts] of each, in one decode."""
+        rec = StepRecord(t_start=time.perf_counter())
+        for p, n_acc in redo:
+            sid = p.seq.seq_id
+            p.seq.checkpoint.restore(sid, p.pos0)
+            self._seq_rm(_compat.ctx_ptr(self.draft), sid, p.pos0)
+            rec.parts.append(Part(p.seq, [p.seq.id_last, *p.proposal[:n_acc]], p.pos0, verify=False))
+        self._decode(rec)
+        if not rec.decoded:
+            raise MtpError("the target has no room to re-decode accepted drafts after a checkpoint restore")
+
+    def _prefilled(self, p: Part) -> None:
+        seq = p.seq
+        seq.n_prefilled += len(p.tokens)
+        if not seq.prefilling:
+            self._begin(seq)
+
+    def _begin(self, seq: Sequence) -> None:
+        self.session.begin(seq.seq_id, seq.head)
+        seq.n_past = len(seq.head)
+        seq.t_gen = time.perf_counter()
+        seq.stats.prompt_seconds = seq.t_gen - seq.t_added
+
+    def _out_of_room(self, rec: StepRecord) -> List[SeqEvent]:
+        events = []
+        for p in rec.parts:
+            seq = p.seq
+            if seq.finished:
+                continue
+            if p.verify and p.proposal:
+                self.session.begin(seq.seq_id, [])  # drop the proposal that could not be verified
+            seq.finish_reason = "length"
+            self._release(seq)
+            events.append(SeqEvent(seq, [], "" if seq.params.raw else seq.text.finish(), True))
+        return events
+
+    def _fail(self, seq: Sequence, error: BaseException) -> SeqEvent:
+        seq.error = error
+        seq.finish_reason = "error"
+        self._release(seq)
+        return SeqEvent(seq, [], "", True)
+
+    def fail_all(self, error: BaseException) -> List[SeqEvent]:
+        """After a step raised: end every sequence in a slot with ``error`` (the engine stays usable)."""
+        return [self._fail(seq, error) for seq in self.active]
+
+    def _release(self, seq: Sequence) -> None:
+        if self.slots[seq.seq_id] is seq:
+            self.slots[seq.seq_id] = None
+            if not self.session.closed and self.session.pending(seq.seq_id):
+                self.session.begin(seq.seq_id, [])  # a draft that will never be verified
+            if not self.keep_memory or seq.error is not None:
+                self._clear_memory(seq.seq_id)
+        seq.close()
+
+    def _clear_memory(self, sid: int) -> None:
+        if _compat.ctx_ptr(self.target) and _compat.ctx_ptr(self.draft):
+            self._seq_rm(self.ctx, sid, -1)
+            self._seq_rm(_compat.ctx_ptr(self.draft), sid, -1)
+
+    @staticmethod
+    def _seq_rm(ctx: Any, sid: int, p0: int) -> None:
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sid, p0, -1)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise SessionClosedError("the engine is closed")
+        if self.session.closed:
+            raise SessionClosedError("the engine's MtpSession is closed (was the target or draft closed?)")
+
+    # -- the one-sequence case --------------------------------------------------------
+
+    def sync_target(self, seq: Sequence) -> None:
+        """Leave the target Llama consistent with seq's tokens in its context (seq 0 only)."""
+        if seq.seq_id == 0 and _compat.ctx_ptr(self.target):
+            _compat.sync_llama_tokens(self.target, seq.tokens_prompt + seq.generated, seq.n_past)
