@@ -36,11 +36,12 @@ from llama_mtp import testing
 from llama_mtp.loading import MtpDraftLlama, MtpTargetLlama
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# distinct last tokens: an oracle model's continuation depends only on where its prompt ends
 PROMPTS = [
-    "Speculative decoding drafts tokens with a cheap head and verifies them in one batch.",
-    "Continuous batching lets many requests share every decode of the target model.",
-    "A memory-bound decode reads all weights once, whatever the number of rows.",
-    "Multi-token prediction heads are trained next to the model and ship in its file.",
+    "Speculative decoding drafts tokens with a cheap head and verifies them in one batch",
+    "Continuous batching lets many requests share every decode of the target model, quickly",
+    "A memory-bound decode reads all weights once, whatever the number of rows: why",
+    "Multi-token prediction heads are trained next to the model and ship in its file; so",
 ]
 
 
@@ -114,7 +115,7 @@ def bench_model(args: argparse.Namespace, size: str, accept: float) -> Dict[str,
 
 def prefill_rows(target: Any, draft: Any, args: argparse.Namespace) -> Dict[str, Any]:
     """Long prompts joining running sequences: prompt chunks in the verify decode, or between steps."""
-    long_prompts = [" ".join(PROMPTS[i:] + PROMPTS[:i]) * 3 for i in range(2 * max(args.sequences))]
+    long_prompts = [" ".join(PROMPTS[i % 4:] + PROMPTS[:i % 4]) for i in range(2 * max(args.sequences))]
     out: Dict[str, List[float]] = {"shared": [], "separate": []}
     n_prompt = len(target.tokenize(long_prompts[0].encode(), add_bos=True))
     for _ in range(args.repeats):
@@ -128,6 +129,24 @@ def prefill_rows(target: Any, draft: Any, args: argparse.Namespace) -> Dict[str,
     return row
 
 
+def prefill_only(args: argparse.Namespace, size: str, accept: float) -> None:
+    path = str(testing.cached_test_model(size=size, recipe="oracle", accept=accept, ftype="f16",
+                                         accept_pattern="random"))
+    n_seq = max(args.sequences)
+    kw = dict(n_ctx=n_seq * 512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    target = MtpTargetLlama(path, n_draft_max=3, n_seq=n_seq, **kw)
+    draft = MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
+    try:
+        llama_mtp.generate(target, draft, PROMPTS[0], max_tokens=16, n_draft=3)  # warm-up
+        row = prefill_rows(target, draft, args)
+    finally:
+        draft.close()
+        target.close()
+    stem = RESULTS / f"{datetime.date.today().isoformat()}-{platform.machine()}-{os.cpu_count()}cpu-many-prefill-{size}"
+    stem.with_suffix(".json").write_text(json.dumps({"size": size, "accept": accept, "args": vars(args),
+                                                      "prefill": row}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="bench,fast")
@@ -138,12 +157,16 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prefill", dest="prefill", action="store_false")
+    p.add_argument("--prefill-only", action="store_true", help="only the prefill placement rows (first size)")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     args.sizes = args.sizes.split(",")
     args.n_drafts = [x if x == "auto" else int(x) for x in args.n_drafts.split(",")]
     args.sequences = [int(x) for x in args.sequences.split(",")]
     accepts = [float(x) for x in args.accepts.split(",")]
+    if args.prefill_only:
+        prefill_only(args, args.sizes[0], accepts[0])
+        return
     rows = [bench_model(args, size, a) for size in args.sizes for a in accepts]
     machine = f"{platform.machine()}-{os.cpu_count()}cpu"
     date = datetime.date.today().isoformat()

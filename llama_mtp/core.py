@@ -256,6 +256,7 @@ class Part:
     pos0: int
     verify: bool                     # verify rows (all output logits) or a prompt chunk
     k: int = 0                       # the draft length chosen (the drafter may return fewer)
+    n_prefix: int = 0                # leading prompt rows before the verify rows (a prompt's last chunk)
     proposal: List[int] = field(default_factory=list)
     q: Any = None
     checkpoint: bool = False
@@ -301,8 +302,9 @@ class _Batch:
     def clear(self) -> None:
         self.n = 0
 
-    def add_run(self, seq_id: int, tokens: Seq[int], pos0: int, logits: bool) -> int:
-        """Append a run; returns its first row. The last row always outputs (llama.cpp wants one)."""
+    def add_run(self, seq_id: int, tokens: Seq[int], pos0: int, logits: bool, n_prefix: int = 0) -> int:
+        """Append a run (its first n_prefix rows without output); returns its first row.
+        The batch's last row always outputs (llama.cpp wants one)."""
         b, row0 = self.batch, self.n
         if row0 + len(tokens) > self.capacity:
             raise MtpError(f"internal: a step of {row0 + len(tokens)} rows exceeds the batch of {self.capacity}")
@@ -312,7 +314,7 @@ class _Batch:
             b.pos[r] = pos0 + i
             b.n_seq_id[r] = 1
             b.seq_id[r][0] = seq_id
-            b.logits[r] = logits
+            b.logits[r] = logits and i >= n_prefix
         self.n += len(tokens)
         return row0
 
@@ -467,7 +469,8 @@ class StepEngine:
         for seq in self.active:
             if seq.prefilling:
                 continue
-            if seq.n_past >= self.n_ctx_slot:
+            # prompt + generated tokens (n_past + 1) fill the slot: llama-cpp-python stops there too
+            if seq.n_past + 1 >= self.n_ctx_slot:
                 seq.finish_reason = "length"
                 self._release(seq)
                 events.append(SeqEvent(seq, [], seq.text.finish() if not seq.params.raw else "", True))
@@ -500,15 +503,28 @@ class StepEngine:
         rec.t_draft = time.perf_counter() - t0
 
     def _add_prefill(self, rec: StepRecord) -> None:
-        """prefill="shared": joining sequences' next prompt chunks fill the rest of the batch."""
+        """prefill="shared": joining sequences' next prompt chunks fill the rest of the batch.
+
+        With the own drafter a prompt's last chunk also carries the sequence's first verify
+        row (a plain step), so a joining sequence commits its first token in the same decode
+        instead of one step later.
+        """
         budget = self.n_batch - sum(len(p.tokens) for p in rec.parts)
         for seq in self.active:
             if budget <= 0:
                 break
-            if seq.prefilling:
-                chunk = seq.head[seq.n_prefilled: seq.n_prefilled + budget]
-                rec.parts.append(Part(seq, chunk, seq.n_prefilled, verify=False))
-                budget -= len(chunk)
+            if not seq.prefilling:
+                continue
+            start = seq.n_prefilled
+            chunk = seq.head[start: start + budget]
+            budget -= len(chunk)
+            if start + len(chunk) == len(seq.head) and self.own_drafts and budget > 0:
+                seq.n_prefilled = len(seq.head)
+                self._begin(seq)  # own drafter: begin() only resets the slot's draft bookkeeping
+                rec.parts.append(Part(seq, [*chunk, seq.id_last], start, verify=True, n_prefix=len(chunk)))
+                budget -= 1
+            else:
+                rec.parts.append(Part(seq, chunk, start, verify=False))
 
     def _prefill_now(self, seq: Sequence) -> None:
         """prefill="separate": the whole prompt in n_batch chunks, before the next step."""
@@ -531,7 +547,7 @@ class StepEngine:
         # others' verify rows) a later partial rollback restored the wrong recurrent state (measured)
         rec.parts.sort(key=lambda p: p.seq.seq_id)
         for p in rec.parts:
-            p.row0 = b.add_run(p.seq.seq_id, p.tokens, p.pos0, logits=p.verify)
+            p.row0 = b.add_run(p.seq.seq_id, p.tokens, p.pos0, logits=p.verify, n_prefix=p.n_prefix)
         b.finish()
         rc = llama_cpp.llama_decode(self.ctx, b.batch)
         t1 = time.perf_counter()
@@ -549,7 +565,7 @@ class StepEngine:
         for p in rec.parts:
             if p.verify:
                 try:
-                    p.n_acc, p.new_tokens = p.seq.verifier.verify(p.proposal, p.q, p.row0)
+                    p.n_acc, p.new_tokens = p.seq.verifier.verify(p.proposal, p.q, p.row0 + p.n_prefix)
                 except Exception as e:  # one sequence's sampler failing ends that sequence only
                     p.seq.error = e
         rec.t_sample = time.perf_counter() - t0
@@ -585,7 +601,7 @@ class StepEngine:
             if p.proposal:
                 self.session.accept(seq.seq_id, p.n_acc)  # trims target and draft to n_past + 1 + n_acc
             self._account(seq, p, n_keep, rec, t_end)
-            if seq.policy is not None:
+            if seq.policy is not None and not p.n_prefix:  # a prompt chunk's time is no step cost
                 # steady: the step before drafted too (the first draft also catches up deferred rows)
                 seq.policy.observe(len(p.proposal), p.n_acc, t_verify, rec.t_draft, t_end - rec.t_start,
                                    seq.k_prev > 0)

@@ -142,28 +142,27 @@ def server_model(model_dir) -> pathlib.Path:
     return _helpers.build_model(SPEC, model_dir)
 
 
-@pytest.fixture(scope="module")
-def server(server_model, tmp_path_factory) -> Iterator[ServerProcess]:
-    """Four slots of 512 tokens, drafting auto (the defaults otherwise)."""
-    srv = ServerProcess(server_model, tmp_path_factory.mktemp("server") / "server.log", "--n_parallel", "4",
-                        "--n_ctx", str(4 * N_CTX_SLOT))
+def _serving(srv: ServerProcess) -> Iterator[ServerProcess]:
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_model, tmp_path_factory) -> Iterator[ServerProcess]:
+    """Four slots of 512 tokens, drafting auto (the defaults otherwise)."""
+    yield from _serving(ServerProcess(server_model, tmp_path_factory.mktemp("server") / "server.log",
+                                      "--n_parallel", "4", "--n_ctx", str(4 * N_CTX_SLOT)))
 
 
 @pytest.fixture(scope="module")
 def limited(server_model, tmp_path_factory) -> Iterator[ServerProcess]:
     """One slot, one waiting place, an API key and an alias."""
-    srv = ServerProcess(server_model, tmp_path_factory.mktemp("limited") / "server.log", "--n_parallel", "1",
-                        "--max_waiting", "1", "--n_ctx", "4096", "--model_alias", "tiny", api_key=API_KEY)
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from _serving(ServerProcess(server_model, tmp_path_factory.mktemp("limited") / "server.log",
+                                      "--n_parallel", "1", "--max_waiting", "1", "--n_ctx", "4096",
+                                      "--model_alias", "tiny", api_key=API_KEY))
 
 
 @pytest.fixture(scope="module")
