@@ -108,7 +108,7 @@ def start(kind: str, model: str, args: argparse.Namespace, log_dir: pathlib.Path
     if kind == "mtp":
         cmd = [sys.executable, "-m", "llama_mtp.server", "--model", model, "--host", HOST, "--port", str(port),
                "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(args.n_ctx), "--verbose", "false",
-               "--n_parallel", str(args.n_parallel), "--n_draft", "auto", "--n_draft_max", str(args.n_draft_max)]
+               "--n_parallel", str(args.n_parallel), "--n_draft", args.n_draft, "--n_draft_max", str(args.n_draft_max)]
         return Server(kind, cmd, port, "/health", log_dir)
     if kind == "native":
         exe = native.server_binary()
@@ -225,6 +225,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--n-ctx", type=int, default=4096)
     p.add_argument("--n-parallel", type=int, default=4)
     p.add_argument("--n-draft-max", type=int, default=3)
+    p.add_argument("--n-draft", default="auto", help="llama_mtp.server's --n_draft (auto or K)")
     p.add_argument("--servers", default="plain,native,mtp")
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", default=str(RESULTS), help="where the .json/.md go (default bench/results)")
