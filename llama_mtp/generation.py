@@ -42,8 +42,10 @@ class OneSequenceRun:
         # auto and rejection sampling need the own draft loop (exact n_max, sampled drafts, deferred catch-up)
         own = n_draft == "auto" or params.verify == "rejection" or (session is not None and session.defer_catchup)
         k_max = None if n_draft == "auto" else max(1, int(n_draft))
+        # one sequence shares its decodes with nobody: its prompt is decoded up front, and the
+        # stats split prompt time from generation time as plain llama-cpp-python's timings do
         self.engine = StepEngine(target, draft, n_draft=n_draft, drafter="own" if own else "upstream",
-                                 session=session, k_max=k_max, keep_memory=True)
+                                 prefill="separate", session=session, k_max=k_max, keep_memory=True)
         try:
             if self.engine.n_slots < 1:
                 raise MtpArgumentError("the session has no sequence slots")
