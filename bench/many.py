@@ -75,13 +75,18 @@ def seq_rows(results: List[Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def bench_model(args: argparse.Namespace, size: str, accept: float) -> Dict[str, Any]:
+def open_pair(args: argparse.Namespace, size: str, accept: float) -> Any:
+    """(path, target, draft) on the oracle model, with a slot of 512 tokens per sequence."""
     path = str(testing.cached_test_model(size=size, recipe="oracle", accept=accept, ftype="f16",
                                          accept_pattern="random"))
     n_seq = max(args.sequences)
     kw = dict(n_ctx=n_seq * 512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     target = MtpTargetLlama(path, n_draft_max=3, n_seq=n_seq, **kw)
-    draft = MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
+    return path, target, MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
+
+
+def bench_model(args: argparse.Namespace, size: str, accept: float) -> Dict[str, Any]:
+    path, target, draft = open_pair(args, size, accept)
     cells: Dict[str, Dict[str, List[float]]] = {}
     detail: Dict[str, Any] = {}
     try:
@@ -130,12 +135,7 @@ def prefill_rows(target: Any, draft: Any, args: argparse.Namespace) -> Dict[str,
 
 
 def prefill_only(args: argparse.Namespace, size: str, accept: float) -> None:
-    path = str(testing.cached_test_model(size=size, recipe="oracle", accept=accept, ftype="f16",
-                                         accept_pattern="random"))
-    n_seq = max(args.sequences)
-    kw = dict(n_ctx=n_seq * 512, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    target = MtpTargetLlama(path, n_draft_max=3, n_seq=n_seq, **kw)
-    draft = MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
+    _, target, draft = open_pair(args, size, accept)
     try:
         llama_mtp.generate(target, draft, PROMPTS[0], max_tokens=16, n_draft=3)  # warm-up
         row = prefill_rows(target, draft, args)
