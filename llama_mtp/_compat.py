@@ -114,6 +114,12 @@ def raw_batch(batch: Any) -> int:
         f"process() takes the target Llama, a LlamaBatch or a ctypes llama_batch, got {type(batch).__name__}")
 
 
+def token_capacity(llm: llama_cpp.Llama) -> int:
+    """Tokens the Llama's own token buffer holds (llama.cpp may round n_ctx up; the buffer keeps
+    the requested size, and plain llama-cpp-python stops there)."""
+    return len(llm.input_ids)
+
+
 def logits_all(llm: llama_cpp.Llama) -> bool:
     return bool(getattr(llm, "_logits_all", False))
 

@@ -54,7 +54,7 @@ NDraft = Union[int, str]
 class SequenceParams:
     """A sequence's validated settings (see :func:`sequence_params`)."""
 
-    sampling: Dict[str, Any]            # Llama._init_sampler keywords (temp, top_k, ..., grammar)
+    sampling: Dict[str, Any]            # llama-cpp-python's sampler-chain keywords (temp, top_k, ..., grammar)
     max_tokens: int
     seed: Optional[int] = None
     stop: Tuple[str, ...] = ()
@@ -134,6 +134,11 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                           verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw)
 
 
+def check_pair(target: Any, draft: Any) -> None:
+    if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
+        raise MtpArgumentError("the target and draft must be llama_cpp.Llama objects (see llama_mtp.load)")
+
+
 def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
     """Tokens of a prompt, as llama-cpp-python's create_completion tokenizes it."""
     if isinstance(prompt, str):
@@ -173,14 +178,8 @@ class Sequence:
         sampling = params.sampling
         n_draft = engine.n_draft if params.n_draft is None else params.n_draft
         plain_only = params.logit_bias is not None or params.logprobs is not None
-        n_vocab = target.n_vocab()
-        bad = [t for t in (params.logit_bias or {}) if t >= n_vocab]
-        if bad:
-            raise MtpArgumentError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {n_vocab})")
         if plain_only:
             n_draft = 0  # a per-row hook or per-token logprobs: a plain-decoding sequence
-        if n_draft != "auto" and n_draft > engine.k_max:
-            raise MtpArgumentError(f"n_draft={n_draft} exceeds the engine's n_draft_max={engine.k_max}")
         self.policy = DraftPolicy(engine.k_max) if n_draft == "auto" else None
         self.k_fixed = 0 if n_draft == "auto" else int(n_draft)
         verify = params.verify if supports_rejection(sampling) and not plain_only else "match"
@@ -347,8 +346,7 @@ class StepEngine:
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
                  drafter: str = "own", prefill: str = "shared", session: Optional[MtpSession] = None,
                  k_max: Optional[int] = None, keep_memory: bool = False) -> None:
-        if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
-            raise MtpArgumentError("the target and draft must be llama_cpp.Llama objects (see llama_mtp.load)")
+        check_pair(target, draft)
         self.n_draft = check_n_draft(n_draft)
         if drafter not in ("own", "upstream"):
             raise MtpArgumentError(f"drafter must be 'own' or 'upstream', got {drafter!r}")
@@ -379,8 +377,8 @@ class StepEngine:
         if n_slots * (self.k_max + 1) > self.n_batch:
             raise MtpArgumentError(f"n_batch={self.n_batch} cannot hold a verify step of {n_slots} sequences x "
                                    f"(n_draft_max+1)={self.k_max + 1} rows")
-        # llama.cpp may round n_ctx up; llama-cpp-python's token buffer keeps the requested size
-        self.n_ctx_slot = min(int(llama_cpp.llama_n_ctx_seq(self.ctx)), len(target.input_ids))
+        self.n_ctx_slot = min(int(llama_cpp.llama_n_ctx_seq(self.ctx)), _compat.token_capacity(target))
+        self.n_vocab = int(target.n_vocab())
         self.rollback_cap = rollback_capacity(target)
         self.slots: List[Optional[Sequence]] = [None] * n_slots
         self._rows = _Batch(self.n_batch)
@@ -406,10 +404,19 @@ class StepEngine:
             raise MtpArgumentError(f"the prompt has {len(tokens)} tokens, more than a sequence's context allows "
                                    f"(n_ctx per sequence = {self.n_ctx_slot}); shorten it or load with a larger n_ctx")
 
+    def check_request(self, tokens: List[int], params: SequenceParams) -> None:
+        """Everything add() would refuse, checked without touching a context (any thread may call it)."""
+        self.check_prompt(tokens)
+        if isinstance(params.n_draft, int) and params.n_draft > self.k_max:
+            raise MtpArgumentError(f"n_draft={params.n_draft} exceeds the engine's n_draft_max={self.k_max}")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.n_vocab]
+        if bad:
+            raise MtpArgumentError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
+
     def add(self, prompt_tokens: List[int], params: SequenceParams) -> Sequence:
         """Put a new sequence in a free slot (its prompt is decoded by the next steps)."""
         self._check_open()
-        self.check_prompt(prompt_tokens)
+        self.check_request(prompt_tokens, params)
         sid = next((i for i, s in enumerate(self.slots) if s is None), None)
         if sid is None:
             raise MtpArgumentError(f"all {self.n_slots} slots are busy")
@@ -608,9 +615,8 @@ class StepEngine:
             seq.k_prev = len(p.proposal)
             seq.n_past += 1 + p.n_acc
             seq.id_last = p.new_tokens[n_keep - 1]
-            done = seq.finished or (not seq.params.raw and len(seq.generated) >= seq.params.max_tokens)
+            done = seq.finished  # commit() ends it at EOG, a stop string or max_tokens
             if done:
-                seq.finish_reason = seq.finish_reason or "length"
                 if not seq.params.raw:
                     piece += seq.text.finish()
                 self._release(seq)

@@ -30,7 +30,7 @@ import llama_cpp
 
 from .core import NDraft, Prompt, Sequence, SequenceParams, StepEngine, check_n_draft, sequence_params, tokenize_prompt
 from .errors import EngineClosedError, MtpArgumentError, QueueFullError
-from .results import GenerationResult
+from .results import GenerationResult, GenerationStats
 
 log = logging.getLogger("llama_mtp.engine")
 
@@ -170,14 +170,9 @@ class Engine:
                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
                                  stop=stop, grammar=grammar, logit_bias=logit_bias, logprobs=logprobs,
                                  n_draft=n_draft, verify=verify or self.verify)
-        if params.n_draft not in (None, "auto") and params.n_draft > self._k_max:  # type: ignore[operator]
-            raise MtpArgumentError(f"n_draft={params.n_draft} exceeds the engine's n_draft_max={self._k_max}")
         tokens = tokenize_prompt(self.target, prompt)  # the vocabulary is read-only: any thread may
-        if not tokens:
-            raise MtpArgumentError("the prompt is empty")
-        if len(tokens) >= self._n_ctx_slot:
-            raise MtpArgumentError(f"the prompt has {len(tokens)} tokens, more than a sequence's context allows "
-                                   f"(n_ctx per sequence = {self._n_ctx_slot})")
+        assert self._core is not None
+        self._core.check_request(tokens, params)  # touches no context: safe off the worker thread
         handle = RequestHandle(self, tokens, params)
         with self._cond:
             if self._closed:
@@ -219,7 +214,7 @@ class Engine:
             ready.put(e)
             return
         self._core = core
-        self._n_slots, self._k_max, self._n_ctx_slot = core.n_slots, core.k_max, core.n_ctx_slot
+        self._n_slots, self._n_ctx_slot = core.n_slots, core.n_ctx_slot
         ready.put(None)
         try:
             while True:
@@ -257,7 +252,7 @@ class Engine:
                 self._waiting.remove(h)
             running = [h for h in self._running if h.cancelled]
         for h in waiting:
-            h._finish(GenerationResult([], "", "cancelled", _empty_stats(h)))
+            h._finish(GenerationResult([], "", "cancelled", GenerationStats(n_prompt_tokens=len(h.prompt_tokens))))
         for h in running:
             assert h.seq is not None
             core.cancel(h.seq)
@@ -297,9 +292,3 @@ class Engine:
         with self._cond:
             if h in self._running:
                 self._running.remove(h)
-
-
-def _empty_stats(h: RequestHandle) -> Any:
-    from .results import GenerationStats
-
-    return GenerationStats(n_prompt_tokens=len(h.prompt_tokens))

@@ -20,7 +20,7 @@ from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 
-from .core import NDraft, Prompt, SequenceParams, StepEngine, sequence_params, tokenize_prompt
+from .core import NDraft, Prompt, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params, tokenize_prompt
 from .errors import MtpArgumentError
 from .results import GenerationResult, GenerationStats
 from .session import MtpSession
@@ -120,8 +120,8 @@ def generate(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt: Prompt, *,
     """
     params = sequence_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, verify=verify)
-    _check_pair(target, draft)
-    run = OneSequenceRun(target, draft, tokenize_prompt(target, prompt), params, n_draft=_n_draft(n_draft),
+    check_pair(target, draft)
+    run = OneSequenceRun(target, draft, tokenize_prompt(target, prompt), params, n_draft=check_n_draft(n_draft),
                          session=session)
     if stream:
         return GenerationStream(run)
@@ -149,12 +149,12 @@ def generate_many(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompts: Sequ
         raise MtpArgumentError("generate_many takes a list of prompts (use generate() for one)")
     params = sequence_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, verify=verify)
-    _check_pair(target, draft)
+    check_pair(target, draft)
     tokenized = [tokenize_prompt(target, p) for p in prompts]
     results: List[Optional[GenerationResult]] = [None] * len(tokenized)
     if not tokenized:
         return []
-    with StepEngine(target, draft, n_draft=_n_draft(n_draft), prefill=prefill) as engine:
+    with StepEngine(target, draft, n_draft=check_n_draft(n_draft), prefill=prefill) as engine:
         for toks in tokenized:
             engine.check_prompt(toks)  # every prompt is checked before anything runs
         queue: Deque[Tuple[int, List[int]]] = deque(enumerate(tokenized))
@@ -168,14 +168,3 @@ def generate_many(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompts: Sequ
                         raise ev.seq.error
                     results[ev.seq.tag] = ev.seq.result()
     return [r for r in results if r is not None]
-
-
-def _n_draft(n_draft: Any) -> NDraft:
-    from .core import check_n_draft
-
-    return check_n_draft(n_draft)
-
-
-def _check_pair(target: Any, draft: Any) -> None:
-    if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
-        raise MtpArgumentError("generate() takes the target and draft llama_cpp.Llama objects (see llama_mtp.load)")

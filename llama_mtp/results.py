@@ -18,6 +18,8 @@ class GenerationStats:
     draft_len_hist: List[int] = field(default_factory=list)  # steps that drafted k tokens, k = index
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    # time of the steps this sequence took part in; with several sequences a step's times are
+    # shared by everything batched in it
     t_decode: float = 0.0             # target decodes (prompt excluded)
     t_draft: float = 0.0
     t_process: float = 0.0

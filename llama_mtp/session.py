@@ -126,6 +126,8 @@ class MtpSession:
         self._defer_catchup = bool(defer_catchup)
         self._draft_buf = ffi.new("int32_t[]", n_draft_max)
         self._draft_n = ffi.new("int32_t *")
+        self._many_reqs = ffi.new("mtp_draft_req[]", n_seq)
+        self._many_out = ffi.new("int32_t[]", n_seq * n_draft_max)
         self._flag = ffi.new("int32_t *")
         self._vocab_size = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(
             llama_cpp.llama_get_model(ptr_tgt))))
@@ -265,31 +267,32 @@ class MtpSession:
 
         ffi = self._ffi
         n = len(requests)
-        reqs = ffi.new("mtp_draft_req[]", max(1, n))
-        outs = ffi.new("int32_t[]", max(1, n) * self._n_draft_max)
-        qs: List[Any] = []
-        for i, r in enumerate(requests):
+        for r in requests:
             if not isinstance(r, DraftRequest):
                 raise MtpArgumentError(f"draft_many takes DraftRequest objects, got {type(r).__name__}")
             self._check_seq(r.seq_id)
-            c = reqs[i]
-            c.seq_id, c.pos0, c.id_last = r.seq_id, _i32(r.n_past, "n_past"), _i32(r.id_last, "id_last")
-            c.n_max = _n_max(r.n_max)
-            c.temp, c.top_k, c.seed = float(r.temperature), _i32(r.top_k, "top_k"), int(r.seed) & 0xFFFFFFFF
-            c.out = outs + i * self._n_draft_max
-            rows = self._n_draft_max if c.n_max < 0 else min(c.n_max, self._n_draft_max)
-            q = np.zeros((max(1, rows), self._vocab_size), dtype=np.float32) if r.want_q else None
-            c.q_out = ffi.cast("float *", q.ctypes.data) if q is not None else ffi.NULL
-            qs.append(q)
+        # the request and output buffers are the session's (a step drafts every step): filled,
+        # passed and read under the session lock, so concurrent callers never share them
         with self._call() as handle:
+            if n > self._n_seq:  # duplicates: the shim refuses them, these buffers only hold n_seq
+                reqs, outs = ffi.new("mtp_draft_req[]", n), ffi.new("int32_t[]", n * self._n_draft_max)
+            else:
+                reqs, outs = self._many_reqs, self._many_out
+            qs: List[Any] = []
+            for i, r in enumerate(requests):
+                c = reqs[i]
+                c.seq_id, c.pos0, c.id_last = r.seq_id, _i32(r.n_past, "n_past"), _i32(r.id_last, "id_last")
+                c.n_max = _n_max(r.n_max)
+                c.temp, c.top_k, c.seed = float(r.temperature), _i32(r.top_k, "top_k"), int(r.seed) & 0xFFFFFFFF
+                c.out = outs + i * self._n_draft_max
+                rows = self._n_draft_max if c.n_max < 0 else min(c.n_max, self._n_draft_max)
+                q = np.zeros((max(1, rows), self._vocab_size), dtype=np.float32) if r.want_q else None
+                c.q_out = ffi.cast("float *", q.ctypes.data) if q is not None else ffi.NULL
+                qs.append(q)
             status = self._lib.mtp_session_draft_many(handle, reqs, n)
-        self._raise_for(status, requests[0].seq_id if n == 1 else None)
-        result = []
-        for i in range(n):
-            k = reqs[i].n_out
-            tokens = list(ffi.unpack(reqs[i].out, k))
-            result.append((tokens, qs[i][:k] if qs[i] is not None else None))
-        return result
+            self._raise_for(status, requests[0].seq_id if n == 1 else None)
+            return [(list(ffi.unpack(reqs[i].out, reqs[i].n_out)), qs[i][:reqs[i].n_out] if qs[i] is not None else None)
+                    for i in range(n)]
 
     def accept(self, seq_id: int, n_accepted: int) -> None:
         """Settle the pending draft of seq_id: its first n_accepted tokens were accepted.
