@@ -9,10 +9,19 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 4
+#define MTP_ABI_VERSION 5
 
 struct llama_context;
 struct llama_batch;
+
+/* Upstream's three MTP draft modes (common_speculative_impl_draft_mtp), derived as upstream
+ * does: MEM_SHARED when the draft context's ctx_other is the target (gemma4 assistant: shares
+ * the target's KV, all heads in one graph), else CHAIN_HEADS when the draft model has more
+ * than one nextn layer (step35: head i drafts position i, selected with the nextn layer
+ * offset), else SINGLE (one trained head drafts every position). */
+#define MTP_MODE_SINGLE      0
+#define MTP_MODE_CHAIN_HEADS 1
+#define MTP_MODE_MEM_SHARED  2
 typedef struct mtp_session mtp_session;
 
 enum mtp_status {
@@ -38,7 +47,9 @@ typedef struct mtp_config {
                                  next draft_ex decodes them on the draft context in the same
                                  batch as its first draft token, so plain steps (no draft)
                                  cost no draft decode. Needs backend_sampling = 0; upstream's
-                                 drafter (mtp_session_draft) is then unavailable.        */
+                                 drafter (mtp_session_draft) is then unavailable, and
+                                 MTP_MODE_MEM_SHARED pairs are refused (the own loop
+                                 does not implement that mode).                         */
     int32_t ctx_type_tgt;     /* the contexts' llama_context_type, as they were created: the
                                  type is not readable through llama.h, and the caller built
                                  the param structs (must be DEFAULT and MTP)             */
@@ -71,6 +82,15 @@ typedef struct mtp_stats {
     int64_t t_process_us;     /* time inside process()                                  */
     int64_t t_accept_us;      /* time inside accept()                                   */
 } mtp_stats;
+
+typedef struct mtp_session_info {
+    int32_t mode;             /* MTP_MODE_*                                              */
+    int32_t n_heads;          /* nextn layers of the draft model (>= 1)                   */
+    int32_t n_max;            /* longest draft either loop proposes: n_draft_max, capped
+                                 at n_heads in CHAIN_HEADS mode (as upstream caps it)    */
+    int32_t own_loop;         /* 1: the own draft loop (draft_ex / draft_many) implements
+                                 this mode; 0: only upstream's drafter does              */
+} mtp_session_info;
 
 int32_t      mtp_abi_version(void);
 const char * mtp_last_error(void);
@@ -115,6 +135,13 @@ int32_t mtp_session_draft_many(mtp_session * s, mtp_draft_req * reqs, int32_t n_
 /* Settle the pending proposal: n_accepted in [0, last draft length]. Trims the
  * target and draft contexts of seq_id to pos0 + 1 + n_accepted. */
 int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n_accepted);
+
+/* The draft mode of a (target, draft) pair, as a session on them would derive it,
+ * without creating one: lets a caller pick a drafter first. */
+int32_t mtp_probe_mode(struct llama_context * ctx_tgt, struct llama_context * ctx_dft,
+                       int32_t * mode, int32_t * n_heads);
+
+int32_t mtp_session_get_info(mtp_session * s, mtp_session_info * out);
 
 int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int32_t * out);
 int32_t mtp_session_n_max(mtp_session * s, int32_t * out);

@@ -326,3 +326,18 @@ def apply_chain(chain: _internals.LlamaSampler, cand: _internals.LlamaTokenDataA
     data = ctypes.cast(cand.candidates.data, ctypes.POINTER(llama_cpp.llama_token_data * n)).contents
     return np.frombuffer(data, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True),
                          count=n)
+
+
+# ------------------------------------------------------------------ prompt cache
+
+
+def context_tokens(llm: llama_cpp.Llama) -> List[int]:
+    """The tokens the Llama's context holds, as llama-cpp-python tracks them (input_ids[:n_tokens])."""
+    return [int(t) for t in llm.input_ids[:llm.n_tokens]]
+
+
+def n_decoded(llm: llama_cpp.Llama) -> int:
+    """Tokens llama.cpp decoded on the Llama's context since it was created (prompt + eval counters)."""
+    data = llama_cpp.llama_perf_context(ctx_ptr(llm))
+    # llama_perf_context reports max(1, n) per counter: an idle context reads 1 + 1
+    return int(data.n_p_eval) + int(data.n_eval)

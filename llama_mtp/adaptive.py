@@ -1,159 +1,415 @@
-"""n_draft="auto": choose each step's draft length from what the session observes.
+"""n_draft="auto": each step's draft lengths from measured costs and estimated acceptance.
 
-Expected tokens per second of a step with k drafts is
-    E(k) / (verify(k+1) + draft(k)),   E(k) = 1 + sum_{i<k} prod_{j<=i} a_j,
-with a_j a running estimate of P(position j accepted | j-1 accepted) and the
-costs running averages of measured target verify decodes (by batch size) and
-draft tokens. Costs never measured are extrapolated linearly from those that
-were; a step with k=0 probes k=1 now and then so acceptance can recover when
-the text changes character. All of it is a few float operations per step.
+The policy maximises goodput, expected tokens per second of the next step, over
+k in {0 .. k_max} per sequence (k = 0 is plain decoding). With N sequences in one
+verify decode it maximises the batch's tokens per second jointly, so each
+sequence's verify rows are priced at what they add to the shared decode.
 
-Acceptance starts as a plain mean with a prior: PRIOR_ACCEPT counted as one
-observation for position 0 (two misses already say "stop drafting"), and position
-0's estimate counted as PRIOR_N observations for deeper positions, which are tested
-rarely and must not be written off after one or two misses. Once 1/n drops below
-ALPHA it turns into the exponential average. A cost is only re-measured when its option is chosen, so
-one slow outlier could lock an option out for good: single observations are
-clipped to [1/2, 2] x the running value, and a verify of n tokens is never
-assumed dearer than a measured verify of more tokens.
+Expected tokens of a k-token draft: E(k) = 1 + sum_{i<k} prod_{j<=i} a_j, with a_j an
+estimate of P(position j accepted | j-1 accepted), per sequence (``Acceptance``).
+
+Costs (``StepCosts``, one per engine, shared by its sequences) are measured on the
+machine at hand, never assumed:
+
+* the target step without drafting (decode, drafter bookkeeping, sampling, Python) by
+  the number of verify rows, a table with monotone interpolation, because real
+  kernels have steps (a 5-row batch taking a slower path was measured);
+* drafting, least squares on t = c_pos * positions + c_row * rows: the own loop runs
+  one draft-context decode per draft position for all sequences in lockstep, and the
+  first one also carries each sequence's deferred catch-up rows (one per token
+  committed since its last draft). So plain steps are charged the catch-up they defer,
+  and a GPU-like machine (launch-bound: c_pos >> c_row) learns that a second sequence
+  drafting alongside a first is nearly free.
+
+Estimates go stale when they are never re-measured: a slow first measurement of an
+option could lock it out. So single observations are clipped to [1/2, 2] x the
+running value, the first run of a new batch shape (graph setup) is replaced by the
+second, and an option whose estimate is within STALE_MARGIN of the best and whose
+cost was last measured more than STALE_STEPS choices ago is run once to refresh it.
+
+When plain decoding is best, a sequence probes k=1 now and then so acceptance can
+recover when the text changes character. Probes back off exponentially (PROBE_MIN
+to PROBE_MAX plain steps) while they miss, so at acceptance 0 they cost well under
+1% of the time in the long run; a hit is followed up at once, and two hits in a row
+reset the back-off.
+
+Exactness is untouched: this module only chooses lengths. It is pure Python,
+a few hundred float operations per step, and tested on a seeded simulator.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
-
-class DraftPolicy:
-    ALPHA = 0.1           # running-average weight: adapts within a few dozen tokens
-    PROBE_EVERY = 12      # plain steps between k=1 probes
-    PRIOR_ACCEPT = 0.6
-    PRIOR_N = 3           # weight of position 0's estimate in a deeper position's prior
-    EXPLORE_EVERY = 4     # steps between tries of a longer draft that might be better
-
-    def __init__(self, k_max: int) -> None:
-        self.k_max = k_max
-        self.accept: List[float] = [self.PRIOR_ACCEPT] * k_max
-        self._n_accept_obs = [0] * k_max
-        self._hits = [0] * k_max
-        self.t_verify: List[Optional[float]] = [None] * (k_max + 2)  # index: batch size
-        self.t_draft: Optional[float] = None                        # per draft token
-        self.t_other: float = 0.0                                    # per step: sampling, Python
-        self._n_verify = [0] * (k_max + 2)
-        self._n_draft = 0
-        self._since_probe = 0
-        self._n_choices = 0
-        self._probing = False     # the step in flight is a probe
-        self._probe_hit = False   # the last probe's draft was accepted
-
-    def choose(self, room: int) -> int:
-        k_hi = max(0, min(self.k_max, room))
-        if k_hi == 0:
-            return 0
-        best_k, best = 0, -1.0
-        rates = []
-        for k in range(k_hi + 1):
-            rate = self.expected_tokens(k) / self.cost(k)
-            rates.append(rate)
-            if rate > best * 1.0001:
-                best_k, best = k, rate
-        self._n_choices += 1
-        nxt = best_k + 1
-        # one token longer is tried now and then if it could be better: its deepest position is
-        # only observed when it is drafted, so a low estimate from a few unlucky misses would
-        # otherwise never recover (optimism in the face of uncertainty, one standard error)
-        close = nxt <= k_hi and self._n_choices % self.EXPLORE_EVERY == 0 \
-            and self.expected_tokens(nxt, optimistic=True) / self.cost(nxt) > best
-        if best_k == 0:
-            self._since_probe += 1
-            if self._since_probe >= self.PROBE_EVERY or self._probe_hit or close:
-                # a probe that hit is followed up at once: the text may have turned predictable
-                self._since_probe = 0
-                self._probe_hit = False
-                self._probing = True
-                return 1
-        else:
-            self._since_probe = 0
-        # measure each verify size twice (the first run is warm-up) before trusting extrapolations
-        if close or (nxt <= k_hi and self._n_verify[nxt + 1] < 2 and self.acceptance(best_k) > 0.5):
-            return nxt
-        return best_k
-
-    def acceptance(self, j: int) -> float:
-        """Estimated P(draft position j accepted | positions < j accepted)."""
-        n = self._n_accept_obs[j]
-        if n * self.ALPHA >= 1:
-            return self.accept[j]
-        prior, weight = (self.PRIOR_ACCEPT, 1) if j == 0 else (self.acceptance(0), self.PRIOR_N)
-        return (self._hits[j] + weight * prior) / (n + weight)
-
-    def acceptance_stderr(self, j: int) -> float:
-        a, n = self.acceptance(j), self._n_accept_obs[j]
-        n_eff = (2 - self.ALPHA) / self.ALPHA if n * self.ALPHA >= 1 else n + (1 if j == 0 else self.PRIOR_N)
-        return (a * (1 - a) / n_eff) ** 0.5
-
-    def expected_tokens(self, k: int, optimistic: bool = False) -> float:
-        """Expected tokens of a k-token draft step; ``optimistic``: the deepest position's
-        acceptance one standard error higher."""
-        total, run = 1.0, 1.0
-        for j in range(k):
-            a = self.acceptance(j)
-            if optimistic and j == k - 1:
-                a = min(1.0, a + self.acceptance_stderr(j))
-            run *= a
-            total += run
-        return total
-
-    def cost(self, k: int) -> float:
-        t_draft = self.t_draft if self.t_draft is not None else 0.1 * self._verify_cost(1)
-        return self._verify_cost(k + 1) + k * t_draft + self.t_other
-
-    def _verify_cost(self, n: int) -> float:
-        known = [(i, t) for i, t in enumerate(self.t_verify) if t is not None]
-        if not known:
-            return 1.0 + 0.3 * (n - 1)  # arbitrary units until the first measurement
-        if self.t_verify[n] is not None:
-            return min(t for i, t in known if i >= n)
-        if len(known) == 1:
-            i, t = known[0]
-            return t * (1.0 + 0.3 * (n - i) / max(1, i))
-        (i0, t0), (i1, t1) = known[-2], known[-1]
-        if n < i0:
-            (i0, t0), (i1, t1) = known[0], known[1]
-        slope = max(0.0, (t1 - t0) / (i1 - i0))
-        return max(t0, t0 + slope * (n - i0))
-
-    def observe(self, k: int, n_accepted: int, t_verify: float, t_draft: float, t_step: float,
-                steady: bool = True) -> None:
-        """One finished step: k drafted, n_accepted kept; its verify, draft and total times.
-
-        ``steady``: the step before also drafted. The first draft after plain steps also
-        decodes their deferred MTP rows, a cost that is not paid again while drafting goes on.
-        """
-        a = self.ALPHA
-        if self._probing:
-            self._probing = False
-            self._probe_hit = k > 0 and n_accepted > 0
-        self.t_other = (1 - a) * self.t_other + a * _clip(max(0.0, t_step - t_verify - t_draft), self.t_other)
-        # the first run of a new batch shape pays llama.cpp's graph setup: a second one replaces it
-        self._n_verify[k + 1] += 1
-        old = self.t_verify[k + 1]
-        self.t_verify[k + 1] = t_verify if old is None or self._n_verify[k + 1] == 2 \
-            else (1 - a) * old + a * _clip(t_verify, old)
-        if k > 0 and steady:  # until then: the prior (cost())
-            per_token = t_draft / k
-            self._n_draft += 1
-            self.t_draft = per_token if self.t_draft is None or self._n_draft == 2 \
-                else (1 - a) * self.t_draft + a * _clip(per_token, self.t_draft)
-        # position j was tested only if every earlier draft was accepted
-        for j in range(min(k, n_accepted + 1)):
-            hit = 1 if j < n_accepted else 0
-            early = self._n_accept_obs[j] * a < 1
-            self._n_accept_obs[j] += 1
-            self._hits[j] += hit
-            # the early mean hands its value over to the exponential average
-            self.accept[j] = self.acceptance(j) if early else (1 - a) * self.accept[j] + a * hit
+ALPHA = 0.1  # running-average weight: adapts within a few dozen observations
 
 
 def _clip(x: float, ref: float) -> float:
     """One observation moves a running value by a bounded factor (outliers on shared machines)."""
     return min(max(x, 0.5 * ref), 2.0 * ref) if ref > 0 else x
+
+
+class RowTable:
+    """A decode's time by row count: running averages where measured, interpolated between.
+
+    Costs never decrease with rows: an estimate is at most the cheapest measured larger
+    batch and at least the dearest measured smaller one (when those disagree, noise,
+    the larger batch wins). Unmeasured row counts are interpolated linearly between
+    measured neighbours and extrapolated with the slope of the two nearest (>= 0).
+    """
+
+    def __init__(self, prior: Callable[[int], float]) -> None:
+        self._prior = prior
+        self.value: dict = {}   # rows -> seconds
+        self.count: dict = {}   # rows -> observations
+        self.last: dict = {}    # rows -> choice counter at the last observation
+
+    def observe(self, n: int, t: float, now: int = 0) -> None:
+        c = self.count.get(n, 0) + 1
+        self.count[n] = c
+        self.last[n] = now
+        old = self.value.get(n)
+        # the first run of a new batch shape pays llama.cpp's graph setup: a second one replaces it
+        self.value[n] = t if old is None or c == 2 else (1 - ALPHA) * old + ALPHA * _clip(t, old)
+
+    def measured(self, n: int) -> bool:
+        return n in self.value
+
+    def __call__(self, n: int) -> float:
+        if not self.value:
+            return self._prior(n)
+        keys = sorted(self.value)
+        if n in self.value:
+            t = self.value[n]
+        else:
+            lo = [k for k in keys if k < n]
+            hi = [k for k in keys if k > n]
+            if lo and hi:
+                (i0, i1) = lo[-1], hi[0]
+                t0, t1 = self.value[i0], self.value[i1]
+                t = t0 + (t1 - t0) * (n - i0) / (i1 - i0)
+            elif len(keys) == 1:
+                i0 = keys[0]
+                t = self.value[i0] * self._prior(n) / self._prior(i0)
+            else:
+                (i0, i1) = (keys[-2], keys[-1]) if lo else (keys[0], keys[1])
+                t0, t1 = self.value[i0], self.value[i1]
+                slope = max(0.0, (t1 - t0) / (i1 - i0))
+                t = max(min(t0, t1) if not lo else t1, (t1 if lo else t0) + slope * (n - (i1 if lo else i0)))
+        above = [self.value[k] for k in keys if k > n]
+        below = [self.value[k] for k in keys if k < n]
+        if below:
+            t = max(t, max(below))
+        if above:
+            t = min(t, min(above))
+        return t
+
+
+class LinearCost:
+    """t = c_pos * positions + c_row * rows, fitted by exponentially weighted least squares.
+
+    Two pseudo-observations, scaled from the first real one (c_row = ROW_SHARE * c_pos),
+    keep the fit defined while every observation has the same shape; they are
+    forgotten at the rate ALPHA as real ones come in. ``n == 0``: nothing measured.
+    """
+
+    ROW_SHARE = 0.25
+
+    def __init__(self) -> None:
+        # normal equations of the weighted fit: [[pp, pr], [pr, rr]] c = [pt, rt]
+        self._pp, self._pr, self._rr, self._pt, self._rt = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.n = 0
+
+    def _add(self, p: float, r: float, t: float) -> None:
+        self._pp += p * p
+        self._pr += p * r
+        self._rr += r * r
+        self._pt += p * t
+        self._rt += r * t
+
+    def observe(self, positions: int, rows: int, t: float) -> None:
+        if positions <= 0:
+            return
+        self.n += 1
+        if self.n <= 2:
+            # the first draft decode pays graph setup (and a cold cache): the second replaces it
+            self._pp = self._pr = self._rr = self._pt = self._rt = 0.0
+            c_pos = t / (positions + self.ROW_SHARE * rows)
+            self._add(1.0, 0.0, c_pos)
+            self._add(1.0, 1.0, c_pos * (1 + self.ROW_SHARE))
+        else:
+            t = _clip(t, self(positions, rows))
+            for name in ("_pp", "_pr", "_rr", "_pt", "_rt"):
+                setattr(self, name, (1 - ALPHA) * getattr(self, name))
+        self._add(float(positions), float(rows), t)
+
+    def coefficients(self) -> Tuple[float, float]:
+        det = self._pp * self._rr - self._pr * self._pr
+        if self.n == 0:
+            return 0.0, 0.0
+        if det <= 1e-9 * self._pp * self._rr:
+            # every observation had rows proportional to positions: all of it per position
+            return max(0.0, (self._pt + self._rt) / (self._pp + self._pr)), 0.0
+        c_pos = (self._pt * self._rr - self._rt * self._pr) / det
+        c_row = (self._rt * self._pp - self._pt * self._pr) / det
+        # a negative coefficient is noise in a nearly collinear fit: fold it into the other one
+        if c_row < 0:
+            return max(0.0, (self._pt + self._rt) / (self._pp + self._pr)), 0.0
+        if c_pos < 0:
+            return 0.0, max(0.0, (self._pt + self._rt) / (self._pr + self._rr))
+        return c_pos, c_row
+
+    def __call__(self, positions: int, rows: int) -> float:
+        if positions <= 0:
+            return 0.0
+        c_pos, c_row = self.coefficients()
+        return c_pos * positions + c_row * rows
+
+
+class StepCosts:
+    """What one step costs on this machine: the verify step by rows, and drafting."""
+
+    def __init__(self) -> None:
+        # arbitrary units until the first measurement; they only order the first choices
+        self.step = RowTable(lambda n: 1.0 + 0.3 * (n - 1))
+        self.draft = LinearCost()
+        self.clock = 0  # choices made: the age of a measurement
+
+    def step_cost(self, rows: int) -> float:
+        return self.step(max(1, rows))
+
+    def draft_cost(self, positions: int, rows: int) -> float:
+        if positions <= 0:
+            return 0.0
+        # until measured: a draft decode at a fifth of a plain step; one measurement alone (graph
+        # setup, cold caches) is only an upper bound, or a slow first draft would stop drafting
+        prior = 0.2 * self.step_cost(1) * (positions + LinearCost.ROW_SHARE * rows)
+        if self.draft.n == 0:
+            return prior
+        if self.draft.n == 1:
+            return min(prior, self.draft(positions, rows))
+        return self.draft(positions, rows)
+
+    def observe(self, rows: int, t_step: float, positions: int, draft_rows: int, t_draft: float) -> None:
+        """One finished step: its verify rows and its time without drafting; its draft shape and time."""
+        self.step.observe(rows, t_step, self.clock)
+        self.draft.observe(positions, draft_rows, t_draft)
+
+
+class Acceptance:
+    """One sequence's per-position acceptance estimates, probes and catch-up debt.
+
+    A plain mean with a prior first (PRIOR_ACCEPT counted as one observation for
+    position 0; position 0's estimate counted as PRIOR_N observations for deeper
+    positions, which are tested rarely and must not be written off after one or two
+    misses); once 1/n drops below ALPHA it turns into the exponential average.
+    Position j is observed only when every earlier draft was accepted (censoring).
+    """
+
+    PRIOR_ACCEPT = 0.6
+    PRIOR_N = 3
+
+    def __init__(self, k_max: int) -> None:
+        self.k_max = k_max
+        self.accept: List[float] = [self.PRIOR_ACCEPT] * k_max
+        self.n_obs = [0] * k_max
+        self.hits = [0] * k_max
+        self.pending = 1          # rows the next draft decodes first: tokens committed since the last
+        self.since_probe = 0
+        self.probe_gap = PROBE_MIN
+        self.probing = False      # the step in flight is a probe
+        self.hit_streak = 0       # consecutive probe hits
+        self.follow_up = False    # the last probe hit: probe again at once
+        self.n_choices = 0
+
+    def rate(self, j: int) -> float:
+        """Estimated P(draft position j accepted | positions < j accepted)."""
+        n = self.n_obs[j]
+        if n * ALPHA >= 1:
+            return self.accept[j]
+        prior, weight = (self.PRIOR_ACCEPT, 1) if j == 0 else (self.rate(0), self.PRIOR_N)
+        return (self.hits[j] + weight * prior) / (n + weight)
+
+    def stderr(self, j: int) -> float:
+        a, n = self.rate(j), self.n_obs[j]
+        n_eff = (2 - ALPHA) / ALPHA if n * ALPHA >= 1 else n + (1 if j == 0 else self.PRIOR_N)
+        return (a * (1 - a) / n_eff) ** 0.5
+
+    def expected_tokens(self, k_hi: int, optimistic_at: int = -1) -> List[float]:
+        """E(k) for k = 0..k_hi; position ``optimistic_at`` one standard error more hopeful."""
+        out, total, run = [1.0], 1.0, 1.0
+        for j in range(k_hi):
+            a = self.rate(j)
+            if j == optimistic_at:
+                a = min(1.0, a + self.stderr(j))
+            run *= a
+            total += run
+            out.append(total)
+        return out
+
+    def observe(self, k: int, n_accepted: int) -> None:
+        if self.probing:
+            self.probing = False
+            hit = k > 0 and n_accepted > 0
+            self.follow_up = hit
+            self.hit_streak = self.hit_streak + 1 if hit else 0
+            if self.hit_streak >= 2:
+                self.probe_gap = PROBE_MIN
+            elif not hit:
+                self.probe_gap = min(PROBE_MAX, 2 * self.probe_gap)
+        self.pending = n_accepted + 1 if k > 0 else self.pending + 1
+        for j in range(min(k, n_accepted + 1)):
+            hit = 1 if j < n_accepted else 0
+            early = self.n_obs[j] * ALPHA < 1
+            self.n_obs[j] += 1
+            self.hits[j] += hit
+            # the early mean hands its value over to the exponential average
+            self.accept[j] = self.rate(j) if early else (1 - ALPHA) * self.accept[j] + ALPHA * hit
+
+
+PROBE_MIN = 8      # plain steps before the first k=1 probe
+PROBE_MAX = 64     # longest gap between probes: recovery within ~70 tokens, < 1% of time at a=0
+PROBE_BUDGET = 0.02  # most of the time since the last probe that a probe may cost
+PROBE_BUDGET_CAP = 4 * PROBE_MAX  # plain steps after which a probe is due whatever the budget says
+EXPLORE_EVERY = 4  # choices between tries of a longer draft that might be better
+STALE_STEPS = 48   # a near-best option not measured for this many choices is refreshed once
+STALE_MARGIN = 0.9
+
+
+@dataclass
+class DraftChoice:
+    """One sequence's input to a step's plan."""
+
+    acceptance: Acceptance
+    room: int          # most draft tokens this sequence may take now
+
+
+def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
+         fixed_rows: int = 0, fixed_tokens: float = 0.0, fixed_positions: int = 0,
+         fixed_draft_rows: int = 0) -> List[int]:
+    """Draft lengths for the ``auto`` sequences of one step.
+
+    ``fixed_*``: what the step holds besides them (sequences with a fixed k or plain
+    decoding): verify rows, expected tokens, draft positions and draft rows.
+    """
+    costs.clock += 1
+    n = len(choices)
+    if n == 0:
+        return []
+    his = [max(0, min(k_max, c.room)) for c in choices]
+    curves = [c.acceptance.expected_tokens(hi) for c, hi in zip(choices, his)]
+
+    def step_time(ks: Sequence[int]) -> float:
+        rows = fixed_rows + sum(k + 1 for k in ks)
+        positions = max([fixed_positions, *ks])
+        # rows of steady drafting (the tokens of one step, ~2); a long plain run's catch-up debt
+        # is paid once whenever drafting resumes and must not keep drafting from resuming
+        draft_rows = fixed_draft_rows + sum(min(c.acceptance.pending, 2) + k - 1 for c, k in zip(choices, ks) if k)
+        return costs.step_cost(rows) + costs.draft_cost(positions, draft_rows)
+
+    def rate(ks: Sequence[int]) -> float:
+        return (fixed_tokens + sum(curve[k] for curve, k in zip(curves, ks))) / step_time(ks)
+
+    # start from the best length shared by all: drafts run in lockstep, so where a draft decode
+    # costs more than its rows (GPU-like), drafting pays only if the sequences draft together,
+    # and a start from all-plain would never leave it one sequence at a time
+    ks, best = [0] * n, rate([0] * n)
+    for k in range(1, max(his) + 1):
+        cand = [min(k, hi) for hi in his]
+        r = rate(cand)
+        if r > best * 1.0001:
+            ks, best = cand, r
+    # coordinate ascent: each sequence's best k given the others', twice over (one pass for N=1)
+    for _ in range(1 if n == 1 else 2):
+        changed = False
+        for i in range(n):
+            keep = ks[i]
+            for k in range(his[i] + 1):
+                if k == keep:
+                    continue
+                ks[i] = k
+                r = rate(ks)
+                if r > best * 1.0001:
+                    best, keep, changed = r, k, True
+            ks[i] = keep
+        if not changed:
+            break
+    for i, c in enumerate(choices):
+        ks[i] = _adjust(c.acceptance, ks, i, his[i], costs, rate, step_time, best, fixed_rows)
+    return ks
+
+
+def _adjust(acc: Acceptance, ks: List[int], i: int, hi: int, costs: StepCosts,
+            rate: Callable[[Sequence[int]], float], step_time: Callable[[Sequence[int]], float],
+            best: float, fixed_rows: int) -> int:
+    """Probes, exploration and refreshes on top of the goodput optimum for sequence i."""
+    acc.n_choices += 1
+    k = ks[i]
+    if hi == 0:
+        return 0
+
+    def with_k(kk: int, f: Callable[[Sequence[int]], float] = rate) -> float:
+        old = ks[i]
+        ks[i] = kk
+        try:
+            return f(ks)
+        finally:
+            ks[i] = old
+
+    if k == 0:
+        acc.since_probe += 1
+        # while k=1 could still be better (one standard error more hopeful), probe at the shortest
+        # gap: acceptance is only learnt from probes here; once it clearly cannot, back off
+        hopeful = with_k(1) * acc.expected_tokens(1, optimistic_at=0)[1] / acc.expected_tokens(1)[1] > best
+        # and a probe's extra time (one more verify row, its draft) stays within PROBE_BUDGET of the
+        # time since the last one: in a batch on the slow side of a kernel step a row is dear
+        t_now = step_time(ks)
+        affordable = acc.since_probe * t_now * PROBE_BUDGET >= with_k(1, step_time) - t_now
+        # (the budget rests on cost estimates that only probes refresh: it may delay a probe, not forbid it)
+        due = acc.since_probe >= acc.probe_gap and (affordable or acc.since_probe >= PROBE_BUDGET_CAP)
+        if acc.follow_up or (acc.since_probe >= PROBE_MIN and (hopeful or due)):
+            acc.since_probe = 0
+            acc.follow_up = False
+            acc.probing = True
+            return 1
+    else:
+        acc.since_probe = 0
+        acc.probe_gap = PROBE_MIN
+    nxt = k + 1
+    if nxt <= hi:
+        # one token longer is tried now and then if it could be better: its deepest position is
+        # only observed when it is drafted, so a low estimate from a few unlucky misses would
+        # otherwise never recover (optimism in the face of uncertainty, one standard error)
+        if acc.n_choices % EXPLORE_EVERY == 0 and k > 0:
+            old = acc.expected_tokens(nxt, optimistic_at=nxt - 1)[nxt]
+            curve = acc.expected_tokens(nxt)
+            if with_k(nxt) * old / curve[nxt] > best:
+                return nxt
+    # a near-best option whose step cost has not been measured lately is run once to refresh it
+    rows_now = fixed_rows + sum(kk + 1 for kk in ks)
+    for cand in (k - 1, k + 1):
+        if 0 <= cand <= hi:
+            rows = rows_now + cand - k
+            age = costs.clock - costs.step.last.get(rows, -10**9)
+            if age > STALE_STEPS and with_k(cand) >= STALE_MARGIN * best:
+                costs.step.last[rows] = costs.clock  # one refresh per STALE_STEPS, measured or not
+                return cand
+    return k
+
+
+class DraftPolicy:
+    """``auto`` for one sequence with costs of its own: choose(room) before a step, observe() after."""
+
+    def __init__(self, k_max: int, costs: Optional[StepCosts] = None) -> None:
+        self.k_max = k_max
+        self.acceptance = Acceptance(k_max)
+        self.costs = costs if costs is not None else StepCosts()
+
+    def choose(self, room: int) -> int:
+        return plan([DraftChoice(self.acceptance, room)], self.costs, self.k_max)[0]
+
+    def observe(self, k: int, n_accepted: int, t_step: float, t_draft: float) -> None:
+        """One finished step: k drafted, n_accepted kept; the step's total and drafting times."""
+        self.costs.observe(k + 1, t_step - t_draft, k, self.acceptance.pending + k - 1 if k else 0, t_draft)
+        self.acceptance.observe(k, n_accepted)

@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 import llama_cpp
 
 from . import _compat
-from .adaptive import DraftPolicy
+from .adaptive import Acceptance, DraftChoice, StepCosts, plan
 from .checkpoint import TargetCheckpoint, rollback_capacity
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
@@ -158,6 +159,18 @@ def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
 
 # ------------------------------------------------------------------------- sequences
 
+_COSTS: "weakref.WeakKeyDictionary[llama_cpp.Llama, StepCosts]" = weakref.WeakKeyDictionary()
+
+
+def step_costs(target: llama_cpp.Llama) -> StepCosts:
+    """auto's cost model for this target: step costs belong to the model, its context and the
+    machine, so what one generate() call measured serves the next (one-shot engines included)."""
+    costs = _COSTS.get(target)
+    if costs is None:
+        costs = _COSTS[target] = StepCosts()
+    return costs
+
+
 
 class Sequence:
     """One generation in a slot: its settings, sampler chain, policy, progress and stats."""
@@ -180,7 +193,7 @@ class Sequence:
         plain_only = params.logit_bias is not None or params.logprobs is not None
         if plain_only:
             n_draft = 0  # a per-row hook or per-token logprobs: a plain-decoding sequence
-        self.policy = DraftPolicy(engine.k_max) if n_draft == "auto" else None
+        self.acceptance = Acceptance(engine.k_max) if n_draft == "auto" else None  # auto's estimates
         self.k_fixed = 0 if n_draft == "auto" else int(n_draft)
         verify = params.verify if supports_rejection(sampling) and not plain_only else "match"
         if verify == "rejection" and not engine.own_drafts:
@@ -202,7 +215,6 @@ class Sequence:
                                      accepted_per_pos=[0] * k_hist, draft_len_hist=[0] * (k_hist + 1))
         self.text = TextAssembler(lambda toks, prev: target.detokenize(toks, prev_tokens=prev),
                                   prompt_tokens, params.stop)
-        self.k_prev = 0                       # the last step's draft length (policy: steady costs)
         self.t_added = time.perf_counter()
         self.t_gen = 0.0
 
@@ -371,6 +383,7 @@ class StepEngine:
         self.owns_session = session is None
         self.session = session or MtpSession(target, draft, n_seq=n_slots, n_draft_max=self.k_max,
                                              backend_sampling=not self.own_drafts, defer_catchup=self.own_drafts)
+        self.k_max = min(self.k_max, self.session.n_max)  # chained heads draft at most one token per head
         self.ctx = _compat.ctx_ptr(target)
         self.vocab = _compat.vocab_ptr(target)
         self.n_batch = int(target.n_batch)
@@ -380,6 +393,7 @@ class StepEngine:
         self.n_ctx_slot = min(int(llama_cpp.llama_n_ctx_seq(self.ctx)), _compat.token_capacity(target))
         self.n_vocab = int(target.n_vocab())
         self.rollback_cap = rollback_capacity(target)
+        self.costs = step_costs(target)
         self.slots: List[Optional[Sequence]] = [None] * n_slots
         self._rows = _Batch(self.n_batch)
         self.closed = False
@@ -413,15 +427,26 @@ class StepEngine:
         if bad:
             raise MtpArgumentError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
 
-    def add(self, prompt_tokens: List[int], params: SequenceParams) -> Sequence:
-        """Put a new sequence in a free slot (its prompt is decoded by the next steps)."""
+    def add(self, prompt_tokens: List[int], params: SequenceParams, n_reuse: int = 0) -> Sequence:
+        """Put a new sequence in a free slot (its prompt is decoded by the next steps).
+
+        ``n_reuse``: leading prompt tokens both contexts of the slot already hold (a prompt
+        cache hit, checked by the caller); only the rest is decoded. At most len(prompt) - 1.
+        """
         self._check_open()
         self.check_request(prompt_tokens, params)
+        if isinstance(n_reuse, bool) or not isinstance(n_reuse, int) or not 0 <= n_reuse < len(prompt_tokens):
+            raise MtpArgumentError(f"n_reuse must be an int in [0, len(prompt) - 1], got {n_reuse!r}")
         sid = next((i for i, s in enumerate(self.slots) if s is None), None)
         if sid is None:
             raise MtpArgumentError(f"all {self.n_slots} slots are busy")
         seq = Sequence(self, sid, list(prompt_tokens), params)
-        self._clear_memory(sid)
+        try:
+            self._clear_memory(sid, n_reuse)
+        except BaseException:
+            seq.close()
+            raise
+        seq.n_prefilled = n_reuse
         self.session.begin(sid, [])
         self.slots[sid] = seq
         if not seq.prefilling:
@@ -471,8 +496,13 @@ class StepEngine:
         return events + self._settle(rec)
 
     def _plan(self, rec: StepRecord) -> List[SeqEvent]:
-        """Choose each running sequence's draft length; sequences out of context end here."""
+        """Choose each running sequence's draft length; sequences out of context end here.
+
+        Fixed-k and plain sequences take their k; the ``auto`` ones are planned jointly
+        around them (adaptive.plan), as the whole batch shares one verify decode.
+        """
         events = []
+        auto: List[Tuple[Sequence, int]] = []
         for seq in self.active:
             if seq.prefilling:
                 continue
@@ -486,8 +516,16 @@ class StepEngine:
             room = self.n_ctx_slot - seq.n_past - 2
             if not seq.params.raw:
                 room = min(room, seq.params.max_tokens - len(seq.generated) - 1)
-            k = seq.policy.choose(room) if seq.policy else max(0, min(seq.k_fixed, room))
-            rec.parts.append(Part(seq, [seq.id_last], seq.n_past, verify=True, k=k))
+            if seq.acceptance is not None:
+                auto.append((seq, room))
+            else:
+                rec.parts.append(Part(seq, [seq.id_last], seq.n_past, verify=True, k=max(0, min(seq.k_fixed, room))))
+        if auto:
+            fixed = [p.k for p in rec.parts]
+            ks = plan([DraftChoice(seq.acceptance, room) for seq, room in auto], self.costs, self.k_max,
+                      fixed_rows=sum(k + 1 for k in fixed), fixed_tokens=float(len(fixed)),
+                      fixed_positions=max(fixed, default=0), fixed_draft_rows=sum(fixed))
+            rec.parts += [Part(seq, [seq.id_last], seq.n_past, verify=True, k=k) for (seq, _), k in zip(auto, ks)]
         return events
 
     def _draft(self, rec: StepRecord) -> None:
@@ -501,13 +539,14 @@ class StepEngine:
         else:
             for p in drafting:
                 p.proposal = self.session.draft(p.seq.seq_id, p.pos0, p.seq.id_last, n_max=p.k)
+        # the checkpoint saves below are verify-side costs (auto prices them with the rows that need them)
+        rec.t_draft = time.perf_counter() - t0
         for p in rec.parts:
             p.tokens = [p.seq.id_last, *p.proposal]
             # a draft longer than the recurrent state can roll back: checkpoint first (upstream's path)
             p.checkpoint = bool(p.proposal) and self.rollback_cap is not None and len(p.proposal) > self.rollback_cap
             if p.checkpoint:
                 p.seq.checkpoint.save(p.seq.seq_id)
-        rec.t_draft = time.perf_counter() - t0
 
     def _add_prefill(self, rec: StepRecord) -> None:
         """prefill="shared": joining sequences' next prompt chunks fill the rest of the batch.
@@ -597,7 +636,7 @@ class StepEngine:
         if redo:
             self._redo(redo)
         t_end = time.perf_counter()
-        t_verify = rec.t_decode + rec.t_process
+        self._observe_costs(rec, t_end)
         for p in rec.parts:
             if not p.verify:
                 continue
@@ -608,11 +647,8 @@ class StepEngine:
             if p.proposal:
                 self.session.accept(seq.seq_id, p.n_acc)  # trims target and draft to n_past + 1 + n_acc
             self._account(seq, p, n_keep, rec, t_end)
-            if seq.policy is not None and not p.n_prefix:  # a prompt chunk's time is no step cost
-                # steady: the step before drafted too (the first draft also catches up deferred rows)
-                seq.policy.observe(len(p.proposal), p.n_acc, t_verify, rec.t_draft, t_end - rec.t_start,
-                                   seq.k_prev > 0)
-            seq.k_prev = len(p.proposal)
+            if seq.acceptance is not None:
+                seq.acceptance.observe(len(p.proposal), p.n_acc)
             seq.n_past += 1 + p.n_acc
             seq.id_last = p.new_tokens[n_keep - 1]
             done = seq.finished  # commit() ends it at EOG, a stop string or max_tokens
@@ -622,6 +658,16 @@ class StepEngine:
                 self._release(seq)
             events.append(SeqEvent(seq, p.new_tokens[:n_keep], piece, done))
         return events
+
+    def _observe_costs(self, rec: StepRecord, t_end: float) -> None:
+        """The step's shape and times for auto's cost model (steps that carry prompt rows are no sample)."""
+        if not any(p.seq.acceptance is not None for p in rec.parts) or any(p.n_prefix or not p.verify for p in rec.parts):
+            return
+        drafting = [p for p in rec.parts if p.proposal]
+        # the own loop's first draft decode also takes each sequence's deferred catch-up rows
+        draft_rows = sum(len(p.proposal) - 1 + (p.seq.acceptance.pending if p.seq.acceptance else 1) for p in drafting)
+        self.costs.observe(sum(len(p.tokens) for p in rec.parts), t_end - rec.t_start - rec.t_draft,
+                           max((len(p.proposal) for p in drafting), default=0), draft_rows, rec.t_draft)
 
     def _account(self, seq: Sequence, p: Part, n_keep: int, rec: StepRecord, t_end: float) -> None:
         st = seq.stats
@@ -696,14 +742,17 @@ class StepEngine:
                 self._clear_memory(seq.seq_id)
         seq.close()
 
-    def _clear_memory(self, sid: int) -> None:
+    def _clear_memory(self, sid: int, p0: int = 0) -> None:
+        """Drop positions >= p0 of seq sid on both contexts (p0 = 0: all of them)."""
         if _compat.ctx_ptr(self.target) and _compat.ctx_ptr(self.draft):
-            self._seq_rm(self.ctx, sid, -1)
-            self._seq_rm(_compat.ctx_ptr(self.draft), sid, -1)
+            p0 = p0 if p0 > 0 else -1
+            if not self._seq_rm(self.ctx, sid, p0):
+                raise MtpError(f"the target context could not drop positions >= {p0} of seq {sid}")
+            self._seq_rm(_compat.ctx_ptr(self.draft), sid, p0)
 
     @staticmethod
-    def _seq_rm(ctx: Any, sid: int, p0: int) -> None:
-        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sid, p0, -1)
+    def _seq_rm(ctx: Any, sid: int, p0: int) -> bool:
+        return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sid, p0, -1))
 
     def _check_open(self) -> None:
         if self.closed:

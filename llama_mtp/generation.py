@@ -23,7 +23,7 @@ import llama_cpp
 from .core import NDraft, Prompt, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params, tokenize_prompt
 from .errors import MtpArgumentError
 from .results import GenerationResult, GenerationStats
-from .session import MtpSession
+from .session import MtpSession, own_loop_or_upstream
 
 __all__ = ["GenerationResult", "GenerationStats", "GenerationStream", "OneSequenceRun", "generate",
            "generate_many", "tokenize_prompt"]
@@ -37,10 +37,13 @@ class OneSequenceRun:
     """
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt_tokens: List[int],
-                 params: SequenceParams, *, n_draft: NDraft, session: Optional[MtpSession] = None) -> None:
+                 params: SequenceParams, *, n_draft: NDraft, session: Optional[MtpSession] = None,
+                 n_reuse: int = 0) -> None:
         # fixed k with sample-and-match runs upstream's drafter exactly as the native loop does;
         # auto and rejection sampling need the own draft loop (exact n_max, sampled drafts, deferred catch-up)
         own = n_draft == "auto" or params.verify == "rejection" or (session is not None and session.defer_catchup)
+        if session is None:  # a draft mode the own loop lacks goes upstream, logged (or raises for rejection)
+            own = own_loop_or_upstream(target, draft, wanted=own, required=params.verify == "rejection")
         k_max = None if n_draft == "auto" else max(1, int(n_draft))
         # one sequence shares its decodes with nobody: its prompt is decoded up front, and the
         # stats split prompt time from generation time as plain llama-cpp-python's timings do
@@ -49,7 +52,7 @@ class OneSequenceRun:
         try:
             if self.engine.n_slots < 1:
                 raise MtpArgumentError("the session has no sequence slots")
-            self.seq = self.engine.add(prompt_tokens, params)
+            self.seq = self.engine.add(prompt_tokens, params, n_reuse=n_reuse)
         except BaseException:
             self.engine.close()
             raise

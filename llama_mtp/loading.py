@@ -115,9 +115,11 @@ def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, A
 def _open_draft(target: MtpTargetLlama, path: str, llama_kwargs: Dict[str, Any]) -> MtpDraftLlama:
     """Check the target has MTP heads, then put an MTP draft context on its model."""
     if target.mtp_n_layer_nextn <= 0:
+        arch = target.metadata.get("general.architecture", "unknown")
         target.close()
-        raise MtpInitError(f"{path} has no MTP heads (nextn_predict_layers = 0): use a model that ships them "
-                           "(Qwen3.5/3.6, GLM-4.5, DeepSeek-V3, MiMo, Step-3.5)")
+        raise MtpInitError(f"{path} (architecture {arch!r}) has no MTP heads (nextn_predict_layers = 0): use a "
+                           "GGUF that keeps its nextn layers, of an architecture llama.cpp builds an MTP graph for "
+                           "(e.g. qwen35, step35)")
     draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
     try:
         return MtpDraftLlama(target, **draft_kwargs)

@@ -9,13 +9,17 @@ the speculative loop, with the very sampler chain llama-cpp-python builds.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, Optional, Sequence, Union
+
+import llama_cpp
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 from . import _compat
 from .core import check_n_draft, sequence_params
-from .errors import MtpInitError
+from .errors import MtpArgumentError, MtpInitError
 from .generation import OneSequenceRun
+from .checkpoint import rollback_capacity
 from .loading import MtpTargetLlama, _open_draft, _validate
+from .prompt_cache import PromptCheckpoints, common_prefix
 from .results import GenerationStats
 from .session import MtpSession
 
@@ -29,10 +33,18 @@ class MtpLlama(MtpTargetLlama):
     (``logits_processor``, ``stopping_criteria``, logprobs via ``logits_all``)
     run through plain llama-cpp-python decoding instead; ``last_mtp_stats`` is
     then None.
+
+    Prompt reuse: a call whose prompt shares a prefix with what the context holds
+    decodes only the rest, as llama-cpp-python does; the MTP context keeps its own
+    rows for that prefix. Hybrid/recurrent targets (qwen35), where llama-cpp-python
+    reuses nothing, keep up to ``ctx_checkpoints`` recurrent-state checkpoints (end of
+    each prompt prefill and of each generation; LRU; 0 disables) and resume from the
+    latest one at or before the common prefix (see :mod:`llama_mtp.prompt_cache`).
     """
 
     def __init__(self, model_path: str | os.PathLike[str], *, n_draft: Union[int, str] = "auto",
-                 n_draft_max: int = 3, verify: str = "match", **llama_kwargs: Any) -> None:
+                 n_draft_max: int = 3, verify: str = "match", ctx_checkpoints: int = 4,
+                 **llama_kwargs: Any) -> None:
         path = os.fspath(model_path)
         n_draft = check_n_draft(n_draft)
         if n_draft != "auto":
@@ -47,6 +59,11 @@ class MtpLlama(MtpTargetLlama):
         self.mtp_verify = verify
         self.last_mtp_stats: Optional[GenerationStats] = None
         self._mtp_session: Optional[MtpSession] = None
+        self.mtp_checkpoints = PromptCheckpoints(self, ctx_checkpoints)
+        # tokens whose MTP rows the drafter holds (its context, or deferred in the session):
+        # plain-decoding fallbacks and load_state() change the target only
+        self._mtp_tokens: List[int] = []
+        self._recurrent = rollback_capacity(self) is not None
         # Llama.close() unwinds its ExitStack last-in first-out: MTP parts go before the target
         _compat.on_close(self, self._close_mtp)
 
@@ -85,10 +102,53 @@ class MtpLlama(MtpTargetLlama):
         # Llama.generate's contract: every token is yielded, the caller stops (max_tokens, stops, EOG)
         params = sequence_params(max_tokens=self.n_ctx(), verify=self.mtp_verify, raw=True,
                                  temperature=temp, **{k: v for k, v in sampling.items() if k != "temp"})
-        run = OneSequenceRun(self, self.mtp_draft, list(tokens), params, n_draft=self.mtp_n_draft,
-                             session=self._session())
-        self.last_mtp_stats = run.stats
-        yield from run.tokens()
+        prompt = list(tokens)
+        if not reset:  # Llama.generate(reset=False): the tokens continue what the context holds
+            prompt = _compat.context_tokens(self) + prompt
+        if not prompt:
+            raise MtpArgumentError("generate() needs at least one token to decode")
+        session = self._session()
+        run: Optional[OneSequenceRun] = None
+        try:
+            run = OneSequenceRun(self, self.mtp_draft, prompt, params, n_draft=self.mtp_n_draft,
+                                 session=session, n_reuse=self._reuse(prompt))
+            if self._recurrent:
+                self.mtp_checkpoints.save(prompt[:-1])  # the end of the prefill
+            self.last_mtp_stats = run.stats
+            yield from run.tokens()
+        except GeneratorExit:  # the caller stopped (max_tokens, a stop string): the contexts are consistent
+            self._settled(run)
+            raise
+        except BaseException:
+            self._settled(None)
+            raise
+        else:
+            self._settled(run)
+
+    def _reuse(self, prompt: List[int]) -> int:
+        """Leading prompt tokens both contexts keep (restoring a checkpoint if the target is recurrent)."""
+        held = _compat.context_tokens(self)
+        # the drafter's rows need the target's hidden states, which only a target decode makes:
+        # the target re-decodes what the drafter lacks (after a plain fallback or load_state())
+        limit = min(common_prefix(held, prompt), common_prefix(self._mtp_tokens, prompt), len(prompt) - 1)
+        if not self._recurrent:
+            return limit
+        if len(held) <= limit:
+            return len(held)  # the recurrent state is the one after everything held
+        return self.mtp_checkpoints.restore_best(held, limit)
+
+    def _settled(self, run: Optional[OneSequenceRun]) -> None:
+        """After a run: record what both contexts hold; after a failure, hold nothing."""
+        if run is None or run.seq.error is not None or not _compat.ctx_ptr(self):
+            self._mtp_tokens = []
+            if _compat.ctx_ptr(self):
+                _compat.sync_llama_tokens(self, [], 0)
+                for llm in (self, self.mtp_draft):
+                    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(_compat.ctx_ptr(llm)), -1, -1, -1)
+            return
+        self._mtp_tokens = _compat.context_tokens(self)
+        if self._recurrent:
+            self.mtp_checkpoints.save(self._mtp_tokens)  # the end of the generation
 
     def create_completion(self, *args: Any, **kwargs: Any) -> Any:
         result = super().create_completion(*args, **kwargs)

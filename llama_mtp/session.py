@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
@@ -22,6 +23,61 @@ from .errors import (
     SessionClosedError,
 )
 from .stats import MtpStats
+
+log = logging.getLogger("llama_mtp")
+
+# upstream's MTP draft modes (common_speculative_impl_draft_mtp), by the shim's MTP_MODE_* value
+DRAFT_MODES = ("single", "chain_heads", "mem_shared")
+# the modes the session's own draft loop (draft_dist / draft_many) implements
+OWN_LOOP_MODES = frozenset({"single", "chain_heads"})
+
+
+@dataclass(frozen=True)
+class DraftMode:
+    """How a (target, draft) pair drafts, as upstream derives it.
+
+    ``mode``: "single" (one head drafts every position), "chain_heads" (head i drafts
+    position i: at most ``n_heads`` tokens per draft) or "mem_shared" (an external
+    drafter on the target's KV, gemma4 assistant); ``n_heads``: the draft model's nextn layers.
+    """
+
+    mode: str
+    n_heads: int
+
+    @property
+    def own_loop(self) -> bool:
+        """Whether the session's own draft loop implements this mode."""
+        return self.mode in OWN_LOOP_MODES
+
+
+def draft_mode_of(target: ContextLike, draft: ContextLike) -> DraftMode:
+    """The draft mode of a (target, draft) pair, without creating a session."""
+    ffi, lib = _loader.load()
+    ptr_tgt = raw_context(context_of(target, "target"), "target")
+    ptr_dft = raw_context(context_of(draft, "draft"), "draft")
+    mode, heads = ffi.new("int32_t *"), ffi.new("int32_t *")
+    status = lib.mtp_probe_mode(ffi.cast("struct llama_context *", ptr_tgt),
+                                ffi.cast("struct llama_context *", ptr_dft), mode, heads)
+    if status != 0:
+        raise MtpInitError(ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
+    return DraftMode(DRAFT_MODES[mode[0]], int(heads[0]))
+
+
+def own_loop_or_upstream(target: ContextLike, draft: ContextLike, *, wanted: bool, required: bool) -> bool:
+    """Whether a run that ``wanted`` the own draft loop gets it: a mode the loop does not
+    implement goes to upstream's drafter with a logged warning naming the mode, or raises
+    MtpArgumentError when the run ``required`` the own loop (sampled drafts)."""
+    if not wanted:
+        return False
+    dm = draft_mode_of(target, draft)
+    if dm.own_loop:
+        return True
+    if required:
+        raise MtpArgumentError(f"the draft mode {dm.mode!r} is not implemented by the session's own draft loop, "
+                               "which verify='rejection' needs; use verify='match'")
+    log.warning("llama_mtp: draft mode %r is not implemented by the own draft loop: drafting with upstream's "
+                "drafter (fixed length, sample-and-match) instead", dm.mode)
+    return False
 
 
 @dataclass(frozen=True)
@@ -109,6 +165,11 @@ class MtpSession:
 
         ffi, lib = _loader.load()
         self._ffi, self._lib = ffi, lib
+        if defer_catchup:
+            probed = draft_mode_of(self._ctx_tgt, self._ctx_dft)
+            if not probed.own_loop:  # the shim refuses it too (MtpInitError); the log names the mode
+                log.warning("llama_mtp: defer_catchup=True needs the own draft loop, which does not implement "
+                            "draft mode %r", probed.mode)
         cfg = ffi.new("mtp_config *", {"n_seq": _i32(n_seq, "n_seq"), "n_draft_max": _i32(n_draft_max, "n_draft_max"),
                                        "n_min": _i32(n_min, "n_min"), "p_min": float(p_min),
                                        "backend_sampling": int(bool(backend_sampling)),
@@ -121,6 +182,10 @@ class MtpSession:
         self._raise_for(status)
         native = _Native(ffi, lib, out[0])
         self._native = native
+        info = ffi.new("mtp_session_info *")
+        self._raise_for(lib.mtp_session_get_info(native.handle, info))
+        self._mode = DraftMode(DRAFT_MODES[info.mode], int(info.n_heads))
+        self._n_max = int(info.n_max)
         self._n_seq = n_seq
         self._n_draft_max = n_draft_max
         self._defer_catchup = bool(defer_catchup)
@@ -173,6 +238,17 @@ class MtpSession:
     @property
     def n_draft_max(self) -> int:
         return self._n_draft_max
+
+    @property
+    def draft_mode(self) -> DraftMode:
+        """The pair's draft mode (upstream's choice; see :class:`DraftMode`)."""
+        return self._mode
+
+    @property
+    def n_max(self) -> int:
+        """The longest draft either loop proposes: n_draft_max, capped at one token per head
+        with chained heads (as upstream caps it)."""
+        return self._n_max
 
     @property
     def defer_catchup(self) -> bool:

@@ -37,6 +37,8 @@ extern "C" {
 LLAMA_API void llama_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
 LLAMA_API float * llama_get_embeddings_nextn(struct llama_context * ctx);
 LLAMA_API float * llama_get_embeddings_nextn_ith(struct llama_context * ctx, int32_t i);
+LLAMA_API void llama_set_nextn_layer_offset(struct llama_context * ctx, int32_t offset);
+LLAMA_API llama_context * llama_get_ctx_other(struct llama_context * ctx);
 
 namespace {
 
@@ -124,6 +126,8 @@ struct mtp_session {
     int32_t n_draft_max = 0;
     int32_t n_vocab     = 0;
     bool    rollback_bounded = false; // recurrent/hybrid target: seq_rm bounded by n_rs_seq
+    int32_t mode    = MTP_MODE_SINGLE;  // upstream's draft mode for this pair (draft_mode())
+    int32_t n_heads = 1;                // nextn layers of the draft model
 
     common_params_speculative params;
     common_speculative *      spec = nullptr;
@@ -193,35 +197,74 @@ llama_pos drafter_pos_max(mtp_session * s, int32_t sid, llama_pos upto) {
     return std::max(mem_max, std::min(d.pos.back(), upto - 1));
 }
 
-// Decode sid's deferred rows on the draft context in batches of n_batch. With tok_next,
-// the row (tok_next at pos_next, h_next) is appended to the last batch as its only
-// output row and its batch index is returned (-1 otherwise). On failure the draft
+// Decode the deferred rows of sids on the draft context, in batches of n_batch, under
+// every head that upstream's process() would decode them with. On failure the draft
 // context is trimmed back and the rows stay deferred, so nothing changed.
-int32_t decode_deferred(mtp_session * s, int32_t sid, const llama_token * tok_next, llama_pos pos_next,
-                        const float * h_next) {
-    deferred_rows & d = s->deferred[sid];
-    const size_t n = d.size();
-    const size_t n_rows = n + (tok_next ? 1 : 0);
+void decode_deferred(mtp_session * s, const std::vector<int32_t> & sids);
+
+// Upstream's mode choice (common_speculative_impl_draft_mtp's ctor), verbatim.
+int32_t draft_mode(llama_context * tgt, llama_context * dft, int32_t * n_heads) {
+    *n_heads = std::max(1, (int) llama_model_n_layer_nextn(llama_get_model(dft)));
+    if (llama_get_ctx_other(dft) == tgt) return MTP_MODE_MEM_SHARED;
+    return *n_heads > 1 ? MTP_MODE_CHAIN_HEADS : MTP_MODE_SINGLE;
+}
+
+bool chained(const mtp_session * s) { return s->mode == MTP_MODE_CHAIN_HEADS; }
+bool shares_memory(const mtp_session * s) { return s->mode == MTP_MODE_MEM_SHARED; }
+
+// Heads a catch-up row must be decoded under: each chained head attends over its own
+// layer's KV, so upstream's process() decodes the catch-up batch once per head.
+int32_t n_catchup_passes(const mtp_session * s) { return chained(s) ? s->n_heads : 1; }
+
+// Before a chained head decodes positions >= from again: upstream drops them first
+// (they may hold another head's rows) and selects the head's layer.
+void select_head(mtp_session * s, const std::vector<std::pair<int32_t, llama_pos>> & rm_from, int32_t head) {
+    if (!chained(s)) return;
+    for (const auto & [sid, from] : rm_from) llama_memory_seq_rm(llama_get_memory(s->dft), sid, from, -1);
+    llama_set_nextn_layer_offset(s->dft, head);
+}
+
+// upstream restores the default head after every multi-head pass
+void reset_head(mtp_session * s) {
+    if (chained(s)) llama_set_nextn_layer_offset(s->dft, 0);
+}
+
+void decode_deferred(mtp_session * s, const std::vector<int32_t> & sids) {
+    std::vector<std::pair<int32_t, llama_pos>> rm_from;
+    size_t n_rows = 0;
+    for (int32_t sid : sids) {
+        const deferred_rows & d = s->deferred[sid];
+        if (d.size() == 0) continue;
+        rm_from.push_back({ sid, d.pos.front() });
+        n_rows += d.size();
+    }
+    if (n_rows == 0) return;
     const size_t n_per = std::max<size_t>(1, llama_n_batch(s->dft));
-    int32_t idx_next = -1;
-    for (size_t off = 0; off < n_rows; off += n_per) {
+    bool ok = true;
+    for (int32_t head = 0; head < n_catchup_passes(s) && ok; ++head) {
+        select_head(s, rm_from, head);
         s->dbatch.clear();
-        const size_t end = std::min(n_rows, off + n_per);
-        for (size_t i = off; i < end; ++i) {
-            const bool is_next = i == n;
-            const int32_t idx = is_next ? s->dbatch.add(*tok_next, pos_next, sid, true)
-                                        : s->dbatch.add(d.tok[i], d.pos[i], sid, false);
-            s->dbatch.set_embd(idx, { is_next ? h_next : d.h.data() + i * s->n_embd, 1, (size_t) s->n_embd });
-            if (is_next) idx_next = idx;
-        }
-        if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
-            llama_memory_seq_rm(llama_get_memory(s->dft), sid, n ? d.pos.front() : pos_next, -1);
-            fail(MTP_ERR_DECODE, "the draft context failed to decode seq_id %d at positions %d..%d",
-                 sid, n ? d.pos.front() : pos_next, tok_next ? pos_next : d.pos.back());
+        for (size_t k = 0; k < rm_from.size() && ok; ++k) {
+            const int32_t sid = rm_from[k].first;
+            const deferred_rows & d = s->deferred[sid];
+            for (size_t i = 0; i < d.size() && ok; ++i) {
+                const int32_t idx = s->dbatch.add(d.tok[i], d.pos[i], sid, false);
+                s->dbatch.set_embd(idx, { d.h.data() + i * s->n_embd, 1, (size_t) s->n_embd });
+                const bool last = k + 1 == rm_from.size() && i + 1 == d.size();
+                if ((size_t) s->dbatch.size() == n_per || last) {
+                    ok = llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) == 0;
+                    s->dbatch.clear();
+                }
+            }
         }
     }
-    d.clear();
-    return idx_next;
+    reset_head(s);
+    if (!ok) {
+        for (const auto & [sid, from] : rm_from) llama_memory_seq_rm(llama_get_memory(s->dft), sid, from, -1);
+        fail(MTP_ERR_DECODE, "the draft context failed to decode %zu catch-up row(s) of %zu sequence(s)",
+             n_rows, rm_from.size());
+    }
+    for (const auto & rf : rm_from) s->deferred[rf.first].clear();
 }
 
 void release_target(llama_context * tgt) {
@@ -314,6 +357,11 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
         if (cfg->defer_catchup && cfg->backend_sampling) {
             fail(MTP_ERR_ARG, "defer_catchup needs backend_sampling=0 (deferred rows are decoded by mtp_session_draft_ex)");
         }
+        int32_t n_heads = 1;
+        const int32_t mode = draft_mode(ctx_tgt, ctx_dft, &n_heads);
+        if (mode == MTP_MODE_MEM_SHARED && cfg->defer_catchup) {
+            fail(MTP_ERR_INIT, "the draft context shares the target's KV (is_mem_shared: a gemma4 assistant), a mode the session's own draft loop does not implement: create the session with defer_catchup=0 and draft with upstream's drafter (mtp_session_draft)");
+        }
 
         auto s = std::make_unique<mtp_session>();
         s->tgt         = ctx_tgt;
@@ -322,6 +370,8 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
         s->n_draft_max = cfg->n_draft_max;
         s->n_vocab     = n_vocab_tgt;
         s->rollback_bounded = llama_model_is_recurrent(m_tgt) || llama_model_is_hybrid(m_tgt);
+        s->mode    = mode;
+        s->n_heads = n_heads;
 
         s->params.types                  = { COMMON_SPECULATIVE_TYPE_DRAFT_MTP };
         s->params.draft.n_max            = cfg->n_draft_max;
@@ -459,7 +509,7 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
             // deferred rows the batch decodes again are replaced, so with defer_catchup a
             // rollback needs no trim of the draft context and processing twice is harmless
             const llama_pos dft_max = drafter_pos_max(s, sid, p_first);
-            if (dft_max != p_first - 1) {
+            if (!shares_memory(s) && dft_max != p_first - 1) {
                 fail(MTP_ERR_PROCESS, "seq_id %d: the batch starts at position %d but the drafter has seen positions up to %d: every target decode must go through process() exactly once, in order",
                      sid, p_first, dft_max);
             }
@@ -504,7 +554,7 @@ MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batc
             }
             // a long run (prompt) gains nothing from waiting: decode it now, keep memory small
             if (s->defer_catchup && s->deferred[sid].size() >= (size_t) llama_n_ubatch(s->dft)) {
-                decode_deferred(s, sid, nullptr, 0, nullptr);
+                decode_deferred(s, { sid });
             }
         }
         s->stats.n_process_calls++;
@@ -536,7 +586,8 @@ int32_t check_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_la
     }
     if (pos0 < 0) fail(MTP_ERR_ARG, "pos0 must be >= 0 (got %d)", pos0);
     const llama_pos tgt_max = pos_max(s->tgt, seq_id);
-    const llama_pos dft_max = drafter_pos_max(s, seq_id, pos0);
+    // a drafter on the target's own KV (is_mem_shared) keeps no positions of its own
+    const llama_pos dft_max = shares_memory(s) ? pos0 - 1 : drafter_pos_max(s, seq_id, pos0);
     if (tgt_max != pos0 - 1 || dft_max != pos0 - 1) {
         fail(MTP_ERR_ARG, "seq_id %d: pos0=%d must be the number of tokens in the context (target holds up to %d, drafter up to %d): pass n_past and hand every decode to process()",
              seq_id, pos0, tgt_max, dft_max);
@@ -551,8 +602,8 @@ int32_t check_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_la
 
 // After either draft path: drop what drafting wrote, record the proposal.
 void finish_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t n, bool own) {
-    // the verify decode re-feeds these positions
-    llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
+    // the verify decode re-feeds these positions (a shared KV is the target's: upstream leaves it)
+    if (!shares_memory(s)) llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, pos0, -1);
     if (n <= 0) {
         return;
     }
@@ -678,6 +729,11 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
         seen[q.seq_id] = 1;
         if (q.top_k < 1) fail(MTP_ERR_ARG, "top_k must be >= 1 (got %d)", q.top_k);
         if (!(q.temp >= 0.0f) || !std::isfinite(q.temp)) fail(MTP_ERR_ARG, "temp must be a finite number >= 0");
+        // upstream caps chained drafts at one position per trained head
+        if (chained(s)) q.n_max = std::min(q.n_max, s->n_heads);
+    }
+    if (s->mode == MTP_MODE_MEM_SHARED) {
+        fail(MTP_ERR_ARG, "the own draft loop does not implement the is_mem_shared mode (gemma4 assistant): draft with mtp_session_draft");
     }
     // every check passed: from here on the calls count and state changes
     for (int32_t r = 0; r < n_reqs; ++r) {
@@ -692,10 +748,19 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
     for (int32_t r = 0; r < n_reqs; ++r) {
         if (reqs[r].n_max > 0) n_first += s->deferred[reqs[r].seq_id].size() + 1;
     }
+    if (chained(s)) {
+        // every head needs the rows in its own layer's KV before the draft region is built
+        // head by head: decode them under each head, as upstream's process() does
+        std::vector<int32_t> sids;
+        for (int32_t r = 0; r < n_reqs; ++r) {
+            if (reqs[r].n_max > 0) sids.push_back(reqs[r].seq_id);
+        }
+        decode_deferred(s, sids);
+    }
     for (int32_t r = 0; r < n_reqs && n_first > n_batch; ++r) {
         const size_t n_def = s->deferred[reqs[r].seq_id].size();
         if (reqs[r].n_max > 0 && n_def > 0) {
-            decode_deferred(s, reqs[r].seq_id, nullptr, 0, nullptr);
+            decode_deferred(s, { reqs[r].seq_id });
             n_first -= n_def;
         }
     }
@@ -703,7 +768,7 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
     struct lane {
         int32_t            req;
         llama_token        tok;
-        std::vector<float> h;
+        std::vector<float> h;      // chained heads: one row per draft-region position (upstream's chain_h)
         std::mt19937       rng;
         bool               active;
         int32_t            idx;
@@ -714,13 +779,25 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
         if (reqs[r].n_max == 0) continue;
         lanes.push_back({ r, reqs[r].id_last, s->pending_h[reqs[r].seq_id], std::mt19937(reqs[r].seed), true, -1 });
     }
+    std::vector<std::pair<int32_t, llama_pos>> rm_from;
     for (int32_t i = 0; ; ++i) {
         s->dbatch.clear();
-        bool any = false;
+        rm_from.clear();
         for (lane & l : lanes) {
             const mtp_draft_req & q = reqs[l.req];
             if (!l.active || i >= q.n_max) continue;
-            any = true;
+            if (chained(s)) {
+                // head i rebuilds its own layer's KV over the whole draft region: rows
+                // [id_last, draft...] at pos0.., row t fed the hidden state head t-1 gave
+                // (row 0: the target's), only the last one an output (upstream's draft())
+                rm_from.push_back({ q.seq_id, q.pos0 });
+                for (int32_t t = 0; t <= i; ++t) {
+                    const llama_token tok = t == 0 ? q.id_last : q.out[t - 1];
+                    l.idx = s->dbatch.add(tok, q.pos0 + t, q.seq_id, t == i);
+                    s->dbatch.set_embd(l.idx, { l.h.data() + (size_t) t * s->n_embd, 1, (size_t) s->n_embd });
+                }
+                continue;
+            }
             if (i == 0) {
                 const deferred_rows & d = s->deferred[q.seq_id];
                 for (size_t j = 0; j < d.size(); ++j) {
@@ -731,8 +808,11 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
             l.idx = s->dbatch.add(l.tok, q.pos0 + i, q.seq_id, true);
             s->dbatch.set_embd(l.idx, { l.h.data(), 1, (size_t) s->n_embd });
         }
-        if (!any) break;
-        if (llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get()) != 0) {
+        if (s->dbatch.size() == 0) break;
+        select_head(s, rm_from, i);
+        const int32_t rc = llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get());
+        reset_head(s);
+        if (rc != 0) {
             for (const lane & l : lanes) {
                 const mtp_draft_req & q = reqs[l.req];
                 const deferred_rows & d = s->deferred[q.seq_id];
@@ -749,7 +829,11 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
             const float * logits = llama_get_logits_ith(s->dft, l.idx);
             const float * h_next = llama_get_embeddings_nextn_ith(s->dft, l.idx);
             if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
-            std::memcpy(l.h.data(), h_next, row_bytes);
+            if (chained(s)) {
+                l.h.insert(l.h.end(), h_next, h_next + s->n_embd);
+            } else {
+                std::memcpy(l.h.data(), h_next, row_bytes);
+            }
             float * q_row = q.q_out ? q.q_out + (size_t) i * s->n_vocab : nullptr;
             const llama_token pick = pick_draft_token(s, logits, q.temp, q.top_k, l.rng, q_row);
             if (pick < 0) {
@@ -845,8 +929,29 @@ MTP_EXPORT int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n
         if (!llama_memory_seq_rm(llama_get_memory(s->tgt), seq_id, n_past, -1)) {
             fail(MTP_ERR_ROLLBACK, "seq_id %d: the target context refused to remove positions >= %d", seq_id, n_past);
         }
-        llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, n_past, -1);
+        if (!shares_memory(s)) llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, n_past, -1);
         sync_deferred(s, seq_id, n_past);
+    });
+}
+
+MTP_EXPORT int32_t mtp_probe_mode(llama_context * ctx_tgt, llama_context * ctx_dft, int32_t * mode, int32_t * n_heads) {
+    return guarded([&] {
+        if (ctx_tgt == nullptr || ctx_dft == nullptr) fail(MTP_ERR_NULL, "a context is NULL");
+        if (mode == nullptr || n_heads == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        if (llama_get_model(ctx_dft) == nullptr) fail(MTP_ERR_INIT, "the draft context has no model");
+        *mode = draft_mode(ctx_tgt, ctx_dft, n_heads);
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_get_info(mtp_session * s, mtp_session_info * out) {
+    return guarded([&] {
+        check_session(s);
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        std::lock_guard<std::mutex> lock(s->mu);
+        out->mode     = s->mode;
+        out->n_heads  = s->n_heads;
+        out->n_max    = chained(s) ? std::min(s->n_draft_max, s->n_heads) : s->n_draft_max;
+        out->own_loop = s->mode == MTP_MODE_MEM_SHARED ? 0 : 1;
     });
 }
 

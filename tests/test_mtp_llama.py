@@ -78,7 +78,7 @@ def test_model_without_mtp_heads_is_refused(no_mtp_model) -> None:
     """A GGUF without MTP blocks (nextn_predict_layers = 0) is refused with a message naming the problem."""
     with pytest.raises(llama_mtp.MtpInitError) as e:
         llama_mtp.MtpLlama(str(no_mtp_model), n_draft=2, **CTX)
-    assert str(e.value).startswith(f"{no_mtp_model} has no MTP heads (nextn_predict_layers = 0)")
+    assert str(e.value).startswith(f"{no_mtp_model} (architecture 'qwen35') has no MTP heads (nextn_predict_layers = 0)")
 
 
 def test_model_llama_cpp_cannot_load_raises_init_error(oracle_model) -> None:

@@ -1,0 +1,134 @@
+"""The interface every generated arch implements (see archs/__init__.py for the registry)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..vocab import Specials
+
+if TYPE_CHECKING:
+    from ..oracle import Oracle
+    from ..spec import TestModelSpec
+
+Shape = tuple[int, ...]
+TensorList = list[tuple[str, Shape]]
+
+QWEN_SPECIALS = Specials(
+    tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    bos="<|endoftext|>", eos="<|im_end|>", pad="<|endoftext|>",
+)
+
+
+def uniform(rng: np.random.Generator, shape: Shape, std: float) -> np.ndarray:
+    # uniform with the given std: ~2x cheaper than normal, which matters for the bench size
+    x = rng.random(shape, dtype=np.float32)
+    x -= 0.5
+    x *= np.float32(std * math.sqrt(12.0))
+    return x
+
+
+class ArchLayout:
+    """Tensor layout, per-tensor data rule and metadata of one llama.cpp architecture.
+
+    Subclasses set the class attributes and implement ``tensor_shapes`` and
+    ``add_metadata``; the generic ``tensor_data`` realises the oracle for any layout
+    whose MTP path is eh_proj -> block -> shared_head_norm -> LM head, provided every
+    tensor that writes the residual stream is listed in ``residual_writers``.
+    """
+
+    name: ClassVar[str]                       # general.architecture = metadata key prefix
+    specials: ClassVar[Specials] = QWEN_SPECIALS
+    tokenizer_pre: ClassVar[str] = "qwen2"    # tokenizer.ggml.pre
+    chat_template: ClassVar[str | None] = None
+    # per size name: spec fields overriding spec.SIZES[size] (merged over it)
+    sizes: ClassVar[dict[str, dict[str, Any]]] = {}
+    # arch-specific knobs (TestModelSpec.arch_params) and their defaults
+    param_defaults: ClassVar[dict[str, Any]] = {}
+    # seed of the "context" recipe for this arch (None: RECIPE_DEFAULTS["context"]["seed"])
+    context_seed: ClassVar[int | None] = None
+    # tensor leaf names (after "blk.N.") that add to the residual stream: zero for the
+    # oracle, small random for "context"; value = noise gain relative to attention output
+    residual_writers: ClassVar[dict[str, float]] = {"attn_output.weight": 1.0, "ffn_down.weight": 0.25}
+    # extra leaf names kept in f32 whatever the ftype (1-D tensors always are)
+    f32_leaves: ClassVar[frozenset[str]] = frozenset()
+
+    # ------------------------------------------------------------------ structure
+
+    def validate(self, spec: TestModelSpec) -> None:
+        """Raise ValueError for specs llama.cpp would reject for this arch."""
+
+    def mtp_blocks(self, spec: TestModelSpec) -> range:
+        """Block indices of the MTP (nextn) layers: after the trunk by default."""
+        return range(spec.n_layer, spec.n_layer + 1)
+
+    def block_count(self, spec: TestModelSpec) -> int:
+        return spec.n_layer + len(self.mtp_blocks(spec))
+
+    def is_recurrent(self, spec: TestModelSpec, il: int) -> bool:
+        return False
+
+    def tensor_shapes(self, spec: TestModelSpec) -> TensorList:
+        """(name, numpy shape) of every tensor, in file order.  numpy shape = reversed ggml ne."""
+        raise NotImplementedError
+
+    def add_metadata(self, w: Any, spec: TestModelSpec) -> None:
+        """Write the ``<arch>.*`` hparams (general.* and tokenizer.* are written for you)."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------- data
+
+    def special_data(self, spec: TestModelSpec, rng: np.random.Generator, leaf: str,
+                     shape: Shape) -> np.ndarray | None:
+        """Hook: contents of arch-specific tensors (ssm_a, biases, ...), or None for the generic rule."""
+        return None
+
+    def tensor_data(self, spec: TestModelSpec, o: Oracle, name: str, shape: Shape) -> np.ndarray:
+        """float32 contents of one tensor; each tensor has its own RNG stream (order-free)."""
+        from ..oracle import flag_dims, rng_for
+
+        rng = rng_for(spec.seed, "tensor", name)
+        d = spec.n_embd
+        flags = flag_dims(d)  # only the MTP's eh_proj may read or write these
+        leaf = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        is_mtp = name.startswith("blk.") and int(name.split(".")[1]) in self.mtp_blocks(spec)
+
+        if name == "token_embd.weight" or leaf == "nextn.embed_tokens.weight":
+            return o.embd
+        if name == "output.weight" or leaf == "nextn.shared_head_head.weight":
+            return o.head
+        if leaf == "nextn.eh_proj.weight":
+            w = o.eh_proj.copy()
+            if spec.noise:  # the MTP also reads the rest of the target hidden state
+                w_h = uniform(rng, (d, d), spec.noise / d)
+                w_h[flags, :] = 0.0
+                w_h[:, flags] = 0.0
+                w[:, d:] += w_h
+            return w
+        if leaf in self.residual_writers:
+            w = np.zeros(shape, dtype=np.float32)
+            if spec.noise:
+                # "context": history-dependent perturbation relative to the unit-norm embedding;
+                # the FFN mostly sees the current token only, so keep it weaker than the mixers
+                std = spec.noise / (math.sqrt(d) * math.sqrt(shape[-1]))
+                std *= self.residual_writers[leaf] * (2.0 if is_mtp else 1.0)
+                w = uniform(rng, shape, std)
+                w[..., flags, :] = 0.0
+            return w
+        special = self.special_data(spec, rng, leaf, shape)
+        if special is not None:
+            return special
+        if len(shape) == 1:
+            return np.ones(shape, dtype=np.float32)  # all norms
+        # input projections (read the RMS-normed residual): unit-scale activations
+        w = uniform(rng, shape, 1.0 / math.sqrt(shape[-1]))
+        if shape[-1] == d:
+            w[..., flags] = 0.0
+        return w
+
+    def keeps_f32(self, name: str, shape: Shape) -> bool:
+        """llama.cpp keeps norms, biases (and whatever the arch lists) in f32."""
+        leaf = name.split(".", 2)[-1] if name.startswith("blk.") else name
+        return len(shape) == 1 or leaf in self.f32_leaves

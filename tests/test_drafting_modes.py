@@ -1,0 +1,212 @@
+"""Upstream's three MTP draft modes through the session's own draft loop and upstream's drafter.
+
+Step-3.5 (``step35``) ships chained heads: head i drafts position i (upstream's
+``chain_heads``). The generated step35 model gives each head its own known acceptance
+(``head_accepts``), so the exact draft chain is known (``chained_draft_chain``) and a loop
+that drafted every position with head 0 would propose other tokens. The gemma4
+assistant's ``mem_shared`` mode is not in the own loop: it must be routed to upstream's
+drafter with a logged reason, never drafted silently with a single head.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Sequence, Tuple
+
+import pytest
+
+import llama_mtp
+from llama_mtp import session as session_mod
+from llama_mtp import testing
+from llama_mtp.errors import MtpArgumentError
+from llama_mtp.session import DraftMode, MtpSession
+
+from _helpers import Decoder, build_model, greedy_reference, load_pair, prefill
+
+HEAD_ACCEPTS = (0.8, 0.6, 0.4)
+# iid hits: the tokens a loop visits are not in lockstep with a periodic layout
+STEP35_SPEC = testing.TestModelSpec(arch="step35", accept=HEAD_ACCEPTS[0], accept_pattern="random",
+                                    arch_params={"head_accepts": HEAD_ACCEPTS})
+# history-dependent step35: the drafts depend on each head's KV over the prefix
+STEP35_CONTEXT_SPEC = testing.TestModelSpec(arch="step35", recipe="context", accept=0.5, accept_pattern="random")
+PROMPT = b"The quick brown fox"
+N_GEN = 160
+# plain steps (0) between drafts: deferred catch-up runs of several rows, decoded under every head
+SCHEDULE = (3, 0, 2, 0, 0, 3, 1, 3)
+
+
+def _chain(id_last: int, n: int) -> List[int]:
+    from llama_mtp.testing.archs.step35 import chained_draft_chain
+
+    return chained_draft_chain(STEP35_SPEC, id_last, n)
+
+
+@pytest.fixture(scope="module")
+def step35_model(model_dir) -> os.PathLike:
+    return build_model(STEP35_SPEC, model_dir)
+
+
+@pytest.fixture(scope="module")
+def step35_context_model(model_dir) -> os.PathLike:
+    return build_model(STEP35_CONTEXT_SPEC, model_dir)
+
+
+def _drafts(path: os.PathLike, *, own: bool, defer: bool = False, schedule: Sequence[int] = (3,),
+            n_steps: int = 24, n_draft_max: int = 3, text: bytes = PROMPT) -> List[Tuple[int, List[int]]]:
+    """(id_last, draft) of every drafting step of a greedy loop, with the own loop or upstream's."""
+    target, draft = load_pair(path, n_draft_max=n_draft_max)
+    out: List[Tuple[int, List[int]]] = []
+    with MtpSession(target, draft, n_draft_max=n_draft_max, backend_sampling=False, defer_catchup=defer) as s, \
+            Decoder(target, 64) as dec:
+        prompt = target.tokenize(text, add_bos=False)
+        n_past = prefill(s, dec, 0, prompt[:-1], chunk=48)
+        s.begin(0, prompt[:-1])
+        id_last = prompt[-1]
+        for step in range(n_steps):
+            k = schedule[step % len(schedule)]
+            d = (s.draft_dist(0, n_past, id_last, n_max=k)[0] if own else s.draft(0, n_past, id_last, n_max=k)) if k else []
+            logits = dec.decode(0, [id_last, *d], n_past)
+            s.process(dec.batch)
+            ids = logits.argmax(axis=-1)
+            acc = 0
+            while acc < len(d) and d[acc] == ids[acc]:
+                acc += 1
+            if d:
+                s.accept(0, acc)
+                out.append((id_last, list(d)))
+            n_past += 1 + acc
+            id_last = int(ids[acc])
+    draft.close()
+    target.close()
+    return out
+
+
+def test_modes_are_reported(step35_model, oracle_model):
+    """The session reports upstream's mode choice: chained heads for step35 (3 nextn layers),
+    a single head for qwen35; chained drafts are capped at one token per head."""
+    for path, want in ((step35_model, DraftMode("chain_heads", 3)), (oracle_model, DraftMode("single", 1))):
+        target, draft = load_pair(path, n_draft_max=4)
+        assert session_mod.draft_mode_of(target, draft) == want
+        with MtpSession(target, draft, n_draft_max=4, backend_sampling=False) as s:
+            assert s.draft_mode == want
+            assert s.n_max == (want.n_heads if want.mode == "chain_heads" else 4)
+            prompt = target.tokenize(PROMPT, add_bos=False)
+            with Decoder(target, 64) as dec:
+                n_past = prefill(s, dec, 0, prompt[:-1])
+                d, _ = s.draft_dist(0, n_past, prompt[-1], n_max=4)
+                assert len(d) == s.n_max
+        draft.close()
+        target.close()
+
+
+@pytest.mark.parametrize("own,defer", [(False, False), (True, False), (True, True)])
+def test_chained_heads_draft_the_known_chain(step35_model, own, defer):
+    """Every draft, from upstream's drafter and the own loop (eager and deferred catch-up),
+    is the chain of head i at position i; head 0 at every position would differ."""
+    steps = _drafts(step35_model, own=own, defer=defer, schedule=SCHEDULE)
+    assert len(steps) >= 12
+    for id_last, d in steps:
+        assert d == _chain(id_last, len(d)), (id_last, d)
+    # the model really needs chained heads: some drafts differ from head 0's chain
+    from llama_mtp.testing.archs.step35 import head_oracle
+
+    o0 = head_oracle(STEP35_SPEC, 0)
+
+    def head0_chain(x: int, n: int) -> List[int]:
+        out = []
+        for _ in range(n):
+            dec = int(o0.token_decoy[x])
+            x = int(o0.successor[dec if dec >= 0 else x])
+            out.append(x)
+        return out
+    assert any(d != head0_chain(x, len(d)) for x, d in steps)
+
+
+@pytest.mark.parametrize("text", [PROMPT, PROMPT * 6], ids=["short", "long"])
+def test_own_loop_matches_upstream_on_history_dependent_heads(step35_context_model, text):
+    """On heads with attention noise the own loop's drafts equal upstream's at every step,
+    eager and with deferred per-head catch-up (the long prompt's chunks exceed the draft
+    n_ubatch, so process() catches up under every head too). Note: these heads' logits are
+    too saturated to expose a head that misses its own KV (a mutant decoding deferred rows
+    under head 0 only still passed, and q moved by no more than batch-shape noise)."""
+    up = _drafts(step35_context_model, own=False, schedule=SCHEDULE, n_steps=32, text=text)
+    assert _drafts(step35_context_model, own=True, schedule=SCHEDULE, n_steps=32, text=text) == up
+    assert _drafts(step35_context_model, own=True, defer=True, schedule=SCHEDULE, n_steps=32, text=text) == up
+
+
+def _expected_fixed_k(prompt: Sequence[int], n_tokens: int, k_max: int) -> Tuple[List[int], List[int], List[int]]:
+    """What greedy generate() with fixed k drafts and accepts on the step35 oracle:
+    (tokens, drafted_per_pos, accepted_per_pos), with the engine's room rule (k <= left - 1)."""
+    from llama_mtp.testing.archs.step35 import head_oracle
+
+    succ = head_oracle(STEP35_SPEC, 0).successor
+    tokens: List[int] = []
+    drafted, accepted = [0] * k_max, [0] * k_max
+    while len(tokens) < n_tokens:
+        last = tokens[-1] if tokens else int(prompt[-1])
+        k = max(0, min(k_max, n_tokens - len(tokens) - 1))
+        d = _chain(last, k)
+        truth = [int(succ[last])]
+        while len(truth) < k + 1:
+            truth.append(int(succ[truth[-1]]))
+        acc = 0
+        while acc < len(d) and d[acc] == truth[acc]:
+            acc += 1
+        for i in range(len(d)):
+            drafted[i] += 1
+        for i in range(acc):
+            accepted[i] += 1
+        tokens += truth[:acc + 1]
+    return tokens[:n_tokens], drafted, accepted
+
+
+def test_generate_per_head_acceptance(step35_model):
+    """Greedy generate() on step35: the output is plain llama-cpp-python's greedy output, and
+    fixed k=3 accepts per position exactly what the per-head oracle predicts, with upstream's
+    drafter and with the own loop; auto (own loop) drafts no more than one token per head."""
+    target, draft = load_pair(step35_model, n_draft_max=3)
+    prompt = target.tokenize(PROMPT, add_bos=False)
+    plain = greedy_reference(step35_model, prompt, N_GEN)
+    tokens, drafted, accepted = _expected_fixed_k(prompt, N_GEN, 3)
+    assert tokens == plain
+    runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0)}
+    with MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
+        runs["own"] = llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0,
+                                         session=s)
+    runs["auto"] = llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft="auto", temperature=0.0)
+    for name, r in runs.items():
+        assert r.tokens == plain, name
+    for name in ("upstream", "own"):
+        st = runs[name].stats
+        assert (list(st.drafted_per_pos), list(st.accepted_per_pos)) == (drafted, accepted), name
+    # each head's acceptance given the heads before it accepted, as measured
+    rates = [accepted[0] / drafted[0]] + [accepted[i] / accepted[i - 1] for i in (1, 2) if accepted[i - 1]]
+    print("step35 fixed k=3 per-head acceptance:", [round(x, 3) for x in rates], "configured", HEAD_ACCEPTS)
+    st = runs["auto"].stats
+    assert len(st.draft_len_hist) <= 4 and sum(st.draft_len_hist) == st.steps
+    draft.close()
+    target.close()
+
+
+def test_unimplemented_mode_is_routed_with_a_logged_reason(oracle_model, monkeypatch, caplog):
+    """A mode the own loop lacks (mem_shared) goes to upstream's drafter with a warning that
+    names it (auto), and rejection sampling, which needs the own loop, raises."""
+    monkeypatch.setattr(session_mod, "draft_mode_of", lambda target, draft: DraftMode("mem_shared", 1))
+    target, draft = load_pair(oracle_model, n_draft_max=3)
+    prompt = target.tokenize(PROMPT, add_bos=False)
+    with caplog.at_level(logging.WARNING, logger="llama_mtp"):
+        r = llama_mtp.generate(target, draft, prompt, max_tokens=16, n_draft="auto", temperature=0.0)
+    assert r.tokens == greedy_reference(oracle_model, prompt, 16)
+    msgs = [rec.getMessage() for rec in caplog.records if rec.name == "llama_mtp"]
+    assert any("mem_shared" in m and "upstream" in m for m in msgs), msgs
+    assert r.stats.drafted > 0  # upstream's drafter drafted
+    with pytest.raises(MtpArgumentError, match="mem_shared"):
+        llama_mtp.generate(target, draft, prompt, max_tokens=8, temperature=0.8, verify="rejection", seed=1)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llama_mtp"):
+        # (the real pair is single-head, so the shim accepts it; a real mem_shared pair is refused there too)
+        MtpSession(target, draft, backend_sampling=False, defer_catchup=True).close()
+    assert any("mem_shared" in rec.getMessage() for rec in caplog.records if rec.name == "llama_mtp")
+    draft.close()
+    target.close()

@@ -1,0 +1,182 @@
+"""MtpLlama prompt reuse: common prefixes and recurrent-state checkpoints (hybrid qwen35)."""
+
+from __future__ import annotations
+
+from typing import Iterator, List, Tuple, Union
+
+import llama_cpp
+import pytest
+
+import llama_mtp
+from llama_mtp import _compat, testing
+from llama_mtp.checkpoint import rollback_capacity
+from llama_mtp.prompt_cache import common_prefix
+
+CTX = dict(n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
+SPEC = testing.TestModelSpec(recipe="context")  # history-dependent hybrid (qwen35)
+N = 12
+
+
+def n_prompt_decoded(llm: llama_cpp.Llama) -> int:
+    return int(llama_cpp.llama_perf_context(_compat.ctx_ptr(llm)).n_p_eval)
+
+
+@pytest.fixture(scope="module")
+def models() -> Iterator[Tuple[str, llama_mtp.MtpLlama, llama_cpp.Llama]]:
+    path = str(testing.cached_test_model(SPEC))
+    # n_draft=0: every generation step is a one-token decode, so n_p_eval counts prompt rows only
+    llm = llama_mtp.MtpLlama(path, n_draft=0, **CTX)
+    plain = llama_cpp.Llama(path, **CTX)
+    yield path, llm, plain
+    llm.close()
+    plain.close()
+
+
+def tok(llm: llama_cpp.Llama, text: str, bos: bool = False) -> List[int]:
+    return llm.tokenize(text.encode(), add_bos=bos, special=True)
+
+
+def complete(llm: llama_cpp.Llama, prompt: Union[str, List[int]]) -> Tuple[str, int]:
+    before = n_prompt_decoded(llm)
+    text = llm.create_completion(prompt, max_tokens=N, temperature=0.0)["choices"][0]["text"]
+    return text, n_prompt_decoded(llm) - before
+
+
+def check_margins(path: str, toks: List[int]) -> None:
+    _, margins = testing.reference_greedy(path, toks, N)
+    assert margins.min() > 1e-2, "near-tie in the greedy reference: pick another prompt"
+
+
+def test_extension_resumes_and_divergence_is_exact(models) -> None:
+    path, llm, plain = models
+    llm.mtp_checkpoints.clear()
+    p1 = "Hello there"
+    t1, _ = complete(llm, p1)
+    assert t1 == complete(plain, p1)[0]
+    held1 = _compat.context_tokens(llm)
+    assert len(llm.mtp_checkpoints) >= 1 and len(held1) in llm.mtp_checkpoints.positions()
+
+    # token prompts: the tiny vocabulary's retokenized text need not match the sampled tokens
+    toks2 = held1 + tok(llm, " again")
+    check_margins(path, toks2)
+    t2, n2 = complete(llm, toks2)
+    t2_plain, n2_plain = complete(plain, toks2)
+    assert t2 == t2_plain
+    assert n2 == len(toks2) - 1 - len(held1)  # the head's new rows only (the last is the first step)
+    assert n2 <= n2_plain                     # plain, too, keeps a hybrid context it extends exactly
+
+    # back to held1 + something else: the context now holds the second run, so the
+    # end-of-generation checkpoint of the first call is restored (not the current state)
+    toks3 = held1 + tok(llm, " more and more")
+    held2 = _compat.context_tokens(llm)
+    assert common_prefix(held2, toks3) == len(held1) < len(held2)
+    check_margins(path, toks3)
+    t3, n3 = complete(llm, toks3)
+    t3_plain, n3_plain = complete(plain, toks3)
+    assert t3 == t3_plain
+    assert n3 == len(toks3) - 1 - len(held1)
+    assert n3_plain == len(toks3)  # plain cannot cut a hybrid's recurrent state back: all of it again
+
+    # diverging before every checkpoint: a full prefill, still exact
+    toks4 = tok(llm, "Goodbye", bos=True)
+    assert all(common_prefix(toks4, _compat.context_tokens(llm)) < p for p in llm.mtp_checkpoints.positions())
+    check_margins(path, toks4)
+    t4, n4 = complete(llm, toks4)
+    assert t4 == complete(plain, toks4)[0]
+    assert n4 == len(toks4) - 1
+
+
+def test_checkpoints_are_bounded(models) -> None:
+    _, llm, _ = models
+    llm.mtp_checkpoints.clear()
+    toks = tok(llm, "Prompt", bos=True)
+    ends = []
+    for _ in range(4):  # one conversation: two checkpoints per call (end of prefill, end of generation)
+        complete(llm, toks)
+        ends.append(len(toks) - 1)
+        toks = _compat.context_tokens(llm)
+        ends.append(len(toks))
+        toks = toks + tok(llm, " next")
+    # the LRU keeps the newest `capacity`, each the recurrent state only (independent of length)
+    assert llm.mtp_checkpoints.capacity == 4
+    assert llm.mtp_checkpoints.positions() == sorted(ends)[-4:]
+    sizes = set(llm.mtp_checkpoints.sizes())
+    assert len(sizes) == 1 and sizes.pop() > 0
+
+
+def test_ram_cache_and_reset_false(models) -> None:
+    path, llm, plain = models
+    llm.set_cache(llama_cpp.LlamaRAMCache())
+    plain.set_cache(llama_cpp.LlamaRAMCache())
+    try:
+        p1 = "Once upon"
+        t1, _ = complete(llm, p1)
+        assert t1 == complete(plain, p1)[0]
+        held = _compat.context_tokens(llm)
+        toks2 = held + tok(llm, " then they went")
+        check_margins(path, toks2)
+        t2, n2 = complete(llm, toks2)
+        assert t2 == complete(plain, toks2)[0]
+        assert n2 == len(toks2) - 1 - len(held)
+        # another prompt, then back: create_completion loads the cached target state; the MTP
+        # context lacks those rows, so the target re-decodes what it needs -- output still exact
+        complete(llm, "Zebra")
+        complete(plain, "Zebra")
+        toks3 = toks2 + tok(llm, " so they said")
+        check_margins(path, toks3)
+        t3, n3 = complete(llm, toks3)
+        assert t3 == complete(plain, toks3)[0]
+        assert 0 < n3 <= len(toks3)
+    finally:
+        llm.set_cache(None)
+        plain.set_cache(None)
+    # reset=False continues the context as Llama.generate does
+    extra = llm.tokenize(b" and", add_bos=False)
+    held = _compat.context_tokens(llm)
+    got = []
+    for t in llm.generate(extra, temp=0.0, reset=False):
+        got.append(t)
+        if len(got) == 4:
+            break
+    assert _compat.context_tokens(llm)[:len(held) + len(extra)] == held + extra
+    plain.reset()
+    want = []
+    for t in plain.generate(held + extra, temp=0.0):
+        want.append(t)
+        if len(want) == 4:
+            break
+    assert got == want
+
+
+def attention_only_model() -> str:
+    """An attention-only arch of the generator (glm4moe once it lands, else step35)."""
+    for arch in ("glm4moe", "step35"):
+        try:
+            return str(testing.cached_test_model(arch=arch))
+        except ValueError:
+            continue
+    pytest.skip("the test-model generator has no attention-only arch")
+
+
+def test_attention_only_keeps_the_common_prefix() -> None:
+    path = attention_only_model()
+    llm = llama_mtp.MtpLlama(path, n_draft=0, **CTX)
+    plain = llama_cpp.Llama(path, **CTX)
+    try:
+        assert rollback_capacity(llm) is None  # attention-only: any prefix can be kept
+        p1 = tok(llm, "Hello there", bos=True)
+        check_margins(path, p1)
+        assert complete(llm, p1)[0] == complete(plain, p1)[0]
+        held = _compat.context_tokens(llm)
+        for toks in (held + tok(llm, " again and again"),              # extends all of it
+                     held[:len(held) - 5] + tok(llm, " then they went")):  # diverges inside it: a trim
+            n_keep = common_prefix(_compat.context_tokens(llm), toks)
+            check_margins(path, toks)
+            got, n_got = complete(llm, toks)
+            want, n_want = complete(plain, toks)
+            assert got == want
+            assert n_got == len(toks) - 1 - n_keep   # plain decodes the last prompt row in the batch too
+            assert n_got <= n_want                   # no more than plain llama-cpp-python decodes
+    finally:
+        llm.close()
+        plain.close()
