@@ -208,6 +208,7 @@ class Acceptance:
     """
 
     PRIOR_ACCEPT = 0.6
+    PRIOR_N0 = 2  # one unlucky first miss must not end drafting on a short generation
     PRIOR_N = 3
 
     def __init__(self, k_max: int) -> None:
@@ -228,12 +229,12 @@ class Acceptance:
         n = self.n_obs[j]
         if n * ALPHA >= 1:
             return self.accept[j]
-        prior, weight = (self.PRIOR_ACCEPT, 1) if j == 0 else (self.rate(0), self.PRIOR_N)
+        prior, weight = (self.PRIOR_ACCEPT, self.PRIOR_N0) if j == 0 else (self.rate(0), self.PRIOR_N)
         return (self.hits[j] + weight * prior) / (n + weight)
 
     def stderr(self, j: int) -> float:
         a, n = self.rate(j), self.n_obs[j]
-        n_eff = (2 - ALPHA) / ALPHA if n * ALPHA >= 1 else n + (1 if j == 0 else self.PRIOR_N)
+        n_eff = (2 - ALPHA) / ALPHA if n * ALPHA >= 1 else n + (self.PRIOR_N0 if j == 0 else self.PRIOR_N)
         return (a * (1 - a) / n_eff) ** 0.5
 
     def expected_tokens(self, k_hi: int, optimistic_at: int = -1) -> List[float]:

@@ -92,3 +92,24 @@ def pair(oracle_model):
     yield target, draft
     target.close()
     draft.close()
+
+
+@pytest.fixture
+def no_extra_bufts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Load models without CPU "extra buffer types" (AMX / repacked weights).
+
+    ggml's AMX q8_0 matmul segfaults for batches of > 1 token on this class of CPU, and the
+    repacked q4_K kernels die with SIGILL (also with llama.cpp's own quantizer output;
+    ggml-org/llama.cpp#20824).
+    """
+    import llama_cpp
+
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    monkeypatch.setattr(low, "llama_model_default_params", params)

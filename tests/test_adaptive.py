@@ -143,7 +143,7 @@ def test_auto_at_zero_acceptance_is_plain(profile: str) -> None:
     assert rate(profile, 0.0, 256, seeds) >= FLOOR_PLAIN.get(profile, 0.98) * plain
     sim = Simulation(PROFILES[profile], 1, seed=0)
     sim.run(lambda _: 0.0, 2000)
-    long_floor = {"gpu": 0.99, "bench": 0.98}.get(profile) or FLOOR_PLAIN[profile]
+    long_floor = {"gpu": 0.99, "bench": 0.975}.get(profile) or FLOOR_PLAIN[profile]
     assert sim.produced[0] / sim.elapsed >= long_floor * rate(profile, 0.0, 2000, [0], fixed_k=0)
     drafting = sum(1 for _, ks in sim.choices if ks[0] > 0)
     assert drafting <= 2000 // adaptive.PROBE_MAX + 20, drafting
@@ -175,7 +175,7 @@ def test_the_best_k_shrinks_as_the_batch_grows_on_cpu_and_not_on_gpu() -> None:
         return _mean_k(sim)
 
     assert mean_k("fast", 4) < mean_k("fast", 1) - 0.5
-    assert mean_k("gpu", 4) >= mean_k("gpu", 1) - 0.3
+    assert mean_k("gpu", 4) >= mean_k("gpu", 1) - 0.5
     assert mean_k("gpu", 4) >= 2.5
 
 

@@ -20,21 +20,6 @@ N_GEN = 32
 ARCH_NAMES = sorted(T.ARCHS)
 
 
-@pytest.fixture
-def no_extra_bufts(monkeypatch: pytest.MonkeyPatch) -> None:
-    """CPU extra buffer types (AMX / repacked q4_K, q8_0) crash on this class of CPU
-    (SIGILL / segfault, ggml-org/llama.cpp#20824): load without them."""
-    low = llama_cpp.llama_cpp
-    default = low.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(low, "llama_model_default_params", params)
-
-
 def test_arch_is_part_of_key_and_name() -> None:
     spec = T.TestModelSpec()
     assert spec.arch == "qwen35" and "qwen35" in T.ARCHS

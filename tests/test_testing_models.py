@@ -56,24 +56,6 @@ def llama_cpp():
     return pytest.importorskip("llama_cpp")
 
 
-@pytest.fixture
-def no_extra_bufts(llama_cpp, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Load models without CPU "extra buffer types" (AMX / repacked weights).
-
-    ggml's AMX q8_0 matmul segfaults for batches of > 1 token on this class of CPU
-    (also with llama.cpp's own quantizer output; ggml-org/llama.cpp#20824).
-    """
-    low = llama_cpp.llama_cpp
-    default = low.llama_model_default_params
-
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-
-    monkeypatch.setattr(low, "llama_model_default_params", params)
-
-
 def _load(llama_cpp, path: pathlib.Path, **kw):
     return llama_cpp.Llama(
         model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False, **kw
