@@ -230,6 +230,7 @@ class LoopResult:
     stats: llama_mtp.MtpStats
     logits: np.ndarray                # (n_tokens, n_vocab): the target row each token was chosen from
     qs: List[np.ndarray] = field(default_factory=list)  # draft_dist's q of every drafting step
+    drafts: List[Tuple[int, List[int]]] = field(default_factory=list)  # (id_last, draft) of every drafting step
 
     @property
     def partial_rejections(self) -> int:
@@ -269,6 +270,7 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
         rows: List[np.ndarray] = []
         steps: List[Tuple[int, int]] = []
         qs: List[np.ndarray] = []
+        drafts: List[Tuple[int, List[int]]] = []
         while len(out) < n_tokens:
             k = schedule[len(steps) % len(schedule)] if schedule else n_draft
             if k == 0 and schedule:
@@ -288,6 +290,7 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
                 acc += 1
             if d:
                 session.accept(seq_id, acc)
+                drafts.append((id_last, [int(t) for t in d]))
             assert not session.pending(seq_id)
             out += [int(t) for t in d[:acc]] + [int(ids[acc])]
             rows += list(logits[:acc + 1])
@@ -300,7 +303,7 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
                     assert pos_max(draft, seq_id) <= n_past - 1, (pos_max(draft, seq_id), n_past)
                 else:
                     assert pos_max(draft, seq_id) == n_past - 1, (pos_max(draft, seq_id), n_past)
-        return LoopResult(out[:n_tokens], steps, session.stats, np.array(rows[:n_tokens]), qs)
+        return LoopResult(out[:n_tokens], steps, session.stats, np.array(rows[:n_tokens]), qs, drafts)
     finally:
         if own:
             dec.close()

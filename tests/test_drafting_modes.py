@@ -22,7 +22,7 @@ from llama_mtp import testing
 from llama_mtp.errors import MtpArgumentError
 from llama_mtp.session import DraftMode, MtpSession
 
-from _helpers import Decoder, build_model, greedy_reference, load_pair, prefill
+from _helpers import Decoder, build_model, greedy_reference, load_pair, prefill, spec_loop
 
 HEAD_ACCEPTS = (0.8, 0.6, 0.4)
 # iid hits: the tokens a loop visits are not in lockstep with a periodic layout
@@ -53,33 +53,17 @@ def step35_context_model(model_dir) -> os.PathLike:
 
 
 def _drafts(path: os.PathLike, *, own: bool, defer: bool = False, schedule: Sequence[int] = (3,),
-            n_steps: int = 24, n_draft_max: int = 3, text: bytes = PROMPT) -> List[Tuple[int, List[int]]]:
+            n_tokens: int = 48, n_draft_max: int = 3, text: bytes = PROMPT) -> List[Tuple[int, List[int]]]:
     """(id_last, draft) of every drafting step of a greedy loop, with the own loop or upstream's."""
     target, draft = load_pair(path, n_draft_max=n_draft_max)
-    out: List[Tuple[int, List[int]]] = []
-    with MtpSession(target, draft, n_draft_max=n_draft_max, backend_sampling=False, defer_catchup=defer) as s, \
-            Decoder(target, 64) as dec:
-        prompt = target.tokenize(text, add_bos=False)
-        n_past = prefill(s, dec, 0, prompt[:-1], chunk=48)
-        s.begin(0, prompt[:-1])
-        id_last = prompt[-1]
-        for step in range(n_steps):
-            k = schedule[step % len(schedule)]
-            d = (s.draft_dist(0, n_past, id_last, n_max=k)[0] if own else s.draft(0, n_past, id_last, n_max=k)) if k else []
-            logits = dec.decode(0, [id_last, *d], n_past)
-            s.process(dec.batch)
-            ids = logits.argmax(axis=-1)
-            acc = 0
-            while acc < len(d) and d[acc] == ids[acc]:
-                acc += 1
-            if d:
-                s.accept(0, acc)
-                out.append((id_last, list(d)))
-            n_past += 1 + acc
-            id_last = int(ids[acc])
-    draft.close()
-    target.close()
-    return out
+    try:
+        with MtpSession(target, draft, n_draft_max=n_draft_max, backend_sampling=False,
+                        defer_catchup=defer) as s:
+            return spec_loop(target, draft, s, target.tokenize(text, add_bos=False), n_tokens, n_draft_max,
+                             draft_dist={} if own else None, schedule=schedule).drafts
+    finally:
+        draft.close()
+        target.close()
 
 
 def test_modes_are_reported(step35_model, oracle_model):
@@ -130,9 +114,9 @@ def test_own_loop_matches_upstream_on_history_dependent_heads(step35_context_mod
     n_ubatch, so process() catches up under every head too). Note: these heads' logits are
     too saturated to expose a head that misses its own KV (a mutant decoding deferred rows
     under head 0 only still passed, and q moved by no more than batch-shape noise)."""
-    up = _drafts(step35_context_model, own=False, schedule=SCHEDULE, n_steps=32, text=text)
-    assert _drafts(step35_context_model, own=True, schedule=SCHEDULE, n_steps=32, text=text) == up
-    assert _drafts(step35_context_model, own=True, defer=True, schedule=SCHEDULE, n_steps=32, text=text) == up
+    up = _drafts(step35_context_model, own=False, schedule=SCHEDULE, n_tokens=64, text=text)
+    assert _drafts(step35_context_model, own=True, schedule=SCHEDULE, n_tokens=64, text=text) == up
+    assert _drafts(step35_context_model, own=True, defer=True, schedule=SCHEDULE, n_tokens=64, text=text) == up
 
 
 def _expected_fixed_k(prompt: Sequence[int], n_tokens: int, k_max: int) -> Tuple[List[int], List[int], List[int]]:
