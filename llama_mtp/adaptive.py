@@ -64,8 +64,10 @@ class RowTable:
         self.value: dict = {}   # rows -> seconds
         self.count: dict = {}   # rows -> observations
         self.last: dict = {}    # rows -> choice counter at the last observation
+        self._memo: dict = {}   # rows -> estimate: plan() asks for the same few row counts many times a step
 
     def observe(self, n: int, t: float, now: int = 0) -> None:
+        self._memo.clear()
         c = self.count.get(n, 0) + 1
         self.count[n] = c
         self.last[n] = now
@@ -77,6 +79,12 @@ class RowTable:
         return n in self.value
 
     def __call__(self, n: int) -> float:
+        t = self._memo.get(n)
+        if t is None:
+            t = self._memo[n] = self._estimate(n)
+        return t
+
+    def _estimate(self, n: int) -> float:
         if not self.value:
             return self._prior(n)
         keys = sorted(self.value)
@@ -120,6 +128,7 @@ class LinearCost:
         # normal equations of the weighted fit: [[pp, pr], [pr, rr]] c = [pt, rt]
         self._pp, self._pr, self._rr, self._pt, self._rt = 0.0, 0.0, 0.0, 0.0, 0.0
         self.n = 0
+        self._coef: Optional[Tuple[float, float]] = None  # solved once per observation, not per query
 
     def _add(self, p: float, r: float, t: float) -> None:
         self._pp += p * p
@@ -131,6 +140,7 @@ class LinearCost:
     def observe(self, positions: int, rows: int, t: float) -> None:
         if positions <= 0:
             return
+        self._coef = None
         self.n += 1
         if self.n <= 2:
             # the first draft decode pays graph setup (and a cold cache): the second replaces it
@@ -143,8 +153,14 @@ class LinearCost:
             for name in ("_pp", "_pr", "_rr", "_pt", "_rt"):
                 setattr(self, name, (1 - ALPHA) * getattr(self, name))
         self._add(float(positions), float(rows), t)
+        self._coef = None
 
     def coefficients(self) -> Tuple[float, float]:
+        if self._coef is None:
+            self._coef = self._solve()
+        return self._coef
+
+    def _solve(self) -> Tuple[float, float]:
         det = self._pp * self._rr - self._pr * self._pr
         if self.n == 0:
             return 0.0, 0.0
