@@ -9,7 +9,7 @@ rejection restore it and re-decode the accepted prefix.
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from typing import Optional, Tuple
 
 import llama_cpp
 
@@ -28,6 +28,20 @@ def rollback_capacity(llm: llama_cpp.Llama) -> Optional[int]:
     return None
 
 
+def save_partial_state(llm: llama_cpp.Llama, seq_id: int, buf: Optional[ctypes.Array] = None) -> Tuple[ctypes.Array, int]:
+    """The recurrent part of seq_id's state, in ``buf`` when it is big enough: (buffer, bytes written)."""
+    ctx = _compat.ctx_ptr(llm)
+    need = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, PARTIAL_ONLY)
+    if buf is None or len(buf) < need:
+        buf = (ctypes.c_uint8 * need)()
+    return buf, int(llama_cpp.llama_state_seq_get_data_ext(ctx, buf, need, seq_id, PARTIAL_ONLY))
+
+
+def restore_partial_state(llm: llama_cpp.Llama, buf: ctypes.Array, size: int, seq_id: int, what: str) -> None:
+    if llama_cpp.llama_state_seq_set_data_ext(_compat.ctx_ptr(llm), buf, size, seq_id, PARTIAL_ONLY) == 0:
+        raise RollbackError(f"llama.cpp could not restore the {what}")
+
+
 class TargetCheckpoint:
     def __init__(self, llm: llama_cpp.Llama) -> None:
         self._llm = llm
@@ -35,16 +49,11 @@ class TargetCheckpoint:
         self._size = 0
 
     def save(self, seq_id: int) -> None:
-        ctx = _compat.ctx_ptr(self._llm)
-        need = llama_cpp.llama_state_seq_get_size_ext(ctx, seq_id, PARTIAL_ONLY)
-        if self._buf is None or len(self._buf) < need:
-            self._buf = (ctypes.c_uint8 * need)()
-        self._size = llama_cpp.llama_state_seq_get_data_ext(ctx, self._buf, need, seq_id, PARTIAL_ONLY)
+        self._buf, self._size = save_partial_state(self._llm, seq_id, self._buf)
 
     def restore(self, seq_id: int, n_past: int) -> None:
         """Back to the saved state, with positions >= n_past removed."""
-        ctx = _compat.ctx_ptr(self._llm)
         assert self._buf is not None
-        if llama_cpp.llama_state_seq_set_data_ext(ctx, self._buf, self._size, seq_id, PARTIAL_ONLY) == 0:
-            raise RollbackError("llama.cpp could not restore the target checkpoint")
+        restore_partial_state(self._llm, self._buf, self._size, seq_id, "target checkpoint")
+        ctx = _compat.ctx_ptr(self._llm)
         llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), seq_id, n_past, -1)

@@ -16,7 +16,7 @@ prompts through the target's sequence slots (``load(path, n_seq=N)``).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 

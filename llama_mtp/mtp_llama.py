@@ -9,15 +9,15 @@ the speculative loop, with the very sampler chain llama-cpp-python builds.
 from __future__ import annotations
 
 import os
-
-import llama_cpp
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
+import llama_cpp
+
 from . import _compat
+from .checkpoint import rollback_capacity
 from .core import check_n_draft, sequence_params
 from .errors import MtpArgumentError, MtpInitError
 from .generation import OneSequenceRun
-from .checkpoint import rollback_capacity
 from .loading import MtpTargetLlama, _open_draft, _validate
 from .prompt_cache import PromptCheckpoints, common_prefix
 from .results import GenerationStats

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import llama_cpp
 
-from . import _compat
-from .checkpoint import PARTIAL_ONLY
-from .errors import MtpArgumentError, RollbackError
+from .checkpoint import restore_partial_state, save_partial_state
+from .errors import MtpArgumentError
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+# the length of the longest common prefix of two token sequences: llama-cpp-python's own
+common_prefix = llama_cpp.Llama.longest_token_prefix
 
 
 class PromptCheckpoints:
@@ -63,11 +57,8 @@ class PromptCheckpoints:
         if not self.capacity or not tokens:
             return
         key = tuple(int(t) for t in tokens)
-        ctx = _compat.ctx_ptr(self._llm)
-        need = llama_cpp.llama_state_seq_get_size_ext(ctx, 0, PARTIAL_ONLY)
-        buf = (ctypes.c_uint8 * need)()
-        n = llama_cpp.llama_state_seq_get_data_ext(ctx, buf, need, 0, PARTIAL_ONLY)
-        if n != need:
+        buf, n = save_partial_state(self._llm, 0)
+        if n != len(buf):
             return  # nothing usable to keep (llama.cpp logged why)
         self._items.pop(key, None)  # supersede one at the same prefix
         self._items[key] = buf
@@ -82,10 +73,8 @@ class PromptCheckpoints:
         best = max((k for k in self._items if len(k) <= limit), key=len, default=None)
         if best is None:
             return 0
-        ctx = _compat.ctx_ptr(self._llm)
         buf = self._items[best]
-        if llama_cpp.llama_state_seq_set_data_ext(ctx, buf, len(buf), 0, PARTIAL_ONLY) == 0:
-            raise RollbackError("llama.cpp could not restore a prompt checkpoint")
+        restore_partial_state(self._llm, buf, len(buf), 0, "prompt checkpoint")
         self._items.move_to_end(best)
         return len(best)
 
