@@ -97,12 +97,12 @@ def bench_model(args: argparse.Namespace, size: str, accept: float) -> Dict[str,
                     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
                     key = f"{n_draft}/{n}"
                     c = cells.setdefault(key, {"sequential": [], "many": []})
-                    s = sequential(target, draft, prompts, n_draft, args.max_tokens)
+                    s = sequential(target, draft, prompts, n_draft, args.max_tokens) if args.sequential else None
                     m = batched(target, draft, prompts, n_draft, args.max_tokens)
-                    c["sequential"].append(s["tps"])
+                    c["sequential"].append(s["tps"] if s else float("nan"))
                     c["many"].append(m["tps"])
                     if m["tps"] >= max(c["many"]):
-                        detail[key] = {"many": seq_rows(m["results"]), "sequential": seq_rows(s["results"])}
+                        detail[key] = {"many": seq_rows(m["results"]), "sequential": seq_rows(s["results"]) if s else None}
         prefill = prefill_rows(target, draft, args) if args.prefill and size == args.sizes[0] else None
     finally:
         draft.close()
@@ -158,6 +158,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-prefill", dest="prefill", action="store_false")
     p.add_argument("--prefill-only", action="store_true", help="only the prefill placement rows (first size)")
+    p.add_argument("--no-sequential", dest="sequential", action="store_false",
+                   help="only generate_many (for auto vs fixed n_draft at each batch size)")
     p.add_argument("--tag", default="")
     args = p.parse_args()
     args.sizes = args.sizes.split(",")
@@ -187,6 +189,16 @@ def main() -> None:
                 cells.append(f"{c['sequential']['best']:.1f} / {c['many']['best']:.1f} "
                              f"(**{c['ratio']:.2f}x**; {c['ratio_median']:.2f}x)")
             md.append(f"| {r['size']} | {r['accept']} | {n_draft} | " + " | ".join(cells) + " |")
+    if "auto" in args.n_drafts and len(args.n_drafts) > 1:
+        md += ["", "generate_many, auto against every fixed n_draft (aggregate tok/s, best): auto / the best fixed", "",
+               "| model | accept | sequences | " + " | ".join(f"n_draft {k}" for k in args.n_drafts) + " | auto / best |",
+               "|---|---|---|" + "---|" * (len(args.n_drafts) + 1)]
+        for r in rows:
+            for n in args.sequences:
+                tps = {k: r["cells"][f"{k}/{n}"]["many"]["best"] for k in args.n_drafts}
+                best = max(v for k, v in tps.items() if k != "auto")
+                md.append(f"| {r['size']} | {r['accept']} | {n} | " + " | ".join(f"{tps[k]:.1f}" for k in args.n_drafts)
+                          + f" | **{tps['auto'] / best:.2f}** |")
     md += ["", "Per sequence at the largest batch (generate_many, best run): acceptance, tokens/step, draft lengths", ""]
     for r in rows:
         for n_draft in args.n_drafts:

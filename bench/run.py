@@ -37,6 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import native  # noqa: E402
 
 import llama_mtp  # noqa: E402
+from llama_mtp import _compat  # noqa: E402  (the one seam onto llama-cpp-python internals)
 from llama_mtp import testing  # noqa: E402
 from llama_mtp.generation import tokenize_prompt  # noqa: E402
 from llama_mtp.loading import MtpDraftLlama, MtpTargetLlama, PlainLlama  # noqa: E402
@@ -53,7 +54,7 @@ def rss_mb() -> float:
 def plain_run(plain: llama_cpp.Llama, prompt: List[int], n: int) -> float:
     """Tokens/s of plain greedy generation, timed like generate(): after all but the last prompt token."""
     plain.reset()
-    plain._ctx.kv_cache_clear()
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(_compat.ctx_ptr(plain)), True)
     plain.eval(prompt[:-1])
     t0 = time.perf_counter()
     got = 0
@@ -90,7 +91,7 @@ def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
     rss1 = rss_mb()
     draft = MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
     rss2 = rss_mb()
-    draft_state_mb = llama_cpp.llama_state_get_size(draft._ctx.ctx) / 2**20
+    draft_state_mb = llama_cpp.llama_state_get_size(_compat.ctx_ptr(draft)) / 2**20
     plain = PlainLlama(path, **kw)
     prompt = tokenize_prompt(plain, PROMPT)
     contenders = ["plain", *[f"k{k}" for k in args.n_drafts], "auto"]
@@ -221,7 +222,7 @@ def rss_only(args: argparse.Namespace, accept: float) -> None:
     rss3 = rss_mb()
     out = {"model": os.path.basename(path), "rss_target_mb": round(rss1 - rss0, 1),
            "rss_draft_delta_mb": round(rss2 - rss1, 1), "rss_after_generate_delta_mb": round(rss3 - rss1, 1),
-           "draft_state_mb_after_generate": round(llama_cpp.llama_state_get_size(draft._ctx.ctx) / 2**20, 2),
+           "draft_state_mb_after_generate": round(llama_cpp.llama_state_get_size(_compat.ctx_ptr(draft)) / 2**20, 2),
            "generated": len(res.tokens)}
     draft.close()
     target.close()

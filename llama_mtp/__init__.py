@@ -22,7 +22,7 @@ from .errors import (
 from .engine import Engine, RequestHandle
 from .generation import GenerationStream, generate, generate_many
 from .results import GenerationResult, GenerationStats
-from .loading import MtpDraftLlama, MtpTargetLlama, load
+from .loading import MtpAssistantLlama, MtpDraftLlama, MtpTargetLlama, load
 from .mtp_llama import MtpLlama
 from .session import DraftRequest, MtpSession
 from .stats import MtpStats
@@ -31,8 +31,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BadSeqIdError", "DraftRequest", "Engine", "EngineClosedError", "GenerationResult", "GenerationStats",
-    "GenerationStream", "MtpArgumentError", "MtpDraftLlama", "MtpError", "MtpInitError", "MtpLlama",
-    "MtpProcessError", "MtpSession", "MtpStats", "MtpTargetLlama", "ProtocolError", "QueueFullError",
+    "GenerationStream", "MtpArgumentError", "MtpAssistantLlama", "MtpDraftLlama", "MtpError", "MtpInitError",
+    "MtpLlama", "MtpProcessError", "MtpSession", "MtpStats", "MtpTargetLlama", "ProtocolError", "QueueFullError",
     "RequestHandle", "RollbackError", "SessionClosedError", "ShimUnavailableError", "generate",
     "generate_many", "load",
 ]

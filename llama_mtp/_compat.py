@@ -129,6 +129,14 @@ def on_close(llm: llama_cpp.Llama, callback: Callable[[], None]) -> None:
     llm._stack.callback(callback)
 
 
+def close_before(target: llama_cpp.Llama, draft: llama_cpp.Llama) -> None:
+    """Free ``draft`` first whenever ``target`` is closed: a drafter whose context runs on the
+    target's context (ctx_other: it reads the target's KV buffers and token embeddings) must not
+    outlive it. ``target.close()`` unwinds its ExitStack last-in first-out, so ``draft.close()``
+    runs before the target's context is freed; closing either one again is a no-op."""
+    on_close(target, draft.close)
+
+
 # ------------------------------------------------------------------------------ samplers
 
 
@@ -171,12 +179,15 @@ class ParamsHook:
     the moment ``Llama.__init__`` assigns them (it never touches those fields afterwards)."""
 
     def __init__(self, model_overrides: Dict[str, Any], context_overrides: Dict[str, Any],
-                 shared_model: Any = None) -> None:
+                 shared_model: Any = None, check_model: Optional[Callable[[Any], None]] = None) -> None:
         self.model_overrides = model_overrides
         self.context_overrides = context_overrides
         # a LlamaModel to use instead of the one Llama.__init__ loads (the draft: vocab only)
         self.shared_model = shared_model
         self.own_model: Any = None
+        # called with the LlamaModel Llama.__init__ just loaded, before its context is created
+        # (it raises to stop there: llama.cpp aborts on some mismatches while building a context)
+        self.check_model = check_model
 
     def apply(self, name: str, value: Any) -> Any:
         if name == "model_params" and isinstance(value, llama_cpp.llama_model_params):
@@ -185,10 +196,13 @@ class ParamsHook:
         elif name == "context_params" and isinstance(value, llama_cpp.llama_context_params):
             for field, v in self.context_overrides.items():
                 setattr(value, field, v)
-        elif name == "_model" and self.shared_model is not None and value is not self.shared_model:
-            # Llama.__init__ just loaded the vocab-only model: its context goes on the shared weights
-            self.own_model = value
-            value = self.shared_model
+        elif name == "_model" and value is not self.shared_model:
+            if self.check_model is not None:
+                self.check_model(value)
+            if self.shared_model is not None:
+                # Llama.__init__ just loaded the vocab-only model: its context goes on the shared weights
+                self.own_model = value
+                value = self.shared_model
         return value
 
 
@@ -199,6 +213,9 @@ class HookedLlama(llama_cpp.Llama):
         self.__dict__["_llama_mtp_hook"] = llama_mtp_hook
         try:
             super().__init__(*args, **kwargs)
+        except BaseException:
+            self.close()  # free now what Llama.__init__ built before it raised (its model), not at GC
+            raise
         finally:
             hook = self.__dict__.pop("_llama_mtp_hook", None)
         if hook is not None and hook.own_model is not None:
@@ -229,10 +246,27 @@ def model_of(llm: llama_cpp.Llama) -> Any:
 # ------------------------------------------------------------------ verification
 
 
+# llama.cpp's llm_arch_supports_rs_rollback (src/llama-arch.cpp): the recurrent/hybrid archs
+# whose state keeps n_rs_seq snapshots. On the others (qwen3next, ...) llama.cpp clamps n_rs_seq
+# to 0, so every partial rejection restores a state checkpoint instead (checkpoint.py).
+RS_ROLLBACK_ARCHS = frozenset({
+    "kimi-k3", "qwen35", "qwen35moe", "qwen4exp", "deepseek4", "glm5-next", "nemotron_h",
+    "nemotron_h_moe", "lfm2", "lfm2moe", "bailingmoe3",
+})
+
+
+def arch_of(llm: llama_cpp.Llama) -> str:
+    """general.architecture of the loaded model."""
+    return str(llm.metadata.get("general.architecture", "?"))
+
+
 def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *, n_rs_seq: int,
-                    n_seq: int) -> None:
+                    n_seq: int, external: bool = False) -> None:
     """Check on the native objects that what load() injected took effect.
 
+    ``external``: the draft is an external drafter on its own model (a gemma4-assistant) whose
+    context must run on the target's context (``ctx_other``, upstream's is_mem_shared mode);
+    otherwise the draft is an MTP context on the target's own ``llama_model``.
     Raises MtpInitError naming the installed llama-cpp-python otherwise: a newer
     version that builds its param structs differently must not run silently without MTP.
     """
@@ -245,8 +279,8 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
     tctx = ctx_ptr(target)
     if not tctx:
         fail("the target has no context")
-    if n_rs_seq and (llama_cpp.llama_model_is_recurrent(model_ptr(target))
-                     or llama_cpp.llama_model_is_hybrid(model_ptr(target))):
+    if n_rs_seq and arch_of(target) in RS_ROLLBACK_ARCHS and (
+            llama_cpp.llama_model_is_recurrent(model_ptr(target)) or llama_cpp.llama_model_is_hybrid(model_ptr(target))):
         got = int(llama_cpp.llama_n_rs_seq(tctx))
         if got < n_rs_seq:
             fail(f"the target context keeps {got} recurrent snapshots, n_rs_seq={n_rs_seq} was requested")
@@ -263,10 +297,83 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
         fail("the draft context was not created as an MTP context")
     t_model = llama_cpp.llama_get_model(tctx)
     d_model = llama_cpp.llama_get_model(dctx)
-    if _address(t_model) != _address(d_model):
+    if not external and _address(t_model) != _address(d_model):
         fail("the draft context does not run on the target's llama_model")
     if int(llama_cpp.llama_n_seq_max(dctx)) < n_seq:
         fail(f"the draft context has n_seq_max={int(llama_cpp.llama_n_seq_max(dctx))}, {n_seq} requested")
+    if external:
+        if _address(t_model) == _address(d_model):
+            fail("the external draft context runs on the target's llama_model, not on its own")
+        if loaded_with_mtp(draft._ctx) is False or llama_cpp.llama_model_n_layer_nextn(d_model) <= 0:
+            fail("the draft model was loaded without its MTP (nextn) layers")
+        from .session import draft_mode_of  # the shim's probe is upstream's own test: ctx_other == target
+
+        if draft_mode_of(target, draft).mode != "mem_shared":
+            fail("the draft context does not run on the target's context (ctx_other was not applied)")
+
+
+# ------------------------------------------------------------------ external drafters
+
+
+# llama.cpp's external MTP drafters: GGUFs of their own whose context runs on a target's context
+# (llama_context_params.ctx_other; src/llama-context.cpp applies it to these archs only) and
+# attends over the target's KV. Drafter arch -> the target archs it drafts for.
+EXTERNAL_DRAFTER_TARGETS: Dict[str, frozenset] = {"gemma4-assistant": frozenset({"gemma4"})}
+
+
+def _model_arch(model: _internals.LlamaModel) -> str:
+    return str(model.metadata().get("general.architecture", "?"))
+
+
+def refuse_external_drafter(path: str) -> Callable[[_internals.LlamaModel], None]:
+    """A ParamsHook check for a target: an external drafter loaded as a model of its own cannot
+    create a context (llama.cpp needs its target's), so say how to load it instead."""
+
+    def check(model: _internals.LlamaModel) -> None:
+        arch = _model_arch(model)
+        if arch in EXTERNAL_DRAFTER_TARGETS:
+            targets = ", ".join(sorted(EXTERNAL_DRAFTER_TARGETS[arch]))
+            raise MtpInitError(f"{path} is a {arch} model, an external MTP drafter that runs only on its target's "
+                               f"context: load its target ({targets}) with draft_model_path={path!r}")
+
+    return check
+
+
+def check_external_drafter(target: llama_cpp.Llama, path: str) -> Callable[[_internals.LlamaModel], None]:
+    """A ParamsHook check for an external drafter's model, before its context is created: llama.cpp
+    builds the drafter's graph on the target's embeddings and KV there, and aborts the process
+    on a width mismatch, so every shape the pair shares is checked first (MtpInitError)."""
+
+    def check(model: _internals.LlamaModel) -> None:
+        arch, t_arch = _model_arch(model), arch_of(target)
+        d_model, t_model = model.model, model_ptr(target)
+        if arch not in EXTERNAL_DRAFTER_TARGETS:
+            known = ", ".join(sorted(EXTERNAL_DRAFTER_TARGETS))
+            what = ("has no MTP (nextn) layers" if llama_cpp.llama_model_n_layer_nextn(d_model) <= 0
+                    else "is not an external MTP drafter")
+            raise MtpInitError(f"draft model {path} (architecture {arch!r}) {what}: draft_model_path takes a "
+                               f"drafter that runs on its target's context ({known})")
+        if t_arch not in EXTERNAL_DRAFTER_TARGETS[arch]:
+            raise MtpInitError(f"draft model {path} is a {arch}, which drafts for "
+                               f"{', '.join(sorted(EXTERNAL_DRAFTER_TARGETS[arch]))} targets; the target is {t_arch!r}")
+        d_out, t_out = int(llama_cpp.llama_model_n_embd_out(d_model)), int(llama_cpp.llama_model_n_embd_out(t_model))
+        if d_out != t_out:
+            raise MtpInitError(f"draft model {path} drafts for a target of width {d_out} (embedding_length_out); "
+                               f"the target {target.model_path} has width {t_out}: use the target's own assistant")
+        d_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(d_model)))
+        t_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab_ptr(target)))
+        if d_vocab != t_vocab:
+            raise MtpInitError(f"draft model {path} has a vocabulary of {d_vocab} tokens, the target {target.model_path} "
+                               f"{t_vocab}: use the target's own assistant")
+        # its Q-only attention reads the target's K/V: the head sizes must be the target's
+        meta, t_meta = model.metadata(), target.metadata
+        for key in ("attention.key_length", "attention.key_length_swa"):
+            d_val, t_val = meta.get(f"{arch}.{key}"), t_meta.get(f"{t_arch}.{key}")
+            if d_val is not None and t_val is not None and d_val != t_val:
+                raise MtpInitError(f"draft model {path} has {key}={d_val}, the target {target.model_path} {t_val}: "
+                                   "use the target's own assistant")
+
+    return check
 
 
 def _address(ptr: Any) -> Optional[int]:
@@ -326,6 +433,27 @@ def apply_chain(chain: _internals.LlamaSampler, cand: _internals.LlamaTokenDataA
     data = ctypes.cast(cand.candidates.data, ctypes.POINTER(llama_cpp.llama_token_data * n)).contents
     return np.frombuffer(data, dtype=np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True),
                          count=n)
+
+
+def chat_eog_stop_ids(criteria: Any, llm: llama_cpp.Llama) -> Optional[frozenset]:
+    """The token ids of the stopping criterion llama-cpp-python gives every GGUF chat template
+    (``Jinja2ChatFormatter``'s ``stop_on_last_token``), if ``criteria`` is that alone and every id
+    is an end-of-generation token; None for any other criteria.
+
+    ``Llama.generate`` checks it on the last *evaluated* token, so it only fires on a prompt
+    ending in one of them: create_completion stops at an end-of-generation token before feeding it.
+    """
+    if not isinstance(criteria, llama_cpp.StoppingCriteriaList) or len(criteria) != 1:
+        return None
+    fn = criteria[0]
+    if getattr(fn, "__qualname__", "") != "Jinja2ChatFormatter.__call__.<locals>.stop_on_last_token":
+        return None
+    cells = dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in fn.__closure__ or ())))
+    ids = getattr(cells.get("self"), "stop_token_ids", None)
+    if not ids:
+        return None
+    ids = frozenset(int(t) for t in ids)
+    return ids if all(llama_cpp.llama_vocab_is_eog(vocab_ptr(llm), t) for t in ids) else None
 
 
 # ------------------------------------------------------------------ prompt cache

@@ -42,7 +42,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
-ALPHA = 0.1  # running-average weight: adapts within a few dozen observations
+ALPHA = 0.1  # running-average weight of costs: adapts within a few dozen observations
+# of acceptance: its estimate decides between options a few % apart near break-even, where
+# 0.1 left a std of ~0.09 at a=0.8 (plain chosen on unlucky streaks); 0.05 halves the variance
+ACCEPT_ALPHA = 0.05
 
 
 def _clip(x: float, ref: float) -> float:
@@ -184,13 +187,15 @@ class LinearCost:
 
 
 class StepCosts:
-    """What one step costs on this machine: the verify step by rows, and drafting."""
+    """What one step costs on this machine: the verify step by rows, and drafting; plus
+    what earlier sequences on this target accepted (``accepted``, their successors' prior)."""
 
     def __init__(self) -> None:
         # arbitrary units until the first measurement; they only order the first choices
         self.step = RowTable(lambda n: 1.0 + 0.3 * (n - 1))
         self.draft = LinearCost()
         self.clock = 0  # choices made: the age of a measurement
+        self.accepted = AcceptancePrior()
 
     def step_cost(self, rows: int) -> float:
         return self.step(max(1, rows))
@@ -213,22 +218,55 @@ class StepCosts:
         self.draft.observe(positions, draft_rows, t_draft)
 
 
+class AcceptancePrior:
+    """What earlier sequences on one target accepted, per position: where a new sequence starts.
+
+    A chat's next turn, or the next request to a server, is mostly text of the same kind on
+    the same model, so its first drafts are priced at what the last ones achieved instead of
+    at a generic guess (measured: a fresh generate() spent its first ~15 of ~100 steps plain at
+    a=0.8 re-learning that). The mean of every observation of every sequence, then a slow
+    exponential average once 1/n drops below ALPHA.
+    """
+
+    ALPHA = 0.02
+
+    def __init__(self) -> None:
+        self.rates: List[float] = []
+        self.n: List[int] = []
+
+    def rate(self, j: int) -> Tuple[float, int]:
+        """(estimate, observations) of position j; (0.0, 0) before any."""
+        return (self.rates[j], self.n[j]) if j < len(self.n) else (0.0, 0)
+
+    def observe(self, j: int, hit: int) -> None:
+        while len(self.n) <= j:
+            self.rates.append(0.0)
+            self.n.append(0)
+        self.n[j] += 1
+        w = max(self.ALPHA, 1.0 / self.n[j])
+        self.rates[j] += w * (hit - self.rates[j])
+
+
 class Acceptance:
     """One sequence's per-position acceptance estimates, probes and catch-up debt.
 
-    A plain mean with a prior first (PRIOR_ACCEPT counted as one observation for
-    position 0; position 0's estimate counted as PRIOR_N observations for deeper
-    positions, which are tested rarely and must not be written off after one or two
-    misses); once 1/n drops below ALPHA it turns into the exponential average.
-    Position j is observed only when every earlier draft was accepted (censoring).
+    A plain mean with a prior first, then the exponential average (ACCEPT_ALPHA) once 1/n
+    drops below it. The prior: what earlier sequences on the target accepted at that
+    position (``AcceptancePrior``), counted as PRIOR_N_SHARED observations; without one,
+    PRIOR_ACCEPT counted as PRIOR_N0 observations for position 0 and position 0's estimate
+    as PRIOR_N for deeper positions, which are tested rarely and must not be written off
+    after one or two misses. Position j is observed only when every earlier draft was
+    accepted (censoring).
     """
 
     PRIOR_ACCEPT = 0.6
     PRIOR_N0 = 2  # one unlucky first miss must not end drafting on a short generation
     PRIOR_N = 3
+    PRIOR_N_SHARED = 4  # a new text may differ from the last: a few of its own drafts outweigh it
 
-    def __init__(self, k_max: int) -> None:
+    def __init__(self, k_max: int, prior: Optional[AcceptancePrior] = None) -> None:
         self.k_max = k_max
+        self.prior = prior
         self.accept: List[float] = [self.PRIOR_ACCEPT] * k_max
         self.n_obs = [0] * k_max
         self.hits = [0] * k_max
@@ -243,14 +281,23 @@ class Acceptance:
     def rate(self, j: int) -> float:
         """Estimated P(draft position j accepted | positions < j accepted)."""
         n = self.n_obs[j]
-        if n * ALPHA >= 1:
+        if n * ACCEPT_ALPHA >= 1:
             return self.accept[j]
-        prior, weight = (self.PRIOR_ACCEPT, self.PRIOR_N0) if j == 0 else (self.rate(0), self.PRIOR_N)
+        prior, weight = self._prior(j)
         return (self.hits[j] + weight * prior) / (n + weight)
+
+    def _prior(self, j: int) -> Tuple[float, float]:
+        """(value, weight in observations) of position j's prior."""
+        value, weight = (self.PRIOR_ACCEPT, self.PRIOR_N0) if j == 0 else (self.rate(0), self.PRIOR_N)
+        shared, n = self.prior.rate(j) if self.prior is not None else (0.0, 0)
+        if n:  # earlier sequences' rate, blended with the generic prior while they saw little
+            value = (n * shared + weight * value) / (n + weight)
+            weight = min(self.PRIOR_N_SHARED, n + weight)
+        return value, weight
 
     def stderr(self, j: int) -> float:
         a, n = self.rate(j), self.n_obs[j]
-        n_eff = (2 - ALPHA) / ALPHA if n * ALPHA >= 1 else n + (self.PRIOR_N0 if j == 0 else self.PRIOR_N)
+        n_eff = (2 - ACCEPT_ALPHA) / ACCEPT_ALPHA if n * ACCEPT_ALPHA >= 1 else n + self._prior(j)[1]
         return (a * (1 - a) / n_eff) ** 0.5
 
     def expected_tokens(self, k_hi: int, optimistic_at: int = -1) -> List[float]:
@@ -278,11 +325,13 @@ class Acceptance:
         self.pending = n_accepted + 1 if k > 0 else self.pending + 1
         for j in range(min(k, n_accepted + 1)):
             hit = 1 if j < n_accepted else 0
-            early = self.n_obs[j] * ALPHA < 1
+            early = self.n_obs[j] * ACCEPT_ALPHA < 1
             self.n_obs[j] += 1
             self.hits[j] += hit
             # the early mean hands its value over to the exponential average
-            self.accept[j] = self.rate(j) if early else (1 - ALPHA) * self.accept[j] + ALPHA * hit
+            self.accept[j] = self.rate(j) if early else (1 - ACCEPT_ALPHA) * self.accept[j] + ACCEPT_ALPHA * hit
+            if self.prior is not None:
+                self.prior.observe(j, hit)
 
 
 PROBE_MIN = 8      # plain steps before the first k=1 probe
@@ -420,8 +469,8 @@ class DraftPolicy:
 
     def __init__(self, k_max: int, costs: Optional[StepCosts] = None) -> None:
         self.k_max = k_max
-        self.acceptance = Acceptance(k_max)
         self.costs = costs if costs is not None else StepCosts()
+        self.acceptance = Acceptance(k_max, self.costs.accepted)
 
     def choose(self, room: int) -> int:
         return plan([DraftChoice(self.acceptance, room)], self.costs, self.k_max)[0]

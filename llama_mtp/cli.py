@@ -1,9 +1,11 @@
 """Command line: ``python -m llama_mtp`` / ``llama-mtp``.
 
-  generate [-m MODEL] -p PROMPT [--n-draft N] [--max-tokens N] [--temp T] [--seed S] [--compare]
+  generate [-m MODEL] [--draft-model DRAFTER] -p PROMPT [--n-draft N] [--max-tokens N] [--temp T] [--seed S] [--compare]
       Streams MTP-accelerated text, then prints stats. Without -m, runs on a
-      generated demo model (cached). --compare also runs plain llama-cpp-python
-      decoding and prints the speedup and whether the outputs match.
+      generated demo model (cached). --draft-model: an external MTP drafter GGUF
+      for a model without MTP heads (a gemma4-assistant for a gemma4 -m).
+      --compare also runs plain llama-cpp-python decoding and prints the speedup
+      and whether the outputs match.
   build [--force]
       (Re)builds the native shim for the installed llama-cpp-python.
   serve ARGS
@@ -20,8 +22,9 @@ import time
 from typing import List, Optional
 
 DEMO_PROMPT = "Multi-token prediction lets a model draft several tokens and verify them in one batch."
-# demo model: ~100M parameters, MTP head right for 90% of tokens (see llama_mtp.testing)
-DEMO_SPEC = dict(size="fast", recipe="oracle", accept=0.9, ftype="f16")
+# demo model: ~100M parameters, MTP head right for 90% of tokens at every draft position (iid), see llama_mtp.testing
+DEMO_SPEC = dict(size="fast", recipe="oracle", accept=0.9, ftype="f16", accept_pattern="random")
+WARMUP_TOKENS = 16  # --compare: untimed tokens each side generates first
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text with MTP speculative decoding")
     g.add_argument("-m", "--model", help="GGUF model with MTP heads (default: a generated demo model)")
+    g.add_argument("--draft-model", help="external MTP drafter GGUF for a -m without MTP heads (a gemma4-assistant "
+                   "for its gemma4 target); its context shares the model's KV")
     g.add_argument("-p", "--prompt", default=DEMO_PROMPT)
     g.add_argument("--n-draft", default="auto", help="tokens drafted per step, or 'auto' (default)")
     g.add_argument("--n-draft-max", type=int, default=3, help="upper bound for --n-draft auto")
@@ -85,9 +90,17 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     n_draft_max = args.n_draft_max if n_draft == "auto" else max(1, n_draft)
     path = args.model or _demo_model()
     kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=args.verbose)
-    target, draft = load(path, n_draft_max=n_draft_max, **kwargs)
+    target, draft = load(path, n_draft_max=n_draft_max, draft_model_path=args.draft_model, **kwargs)
+    plain = None
     try:
         sampling = dict(max_tokens=args.max_tokens, temperature=args.temp, seed=args.seed)
+        if args.compare:
+            # both sides warmed up alike before timing: the first decodes of each batch shape set up
+            # graphs and caches, and auto measures this machine's step costs (kept per target)
+            plain = llama_cpp.Llama(path, **kwargs)
+            plain.create_completion(args.prompt, max_tokens=WARMUP_TOKENS, temperature=args.temp, seed=args.seed)
+            generate(target, draft, args.prompt, n_draft=n_draft, verify=args.verify,
+                     **dict(sampling, max_tokens=WARMUP_TOKENS))
         stream = generate(target, draft, args.prompt, n_draft=n_draft, stream=True, verify=args.verify, **sampling)
         print(args.prompt, end="", flush=True)
         for piece in stream:
@@ -103,24 +116,22 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               f"(acceptance {st.acceptance_rate:.1%}, per position "
               f"{', '.join(f'{a:.2f}' for a in st.per_pos_acceptance)}), "
               f"{st.tokens_per_step:.2f} tokens/step")
-        if args.compare:
-            plain = llama_cpp.Llama(path, **kwargs)
-            try:
-                t0 = time.perf_counter()
-                ref = plain.create_completion(args.prompt, max_tokens=args.max_tokens, temperature=args.temp,
-                                              seed=args.seed)
-                t_plain = time.perf_counter() - t0
-            finally:
-                plain.close()
+        if plain is not None:
+            t0 = time.perf_counter()
+            ref = plain.create_completion(args.prompt, max_tokens=args.max_tokens, temperature=args.temp,
+                                          seed=args.seed)
+            t_plain = time.perf_counter() - t0
             n_plain = ref["usage"]["completion_tokens"]
             # create_completion's time includes its prompt: compare against MTP's prompt + generation
             t_mtp = st.prompt_seconds + st.generation_seconds
             same = ref["choices"][0]["text"] == res.text
             print(f"[plain] {n_plain} tokens in {t_plain:.2f} s (prompt included); "
-                  f"MTP {res.stats.n_generated} tokens in {t_mtp:.2f} s")
+                  f"MTP {res.stats.n_generated} tokens in {t_mtp:.2f} s (each after a {WARMUP_TOKENS}-token warm-up)")
             print(f"[compare] speedup {(res.stats.n_generated / t_mtp) / (n_plain / t_plain):.2f}x, "
                   f"outputs {'match' if same else 'DIFFER'}")
     finally:
+        if plain is not None:
+            plain.close()
         draft.close()
         target.close()
     return 0

@@ -193,7 +193,8 @@ class Sequence:
         plain_only = params.logit_bias is not None or params.logprobs is not None
         if plain_only:
             n_draft = 0  # a per-row hook or per-token logprobs: a plain-decoding sequence
-        self.acceptance = Acceptance(engine.k_max) if n_draft == "auto" else None  # auto's estimates
+        # auto's estimates, starting from what earlier sequences on the target accepted
+        self.acceptance = Acceptance(engine.k_max, engine.costs.accepted) if n_draft == "auto" else None
         self.k_fixed = 0 if n_draft == "auto" else int(n_draft)
         verify = params.verify if supports_rejection(sampling) and not plain_only else "match"
         if verify == "rejection" and not engine.own_drafts:

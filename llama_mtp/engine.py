@@ -28,9 +28,11 @@ from typing import Any, Deque, Iterator, List, Optional
 
 import llama_cpp
 
-from .core import NDraft, Prompt, Sequence, SequenceParams, StepEngine, check_n_draft, sequence_params, tokenize_prompt
+from .core import (NDraft, Prompt, Sequence, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params,
+                   tokenize_prompt)
 from .errors import EngineClosedError, MtpArgumentError, QueueFullError
 from .results import GenerationResult, GenerationStats
+from .session import draft_mode_of, own_loop_or_upstream
 
 log = logging.getLogger("llama_mtp.engine")
 
@@ -96,6 +98,9 @@ class Engine:
     ``n_draft``: default draft length ("auto" or an int; a request may override it,
     0 = plain decoding); ``max_waiting``: requests that may wait for a slot;
     ``prefill``: "shared" (prompt chunks ride in the verify decode) or "separate".
+    Drafts come from the session's own draft loop (batched across sequences); a draft mode
+    it does not implement (an external drafter on the target's KV, gemma4-assistant) goes
+    to upstream's drafter with a logged warning, and ``verify="rejection"`` is then refused.
     The engine does not own ``target``/``draft``: close them after :meth:`close`.
     """
 
@@ -173,6 +178,9 @@ class Engine:
         tokens = tokenize_prompt(self.target, prompt)  # the vocabulary is read-only: any thread may
         assert self._core is not None
         self._core.check_request(tokens, params)  # touches no context: safe off the worker thread
+        if params.verify == "rejection" and not self._core.own_drafts:
+            raise MtpArgumentError(f"the draft mode {self._draft_mode!r} is not implemented by the session's own "
+                                   "draft loop, which verify='rejection' needs; use verify='match'")
         handle = RequestHandle(self, tokens, params)
         with self._cond:
             if self._closed:
@@ -209,7 +217,12 @@ class Engine:
     def _worker(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, prefill: str,
                 ready: "queue.Queue[Optional[BaseException]]") -> None:
         try:
-            core = StepEngine(target, draft, n_draft=self.n_draft, drafter="own", prefill=prefill)
+            check_pair(target, draft)
+            self._draft_mode = draft_mode_of(target, draft).mode
+            # a draft mode the own loop lacks goes to upstream's drafter, logged (rejection: raises)
+            own = own_loop_or_upstream(target, draft, wanted=True, required=self.verify == "rejection")
+            core = StepEngine(target, draft, n_draft=self.n_draft, drafter="own" if own else "upstream",
+                              prefill=prefill)
         except BaseException as e:
             ready.put(e)
             return

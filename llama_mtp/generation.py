@@ -41,9 +41,13 @@ class OneSequenceRun:
                  n_reuse: int = 0) -> None:
         # fixed k with sample-and-match runs upstream's drafter exactly as the native loop does;
         # auto and rejection sampling need the own draft loop (exact n_max, sampled drafts, deferred catch-up)
-        own = n_draft == "auto" or params.verify == "rejection" or (session is not None and session.defer_catchup)
-        if session is None:  # a draft mode the own loop lacks goes upstream, logged (or raises for rejection)
-            own = own_loop_or_upstream(target, draft, wanted=own, required=params.verify == "rejection")
+        if session is not None:
+            # the session's drafter: the own loop iff it defers catch-up (MtpLlama routes a draft
+            # mode the own loop lacks to an upstream session itself)
+            own = session.defer_catchup
+        else:  # a draft mode the own loop lacks goes upstream, logged (or raises for rejection)
+            own = own_loop_or_upstream(target, draft, wanted=n_draft == "auto" or params.verify == "rejection",
+                                       required=params.verify == "rejection")
         k_max = None if n_draft == "auto" else max(1, int(n_draft))
         # one sequence shares its decodes with nobody: its prompt is decoded up front, and the
         # stats split prompt time from generation time as plain llama-cpp-python's timings do
@@ -155,9 +159,12 @@ def generate_many(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompts: Sequ
     check_pair(target, draft)
     tokenized = [tokenize_prompt(target, p) for p in prompts]
     results: List[Optional[GenerationResult]] = [None] * len(tokenized)
+    n_draft = check_n_draft(n_draft)
     if not tokenized:
         return []
-    with StepEngine(target, draft, n_draft=check_n_draft(n_draft), prefill=prefill) as engine:
+    # the own loop batches every sequence's drafts; a draft mode it lacks goes upstream, logged
+    own = own_loop_or_upstream(target, draft, wanted=True, required=verify == "rejection")
+    with StepEngine(target, draft, n_draft=n_draft, drafter="own" if own else "upstream", prefill=prefill) as engine:
         for toks in tokenized:
             engine.check_prompt(toks)  # every prompt is checked before anything runs
         queue: Deque[Tuple[int, List[int]]] = deque(enumerate(tokenized))

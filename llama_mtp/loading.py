@@ -8,17 +8,23 @@ those fields afterwards), and the draft swaps its throw-away vocab-only model
 for the target's ``LlamaModel`` before its context is created, so the draft
 context lives on the target's weights and llama-cpp-python's own ExitStacks
 free everything in the right order on ``close()``.
+
+A target without MTP heads of its own whose drafter is a separate GGUF (gemma4 and its
+gemma4-assistant: upstream's ``is_mem_shared`` mode) is loaded with
+``load(target, draft_model_path=assistant)``: the draft is then an
+:class:`MtpAssistantLlama` on the assistant's own weights whose context runs on the
+target's context (``ctx_other``) and attends over the target's KV cache.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import llama_cpp
 
 from . import _compat
-from .errors import MtpArgumentError, MtpInitError
+from .errors import MtpArgumentError, MtpError, MtpInitError
 
 # Llama kwargs that would break the MTP setup
 _RESERVED = ("draft_model", "vocab_only", "embedding")
@@ -48,7 +54,9 @@ class MtpTargetLlama(_compat.HookedLlama):
         if not logits_all:
             # the verify step outputs 1 + n_draft rows per sequence (upstream's output limits)
             ctx["n_outputs_max_per_seq"] = 1 + n_draft_max
-        hook = _compat.ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx)
+        # an external drafter (gemma4-assistant) cannot be a target: say how to load it instead
+        hook = _compat.ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx,
+                                  check_model=_compat.refuse_external_drafter(model_path))
         super().__init__(model_path=model_path, llama_mtp_hook=hook, **kwargs)
         self.mtp_n_draft_max = n_draft_max
         self.mtp_n_seq = n_seq
@@ -95,7 +103,74 @@ class MtpDraftLlama(_compat.HookedLlama):
             raise
 
 
+class MtpAssistantLlama(_compat.HookedLlama):
+    """A ``llama_cpp.Llama`` on an external MTP drafter GGUF (a gemma4-assistant), as
+    upstream's common_speculative_init_result builds it: its own weights (loaded with their
+    nextn layers), an MTP context whose ``ctx_other`` is the target's context, so it reads the
+    target's token embeddings and attends over the target's KV cache (no KV of its own).
+
+    It is freed before the target whenever the target is closed (its context borrows the
+    target's KV buffers); closing it first, or twice, is fine too.
+    """
+
+    def __init__(self, target: MtpTargetLlama, model_path: Union[str, "os.PathLike[str]"], *,
+                 use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
+        if not isinstance(target, MtpTargetLlama):
+            raise MtpArgumentError("an external MTP drafter runs on its target's context: pass the target, an "
+                                   "MtpTargetLlama (llama_mtp.load(target_path, draft_model_path=...) builds both), "
+                                   f"got {type(target).__name__}")
+        if not _compat.ctx_ptr(target):
+            raise MtpArgumentError("the target Llama is closed")
+        path = _draft_path(model_path)
+        if target.mtp_n_layer_nextn > 0:
+            raise MtpArgumentError(f"{target.model_path} has MTP heads of its own ({target.mtp_n_layer_nextn} nextn "
+                                   "layers), which llama_mtp drafts with; an external drafter (draft_model_path) is for "
+                                   "targets without them (gemma4 + gemma4-assistant): drop draft_model_path")
+        ctx = {
+            "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
+            "ctx_other": _compat.ctx_ptr(target),
+            "n_rs_seq": 0,
+            "n_seq_max": target.mtp_n_seq,
+            # each draft step decodes one row (the next draft token) per drafting sequence
+            "n_outputs_max": target.mtp_n_seq,
+            "n_outputs_max_per_seq": 1,
+        }
+        kwargs = {k: v for k, v in kwargs.items() if k != "logits_all"}
+        kwargs.update(n_ctx=target.n_ctx(), n_batch=target.n_batch)
+        kwargs.setdefault("n_ubatch", min(DRAFT_N_UBATCH, target.n_batch))
+        # its own weights this time (no vocab_only / shared model), checked against the target's
+        # shapes before its context is built on them
+        hook = _compat.ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx,
+                                  check_model=_compat.check_external_drafter(target, path))
+        try:
+            super().__init__(model_path=path, llama_mtp_hook=hook, **kwargs)
+        except MtpError:
+            raise
+        except ValueError as e:
+            raise MtpInitError(f"llama.cpp could not create the draft context for {path} on the target "
+                               f"{target.model_path}: {e}") from None
+        self.mtp_target = target
+        _compat.close_before(target, self)
+        try:
+            _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_n_draft_max, n_seq=target.mtp_n_seq,
+                                    external=True)
+        except MtpInitError:
+            self.close()
+            raise
+
+
+DraftLlama = Union[MtpDraftLlama, MtpAssistantLlama]
+
 DRAFT_N_UBATCH = 32
+
+
+def _draft_path(draft_model_path: Any) -> str:
+    if isinstance(draft_model_path, bool) or not isinstance(draft_model_path, (str, os.PathLike)):
+        raise MtpArgumentError(f"draft_model_path must be a path, got {type(draft_model_path).__name__}")
+    path = os.fspath(draft_model_path)
+    if not os.path.isfile(path):
+        raise MtpInitError(f"draft model file not found: {path}")
+    return path
 
 
 def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, Any]) -> None:
@@ -112,15 +187,25 @@ def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, A
         raise MtpArgumentError(f"n_batch={n_batch} is smaller than a verify batch of n_draft_max+1={n_draft_max + 1}")
 
 
-def _open_draft(target: MtpTargetLlama, path: str, llama_kwargs: Dict[str, Any]) -> MtpDraftLlama:
-    """Check the target has MTP heads, then put an MTP draft context on its model."""
+def _open_draft(target: MtpTargetLlama, path: str, llama_kwargs: Dict[str, Any],
+                draft_path: Optional[str] = None) -> DraftLlama:
+    """Check the target has MTP heads, then put an MTP draft context on its model; with
+    ``draft_path``, open that external drafter on the target's context instead. The target is
+    closed if this fails."""
+    draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
+    if draft_path is not None:
+        try:
+            return MtpAssistantLlama(target, draft_path, **draft_kwargs)
+        except BaseException:
+            target.close()
+            raise
     if target.mtp_n_layer_nextn <= 0:
-        arch = target.metadata.get("general.architecture", "unknown")
+        arch = _compat.arch_of(target)
         target.close()
         raise MtpInitError(f"{path} (architecture {arch!r}) has no MTP heads (nextn_predict_layers = 0): use a "
                            "GGUF that keeps its nextn layers, of an architecture llama.cpp builds an MTP graph for "
-                           "(e.g. qwen35, step35)")
-    draft_kwargs = {k: v for k, v in llama_kwargs.items() if k not in ("n_ctx", "n_batch", "logits_all")}
+                           "(e.g. qwen35, qwen35moe, qwen3next, glm4moe, deepseek2, mimo2, step35), or, for a "
+                           "target whose MTP drafter is a GGUF of its own (gemma4), pass it as draft_model_path")
     try:
         return MtpDraftLlama(target, **draft_kwargs)
     except MtpInitError:
@@ -132,19 +217,29 @@ def _open_draft(target: MtpTargetLlama, path: str, llama_kwargs: Dict[str, Any])
 
 
 def load(model_path: str | os.PathLike[str], *, n_draft_max: int = 3, n_seq: int = 1,
-         **llama_kwargs: Any) -> Tuple[MtpTargetLlama, MtpDraftLlama]:
+         draft_model_path: Optional[str | os.PathLike[str]] = None,
+         **llama_kwargs: Any) -> Tuple[MtpTargetLlama, DraftLlama]:
     """Load a model with MTP heads: returns ``(target, draft)``, both ``llama_cpp.Llama``.
 
     The target has its MTP layers loaded, ``n_rs_seq = n_draft_max`` (recurrent
     rollback) and room for 1 + n_draft_max outputs per sequence; the draft is an
     MTP context on the *same* ``llama_model`` (no second copy of the weights).
+
+    ``draft_model_path``: an external MTP drafter GGUF for a target without MTP heads of its
+    own (a gemma4-assistant for its gemma4 target): the draft is then an
+    :class:`MtpAssistantLlama` on its own weights whose context shares the target's KV. It is
+    refused for a target that has MTP heads (MtpArgumentError), and a drafter whose width,
+    vocabulary or head sizes are not the target's raises MtpInitError before its context exists.
     Other keyword arguments go to both ``llama_cpp.Llama`` constructors.
     """
     path = os.fspath(model_path)
     _validate(path, n_draft_max, n_seq, llama_kwargs)
+    draft_path = None if draft_model_path is None else _draft_path(draft_model_path)
     llama_kwargs.setdefault("verbose", False)
     try:
         target = MtpTargetLlama(path, n_draft_max=n_draft_max, n_seq=n_seq, **llama_kwargs)
+    except MtpError:
+        raise
     except ValueError as e:
         raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
-    return target, _open_draft(target, path, llama_kwargs)
+    return target, _open_draft(target, path, llama_kwargs, draft_path)

@@ -16,12 +16,12 @@ import llama_cpp
 from . import _compat
 from .checkpoint import rollback_capacity
 from .core import check_n_draft, sequence_params
-from .errors import MtpArgumentError, MtpInitError
+from .errors import MtpArgumentError, MtpError, MtpInitError
 from .generation import OneSequenceRun
-from .loading import MtpTargetLlama, _open_draft, _validate
+from .loading import MtpTargetLlama, _draft_path, _open_draft, _validate
 from .prompt_cache import PromptCheckpoints, common_prefix
 from .results import GenerationStats
-from .session import MtpSession
+from .session import MtpSession, draft_mode_of, own_loop_or_upstream
 
 
 class MtpLlama(MtpTargetLlama):
@@ -30,13 +30,21 @@ class MtpLlama(MtpTargetLlama):
 
     Owns its MTP draft context (``self.mtp_draft``) and session; ``close()``
     frees them first, exactly once. Requests MTP cannot honour token for token
-    (``logits_processor``, ``stopping_criteria``, logprobs via ``logits_all``)
+    (``logits_processor``, ``stopping_criteria`` other than the end-of-generation stop
+    llama-cpp-python adds for GGUF chat templates, logprobs via ``logits_all``)
     run through plain llama-cpp-python decoding instead; ``last_mtp_stats`` is
     then None.
 
+    ``draft_model_path``: an external MTP drafter GGUF for a target without MTP heads (a
+    gemma4-assistant for its gemma4 target; see :func:`llama_mtp.load`). Its draft mode
+    (``is_mem_shared``) is not one the session's own draft loop implements: drafts then come
+    from upstream's drafter (logged once, at construction), and ``verify="rejection"``
+    raises MtpArgumentError.
+
     Prompt reuse: a call whose prompt shares a prefix with what the context holds
     decodes only the rest, as llama-cpp-python does; the MTP context keeps its own
-    rows for that prefix. Hybrid/recurrent targets (qwen35), where llama-cpp-python
+    rows for that prefix (an external drafter on the target's KV has none: it keeps only the
+    target's hidden state after the last token). Hybrid/recurrent targets (qwen35), where llama-cpp-python
     reuses nothing, keep up to ``ctx_checkpoints`` recurrent-state checkpoints (end of
     each prompt prefill and of each generation; LRU; 0 disables) and resume from the
     latest one at or before the common prefix (see :mod:`llama_mtp.prompt_cache`).
@@ -44,28 +52,43 @@ class MtpLlama(MtpTargetLlama):
 
     def __init__(self, model_path: str | os.PathLike[str], *, n_draft: Union[int, str] = "auto",
                  n_draft_max: int = 3, verify: str = "match", ctx_checkpoints: int = 4,
-                 **llama_kwargs: Any) -> None:
+                 draft_model_path: Optional[str | os.PathLike[str]] = None, **llama_kwargs: Any) -> None:
         path = os.fspath(model_path)
         n_draft = check_n_draft(n_draft)
         if n_draft != "auto":
             n_draft_max = max(1, int(n_draft))
         _validate(path, n_draft_max, 1, llama_kwargs)
+        draft_path = None if draft_model_path is None else _draft_path(draft_model_path)
         try:
             super().__init__(path, n_draft_max=n_draft_max, n_seq=1, **llama_kwargs)
+        except MtpError:
+            raise
         except ValueError as e:
             raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
-        self.mtp_draft = _open_draft(self, path, llama_kwargs)
+        self.mtp_draft = _open_draft(self, path, llama_kwargs, draft_path)
+        self._mtp_session: Optional[MtpSession] = None
+        # Llama.close() unwinds its ExitStack last-in first-out: MTP parts go before the target
+        _compat.on_close(self, self._close_mtp)
+        try:
+            self.mtp_draft_mode = draft_mode_of(self, self.mtp_draft)
+            # the own draft loop for every n_draft (deferred MTP decodes, exact draft lengths); a
+            # mode it lacks goes to upstream's drafter, logged, or raises for verify="rejection"
+            self._mtp_own_loop = own_loop_or_upstream(self, self.mtp_draft, wanted=True,
+                                                      required=verify == "rejection")
+        except BaseException:
+            self.close()
+            raise
+        # a drafter on the target's own KV (is_mem_shared) has no memory of its own to catch up
+        self._mtp_shared_kv = self.mtp_draft_mode.mode == "mem_shared"
         self.mtp_n_draft = n_draft
         self.mtp_verify = verify
         self.last_mtp_stats: Optional[GenerationStats] = None
-        self._mtp_session: Optional[MtpSession] = None
         self.mtp_checkpoints = PromptCheckpoints(self, ctx_checkpoints)
-        # tokens whose MTP rows the drafter holds (its context, or deferred in the session):
-        # plain-decoding fallbacks and load_state() change the target only
+        # tokens whose MTP rows the drafter holds (its context, or deferred in the session), and
+        # with a shared KV the tokens the drafter's hidden state was taken after: plain-decoding
+        # fallbacks and load_state() change the target only
         self._mtp_tokens: List[int] = []
         self._recurrent = rollback_capacity(self) is not None
-        # Llama.close() unwinds its ExitStack last-in first-out: MTP parts go before the target
-        _compat.on_close(self, self._close_mtp)
 
     def _close_mtp(self) -> None:
         if self._mtp_session is not None:
@@ -77,9 +100,11 @@ class MtpLlama(MtpTargetLlama):
 
     def _session(self) -> MtpSession:
         if self._mtp_session is None or self._mtp_session.closed:
-            # the own draft loop for every n_draft: deferred MTP decodes, exact draft lengths
+            # the own draft loop: deferred MTP decodes, exact draft lengths; or upstream's drafter
+            # (backend sampling, as generate() runs it) for a mode the own loop lacks
+            own = self._mtp_own_loop
             self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=self.mtp_n_draft_max,
-                                           backend_sampling=False, defer_catchup=True)
+                                           backend_sampling=not own, defer_catchup=own)
         return self._mtp_session
 
     def generate(self, tokens: Sequence[int], top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05,
@@ -93,6 +118,11 @@ class MtpLlama(MtpTargetLlama):
                         presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                         mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl,
                         grammar=grammar)
+        # a chat template's stop on end-of-generation tokens changes nothing create_completion does
+        # (it stops there first), unless the prompt itself ends in one (then plain returns at once)
+        chat_stop = _compat.chat_eog_stop_ids(stopping_criteria, self) if stopping_criteria is not None else None
+        if chat_stop is not None and tokens and int(tokens[-1]) not in chat_stop:
+            stopping_criteria = None
         if logits_processor is not None or stopping_criteria is not None or _compat.logits_all(self) \
                 or "mtp_draft" not in self.__dict__:
             self.last_mtp_stats = None
@@ -128,9 +158,17 @@ class MtpLlama(MtpTargetLlama):
     def _reuse(self, prompt: List[int]) -> int:
         """Leading prompt tokens both contexts keep (restoring a checkpoint if the target is recurrent)."""
         held = _compat.context_tokens(self)
-        # the drafter's rows need the target's hidden states, which only a target decode makes:
-        # the target re-decodes what the drafter lacks (after a plain fallback or load_state())
-        limit = min(common_prefix(held, prompt), common_prefix(self._mtp_tokens, prompt), len(prompt) - 1)
+        limit = min(common_prefix(held, prompt), len(prompt) - 1)
+        if not self._mtp_shared_kv:
+            # the drafter's rows need the target's hidden states, which only a target decode makes:
+            # the target re-decodes what the drafter lacks (after a plain fallback or load_state())
+            limit = min(limit, common_prefix(self._mtp_tokens, prompt))
+        elif 0 < limit == len(prompt) - 1 and self._mtp_tokens != prompt[:limit]:
+            # a drafter on the target's KV reads the whole prefix from it; all it keeps is the
+            # target's hidden state after the last token a decode handed it (that of _mtp_tokens).
+            # With nothing left to prefill, the first draft reads that state: unless it is the one
+            # after prompt[:limit], the target re-decodes the last reused token to renew it
+            limit -= 1
         if not self._recurrent:
             return limit
         if len(held) <= limit:
@@ -143,7 +181,8 @@ class MtpLlama(MtpTargetLlama):
             self._mtp_tokens = []
             if _compat.ctx_ptr(self):
                 _compat.sync_llama_tokens(self, [], 0)
-                for llm in (self, self.mtp_draft):
+                # a drafter on the target's KV has no memory of its own to clear
+                for llm in (self,) if self._mtp_shared_kv else (self, self.mtp_draft):
                     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(_compat.ctx_ptr(llm)), -1, -1, -1)
             return
         self._mtp_tokens = _compat.context_tokens(self)

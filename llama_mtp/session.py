@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -75,9 +76,15 @@ def own_loop_or_upstream(target: ContextLike, draft: ContextLike, *, wanted: boo
     if required:
         raise MtpArgumentError(f"the draft mode {dm.mode!r} is not implemented by the session's own draft loop, "
                                "which verify='rejection' needs; use verify='match'")
-    log.warning("llama_mtp: draft mode %r is not implemented by the own draft loop: drafting with upstream's "
-                "drafter (fixed length, sample-and-match) instead", dm.mode)
+    # once per draft context: a server or a chat loop would otherwise repeat it on every request
+    if draft not in _ROUTED:
+        _ROUTED.add(draft)
+        log.warning("llama_mtp: draft mode %r is not implemented by the own draft loop: drafting with upstream's "
+                    "drafter (fixed length, sample-and-match) instead", dm.mode)
     return False
+
+
+_ROUTED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # draft contexts whose routing was logged
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import numpy as np
 import llama_cpp
 import llama_mtp
 from llama_mtp import testing
+from llama_mtp.checkpoint import TargetCheckpoint, rollback_capacity
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 N_THREADS = 2
@@ -69,16 +70,19 @@ def build_model(spec: testing.TestModelSpec, directory: os.PathLike) -> pathlib.
 
 
 def write_model_without_mtp(src: os.PathLike, dst: os.PathLike) -> pathlib.Path:
-    """Copy a generated qwen35 GGUF without its MTP block (nextn_predict_layers = 0).
+    """Copy a generated GGUF of any arch without its MTP blocks (nextn_predict_layers = 0).
 
-    The generator always writes one MTP block (block ``n_layer``), so this rewrites the
-    file: block_count - 1, nextn_predict_layers = 0 and no ``blk.<n_layer>.*`` tensors.
+    The generator stores the MTP (nextn) blocks after the trunk, so this rewrites the
+    file: block_count minus the nextn layers, nextn_predict_layers = 0 and no tensors
+    of those blocks. Per-layer metadata arrays (a sliding-window pattern, ...) are cut
+    to the trunk.
     """
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(src))
-    arch = "qwen35"
-    n_layer = int(reader.fields[f"{arch}.block_count"].contents()) - 1
+    arch = str(reader.fields["general.architecture"].contents())
+    n_all = int(reader.fields[f"{arch}.block_count"].contents())
+    n_layer = n_all - int(reader.fields[f"{arch}.nextn_predict_layers"].contents())
     writer = gguf.GGUFWriter(os.fspath(dst), arch)
     try:
         for name, fld in reader.fields.items():
@@ -93,11 +97,13 @@ def write_model_without_mtp(src: os.PathLike, dst: os.PathLike) -> pathlib.Path:
             vtype = fld.types[0]
             value = fld.contents()
             if vtype == gguf.GGUFValueType.ARRAY:
+                if name.startswith(f"{arch}.") and isinstance(value, list) and len(value) == n_all:
+                    value = value[:n_layer]  # one entry per block
                 writer.add_key_value(name, value, vtype, sub_type=fld.types[-1])
             else:
                 writer.add_key_value(name, value, vtype)
         for t in reader.tensors:
-            if t.name.startswith(f"blk.{n_layer}."):
+            if t.name.startswith("blk.") and int(t.name.split(".")[1]) >= n_layer:
                 continue
             writer.add_tensor(t.name, np.asarray(t.data), raw_shape=list(reversed([int(x) for x in t.shape])),
                               raw_dtype=t.tensor_type)
@@ -271,6 +277,8 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
         steps: List[Tuple[int, int]] = []
         qs: List[np.ndarray] = []
         drafts: List[Tuple[int, List[int]]] = []
+        cap = rollback_capacity(target)
+        checkpoint = TargetCheckpoint(target)
         while len(out) < n_tokens:
             k = schedule[len(steps) % len(schedule)] if schedule else n_draft
             if k == 0 and schedule:
@@ -282,12 +290,21 @@ def spec_loop(target, draft, session: llama_mtp.MtpSession, prompt_tokens: Seque
                 assert q.shape == (len(d), dec.n_vocab)
                 qs.append(q)
             assert len(d) <= k
+            # a draft longer than the recurrent state can roll back: checkpoint first (core's path)
+            checkpointed = cap is not None and len(d) > cap
+            if checkpointed:
+                checkpoint.save(seq_id)
             logits = dec.decode(seq_id, [id_last, *d], n_past)
             session.process(dec.batch)
             ids = logits.argmax(axis=-1)
             acc = 0
             while acc < len(d) and d[acc] == ids[acc]:
                 acc += 1
+            if checkpointed and acc < len(d):
+                checkpoint.restore(seq_id, n_past)
+                seq_rm(draft, seq_id, n_past)
+                dec.decode(seq_id, [id_last, *d[:acc]], n_past)
+                session.process(dec.batch)
             if d:
                 session.accept(seq_id, acc)
                 drafts.append((id_last, [int(t) for t in d]))
@@ -352,6 +369,46 @@ def spec_loop_multi(target, draft, session: llama_mtp.MtpSession, prompts: Dict[
 
 
 _greedy_cache: Dict[Tuple[str, Tuple[int, ...], int], Tuple[List[int], np.ndarray]] = {}
+
+
+def draft_log(path: os.PathLike, *, own: bool, defer: bool = False, schedule: Sequence[int] = (3,),
+              n_tokens: int = 48, n_draft_max: int = 3, text: bytes = b"The quick brown fox") -> List[Tuple[int, List[int]]]:
+    """(id_last, draft) of every drafting step of a greedy spec_loop on ``path``, drafted by
+    the session's own loop (``own``; eager or deferred catch-up) or by upstream's drafter."""
+    target, draft = load_pair(path, n_draft_max=n_draft_max)
+    try:
+        with llama_mtp.MtpSession(target, draft, n_draft_max=n_draft_max, backend_sampling=False,
+                                  defer_catchup=defer) as s:
+            return spec_loop(target, draft, s, target.tokenize(text, add_bos=False), n_tokens, n_draft_max,
+                             draft_dist={} if own else None, schedule=schedule).drafts
+    finally:
+        draft.close()
+        target.close()
+
+
+def oracle_fixed_k(chain, successor: np.ndarray, prompt: Sequence[int], n_tokens: int,
+                   k_max: int) -> Tuple[List[int], List[int], List[int]]:
+    """What greedy generate() with fixed k drafts and accepts on an oracle model:
+    (tokens, drafted_per_pos, accepted_per_pos), with the engine's room rule (k <= left - 1).
+    ``chain(id_last, k)`` gives the drafts, ``successor`` the target's greedy next token."""
+    tokens: List[int] = []
+    drafted, accepted = [0] * k_max, [0] * k_max
+    while len(tokens) < n_tokens:
+        last = tokens[-1] if tokens else int(prompt[-1])
+        k = max(0, min(k_max, n_tokens - len(tokens) - 1))
+        d = chain(last, k)
+        truth = [int(successor[last])]
+        while len(truth) < k + 1:
+            truth.append(int(successor[truth[-1]]))
+        acc = 0
+        while acc < len(d) and d[acc] == truth[acc]:
+            acc += 1
+        for i in range(len(d)):
+            drafted[i] += 1
+        for i in range(acc):
+            accepted[i] += 1
+        tokens += truth[:acc + 1]
+    return tokens[:n_tokens], drafted, accepted
 
 
 def greedy_reference_logits(path: os.PathLike, prompt_tokens: Sequence[int], n_tokens: int, *,

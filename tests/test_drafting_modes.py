@@ -22,7 +22,7 @@ from llama_mtp import testing
 from llama_mtp.errors import MtpArgumentError
 from llama_mtp.session import DraftMode, MtpSession
 
-from _helpers import Decoder, build_model, greedy_reference, load_pair, prefill, spec_loop
+from _helpers import Decoder, build_model, draft_log, greedy_reference, load_pair, oracle_fixed_k, prefill
 
 HEAD_ACCEPTS = (0.8, 0.6, 0.4)
 # iid hits: the tokens a loop visits are not in lockstep with a periodic layout
@@ -52,18 +52,8 @@ def step35_context_model(model_dir) -> os.PathLike:
     return build_model(STEP35_CONTEXT_SPEC, model_dir)
 
 
-def _drafts(path: os.PathLike, *, own: bool, defer: bool = False, schedule: Sequence[int] = (3,),
-            n_tokens: int = 48, n_draft_max: int = 3, text: bytes = PROMPT) -> List[Tuple[int, List[int]]]:
-    """(id_last, draft) of every drafting step of a greedy loop, with the own loop or upstream's."""
-    target, draft = load_pair(path, n_draft_max=n_draft_max)
-    try:
-        with MtpSession(target, draft, n_draft_max=n_draft_max, backend_sampling=False,
-                        defer_catchup=defer) as s:
-            return spec_loop(target, draft, s, target.tokenize(text, add_bos=False), n_tokens, n_draft_max,
-                             draft_dist={} if own else None, schedule=schedule).drafts
-    finally:
-        draft.close()
-        target.close()
+def _drafts(path: os.PathLike, text: bytes = PROMPT, **kw) -> List[Tuple[int, List[int]]]:
+    return draft_log(path, text=text, **kw)
 
 
 def test_modes_are_reported(step35_model, oracle_model):
@@ -120,29 +110,9 @@ def test_own_loop_matches_upstream_on_history_dependent_heads(step35_context_mod
 
 
 def _expected_fixed_k(prompt: Sequence[int], n_tokens: int, k_max: int) -> Tuple[List[int], List[int], List[int]]:
-    """What greedy generate() with fixed k drafts and accepts on the step35 oracle:
-    (tokens, drafted_per_pos, accepted_per_pos), with the engine's room rule (k <= left - 1)."""
     from llama_mtp.testing.archs.step35 import head_oracle
 
-    succ = head_oracle(STEP35_SPEC, 0).successor
-    tokens: List[int] = []
-    drafted, accepted = [0] * k_max, [0] * k_max
-    while len(tokens) < n_tokens:
-        last = tokens[-1] if tokens else int(prompt[-1])
-        k = max(0, min(k_max, n_tokens - len(tokens) - 1))
-        d = _chain(last, k)
-        truth = [int(succ[last])]
-        while len(truth) < k + 1:
-            truth.append(int(succ[truth[-1]]))
-        acc = 0
-        while acc < len(d) and d[acc] == truth[acc]:
-            acc += 1
-        for i in range(len(d)):
-            drafted[i] += 1
-        for i in range(acc):
-            accepted[i] += 1
-        tokens += truth[:acc + 1]
-    return tokens[:n_tokens], drafted, accepted
+    return oracle_fixed_k(_chain, head_oracle(STEP35_SPEC, 0).successor, prompt, n_tokens, k_max)
 
 
 def test_generate_per_head_acceptance(step35_model):

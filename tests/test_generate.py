@@ -62,9 +62,14 @@ def test_greedy_is_identical_to_plain(model, n_draft) -> None:
     # each step commits its accepted drafts plus one sampled token (drafts never overshoot max_tokens)
     assert st.steps + st.accepted == st.n_generated
     assert st.accepted <= st.drafted
-    # 0.6 / 0.8 of these models' drafts are right: auto, like every fixed length, must draft
-    # and get drafts accepted (fewer steps than tokens)
-    assert st.accepted > 0
+    # 0.6 / 0.8 of these models' drafts are right: every fixed length gets drafts accepted (fewer
+    # steps than tokens); auto drafts (its first choice, or a probe within 8 plain steps), but
+    # whether drafting pays on a tiny model depends on the machine's timings, so no more is asserted
+    # here (tests/test_adaptive.py holds the policy to its choices on seeded costs)
+    if n_draft == "auto":
+        assert st.drafted > 0
+    else:
+        assert st.accepted > 0
     if name == "context" and n_draft != "auto":
         # partial rejections happen, so the recurrent rollback path ran
         assert 0 < st.accepted < st.drafted

@@ -137,16 +137,17 @@ class Backend:
         finally:
             self._reap_queue.put(None)
             self._reaper.join(timeout=5)
-            # the draft context runs on the target's model: free it first
+            # the draft context runs on the target's model (or context): free it first
             self.draft.close()
             self.target.close()
 
 
 def load_backend(cfg: ServeConfig) -> Backend:
-    """Load the model with MTP heads for n_parallel sequences and start the engine on it."""
+    """Load the model with MTP heads (or with its external drafter) for n_parallel sequences and
+    start the engine on it."""
     kwargs = llama_kwargs(cfg.model)
     target, draft = llama_mtp.load(cfg.model.model, n_seq=cfg.mtp.n_parallel, n_draft_max=cfg.mtp.n_draft_max,
-                                   **kwargs)
+                                   draft_model_path=cfg.mtp.draft_model_path, **kwargs)
     try:
         handler = chat.resolve_handler(target, cfg.model)
         engine = llama_mtp.Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting)

@@ -42,9 +42,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .backend import load_backend
 
     m = cfg.mtp
-    log.info("loading %s: %d slots of %d tokens, n_draft=%s, n_draft_max=%d, max_waiting=%d", cfg.model.model,
-             m.n_parallel, cfg.model.n_ctx // m.n_parallel if cfg.model.n_ctx else 0, m.n_draft, m.n_draft_max,
-             m.max_waiting)
+    log.info("loading %s: %d slots of %d tokens, n_draft=%s, n_draft_max=%d, max_waiting=%d, drafter: %s",
+             cfg.model.model, m.n_parallel, cfg.model.n_ctx // m.n_parallel if cfg.model.n_ctx else 0, m.n_draft,
+             m.n_draft_max, m.max_waiting, m.draft_model_path or "the model's MTP heads")
     try:
         backend = load_backend(cfg)
     except SettingsError as e:

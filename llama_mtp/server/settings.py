@@ -42,6 +42,9 @@ class MtpSettings(BaseSettings):
                              "rollback the contexts keep).")
     max_waiting: int = Field(default=64, ge=0, description="Requests that may wait for a free slot; beyond that "
                              "the server answers 503.")
+    draft_model_path: Optional[str] = Field(default=None, description="External MTP drafter GGUF for a --model "
+                                            "without MTP heads (a gemma4-assistant for its gemma4 target); its "
+                                            "context shares the model's KV.")
 
     @field_validator("n_draft", mode="before")
     @classmethod
@@ -80,7 +83,8 @@ _MODEL_RULES: Sequence[_Rule] = (
     ("logits_all", lambda v, s: bool(v) and "logits_all" in s.model_fields_set,
      "not needed: logprobs come from the engine's per-sequence logits (drop the flag)"),
     ("draft_model", lambda v, s: v is not None,
-     "llama_mtp drafts with the model's own MTP head; use --n_draft / --n_draft_max"),
+     "llama_mtp drafts with the model's own MTP head, or with an external MTP drafter GGUF given as "
+     "--draft_model_path; use --n_draft / --n_draft_max"),
     ("draft_model_num_pred_tokens", lambda v, s: "draft_model_num_pred_tokens" in s.model_fields_set,
      "llama_mtp drafts with the model's own MTP head; use --n_draft_max"),
     ("cache", lambda v, s: bool(v), "llama-cpp-python's prompt cache saves a single-sequence context state; "
@@ -125,6 +129,9 @@ def check_supported(cfg: ServeConfig) -> None:
     model_path = cfg.model.model
     if not os.path.isfile(model_path):
         raise SettingsError(f"--model {model_path}: no such file")
+    draft_path = cfg.mtp.draft_model_path
+    if draft_path is not None and not os.path.isfile(draft_path):
+        raise SettingsError(f"--draft_model_path {draft_path}: no such file")
     n_draft = cfg.mtp.n_draft
     if n_draft != "auto" and n_draft > cfg.mtp.n_draft_max:
         # a fixed draft length longer than the rollback the contexts keep would need checkpoints
@@ -149,11 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "engine's). Without --model it serves a generated demo model.")
     add_args_from_model(parser, Settings)
     parser.add_argument("--config_file", type=str, help="Path to a config file to load (llama_cpp.server's format; "
-                        "one model; the engine's keys n_parallel, n_draft, n_draft_max, max_waiting may sit "
-                        "next to host/port).")
+                        "one model; the engine's keys n_parallel, n_draft, n_draft_max, max_waiting, "
+                        "draft_model_path may sit next to host/port).")
     for name, field in MtpSettings.model_fields.items():
         # n_draft takes 'auto' or an int: parsed by MtpSettings, not argparse
-        parser.add_argument(f"--{name}", dest=name, type=str if name == "n_draft" else int,
+        parser.add_argument(f"--{name}", dest=name, type=str if name in ("n_draft", "draft_model_path") else int,
                             help=f"{field.description} (default: {field.default})")
     return parser
 

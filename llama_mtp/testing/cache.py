@@ -6,14 +6,14 @@ import dataclasses
 import os
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from .archs import get_arch
 from .gguf_writer import write_test_model
 from .oracle import TestModelInfo, describe_test_model
 from .spec import DEFAULT_ARCH, SIZES, TestModelSpec
 
-__all__ = ["cache_dir", "cached_test_model", "cached_test_model_info", "resolve_spec"]
+__all__ = ["cache_dir", "cached_file", "cached_test_model", "cached_test_model_info", "resolve_spec"]
 
 
 def cache_dir() -> pathlib.Path:
@@ -50,16 +50,22 @@ def cached_test_model(
     temporary file and renamed, so concurrent builders never expose a partial file.
     """
     spec = resolve_spec(spec, size, overrides)
+    return cached_file(f"{spec.arch}-mtp-{spec.recipe}-{spec.n_embd}x{spec.n_layer}-{spec.ftype}-{spec.key()}.gguf",
+                       lambda tmp: write_test_model(tmp, spec))
+
+
+def cached_file(name: str, write: Callable[[str], Any]) -> pathlib.Path:
+    """``cache_dir() / name``, written by ``write(temporary path)`` on first use and renamed
+    into place, so concurrent builders never expose a partial file."""
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / (f"{spec.arch}-mtp-{spec.recipe}-{spec.n_embd}x{spec.n_layer}-{spec.ftype}-"
-                        f"{spec.key()}.gguf")
+    path = directory / name
     if path.exists():
         return path
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        write_test_model(tmp, spec)
+        write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     finally:

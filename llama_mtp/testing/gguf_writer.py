@@ -84,10 +84,13 @@ def _add_common_metadata(w: Any, layout: ArchLayout, spec: TestModelSpec, vocab:
     w.add_string("llama_mtp.spec", json.dumps(dataclasses.asdict(spec), sort_keys=True))
 
 
-def _write_gguf(path: pathlib.Path, spec: TestModelSpec) -> TestModelInfo:
+def _write_gguf(path: pathlib.Path, spec: TestModelSpec, layout: ArchLayout | None = None,
+                extra_kv: dict[str, str] | None = None) -> TestModelInfo:
+    """One GGUF of ``layout`` (default: the spec's arch; a second model of a pair, e.g. an
+    external drafter, passes its own) for ``spec``'s oracle."""
     import gguf
 
-    layout = get_arch(spec.arch)
+    layout = get_arch(spec.arch) if layout is None else layout
     oracle = build_oracle(spec)
     shapes = layout.tensor_shapes(spec)
     qtypes = [_ggml_type(layout, spec, n, s) for n, s in shapes]
@@ -95,6 +98,8 @@ def _write_gguf(path: pathlib.Path, spec: TestModelSpec) -> TestModelInfo:
     w = gguf.GGUFWriter(path, layout.name)
     try:
         _add_common_metadata(w, layout, spec, oracle.vocab)
+        for key, value in (extra_kv or {}).items():
+            w.add_string(key, value)
         for (name, shape), qtype in zip(shapes, qtypes):
             info_shape, dtype, nbytes = _nbytes(shape, qtype)
             w.add_tensor_info(name, info_shape, np.dtype(dtype), nbytes, raw_dtype=qtype)
@@ -124,8 +129,9 @@ def quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: st
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {ftype}) failed with {rc}")
 
 
-def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec) -> TestModelInfo:
-    """Write the GGUF for ``spec`` to ``path`` and describe it.
+def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec, layout: ArchLayout | None = None,
+                     extra_kv: dict[str, str] | None = None) -> TestModelInfo:
+    """Write the GGUF for ``spec`` to ``path`` and describe it (``layout``/``extra_kv``: see _write_gguf).
 
     ``ftype="q4_k_m"``: an f16 file is written next to ``path`` first, then quantized
     by llama.cpp (llama_model_quantize), which also picks per-tensor fallbacks (e.g.
@@ -133,12 +139,12 @@ def write_test_model(path: str | os.PathLike[str], spec: TestModelSpec) -> TestM
     """
     path = pathlib.Path(path)
     if spec.ftype != "q4_k_m":
-        info = _write_gguf(path, spec)
+        info = _write_gguf(path, spec, layout, extra_kv)
     else:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".f16.tmp")
         os.close(fd)
         try:
-            info = _write_gguf(pathlib.Path(tmp), spec)
+            info = _write_gguf(pathlib.Path(tmp), spec, layout, extra_kv)
             quantize(tmp, path, "q4_k_m")
         finally:
             os.unlink(tmp)

@@ -95,7 +95,7 @@ class TestModelInfo:
         Step 1 is fed ``id_last`` with the target hidden state of its predecessor;
         step i+1 is fed draft i with the MTP's own h_nextn (``h_token=-1``).
         """
-        drafts = [self.mtp_draft(id_last)]
+        drafts = [self.mtp_draft(id_last)] if n > 0 else []
         while len(drafts) < n:
             drafts.append(self.mtp_draft(drafts[-1], -1))
         return drafts

@@ -112,8 +112,10 @@ class TestModelSpec:
             raise ValueError(f"recipe must be one of {sorted(RECIPE_DEFAULTS)}, got {self.recipe!r}")
         layout = get_arch(self.arch)  # ValueError for an unknown arch
         defaults = dict(RECIPE_DEFAULTS[self.recipe])
-        if self.recipe == "context" and layout.context_seed is not None:
-            defaults["seed"] = layout.context_seed
+        if self.recipe == "context":
+            for key, value in (("seed", layout.context_seed), ("noise", layout.context_noise)):
+                if value is not None:
+                    defaults[key] = value
         for key, value in defaults.items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)  # frozen: resolve defaults once

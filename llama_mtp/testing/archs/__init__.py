@@ -17,7 +17,7 @@ __all__ = ["ARCHS", "ArchLayout", "get_arch", "register"]
 ARCHS: dict[str, ArchLayout] = {}
 
 # one module per arch, imported in this order
-_MODULES = ("qwen35", "step35")
+_MODULES = ("qwen35", "step35", "qwen35moe", "qwen3next", "glm4moe", "deepseek2", "mimo2", "gemma4")
 
 
 def register(layout: ArchLayout) -> ArchLayout:

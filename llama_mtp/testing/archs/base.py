@@ -10,7 +10,7 @@ import numpy as np
 from ..vocab import Specials
 
 if TYPE_CHECKING:
-    from ..oracle import Oracle
+    from ..oracle import Oracle, TestModelInfo
     from ..spec import TestModelSpec
 
 Shape = tuple[int, ...]
@@ -30,6 +30,45 @@ def uniform(rng: np.random.Generator, shape: Shape, std: float) -> np.ndarray:
     return x
 
 
+def dense_ffn(p: str, d: int, n_ff: int) -> TensorList:
+    return [(f"{p}.ffn_gate.weight", (n_ff, d)), (f"{p}.ffn_up.weight", (n_ff, d)), (f"{p}.ffn_down.weight", (d, n_ff))]
+
+
+def moe_ffn(p: str, d: int, n_expert: int, n_ff_exp: int, n_ff_shexp: int = 0, *, probs_bias: bool = True,
+            shared_gate: bool = False) -> TensorList:
+    """Router, routed experts and (``n_ff_shexp`` > 0) a shared expert, as the converters name them:
+    ``exp_probs_b`` is the selection-only score bias of sigmoid routers (DeepSeek-V3, GLM-4.5),
+    ``ffn_gate_inp_shexp`` the shared expert's sigmoid gate (Qwen MoE)."""
+    out: TensorList = [(f"{p}.ffn_gate_inp.weight", (n_expert, d))]
+    if probs_bias:
+        out.append((f"{p}.exp_probs_b.bias", (n_expert,)))
+    out += [
+        (f"{p}.ffn_gate_exps.weight", (n_expert, n_ff_exp, d)),
+        (f"{p}.ffn_up_exps.weight", (n_expert, n_ff_exp, d)),
+        (f"{p}.ffn_down_exps.weight", (n_expert, d, n_ff_exp)),
+    ]
+    if shared_gate:
+        out.append((f"{p}.ffn_gate_inp_shexp.weight", (1, d)))
+    if n_ff_shexp:
+        out += dense_ffn(p, d, n_ff_shexp)
+        out[-3:] = [(name.replace(".weight", "_shexp.weight"), shape) for name, shape in out[-3:]]
+    return out
+
+
+def nextn_tensors(p: str, d: int, n_vocab: int, *, own_tables: bool) -> TensorList:
+    """A nextn (MTP) block's own tensors: eh_proj over [enorm(embd) ; hnorm(h)] and the head norm;
+    ``own_tables``: its own embed_tokens / shared_head_head (else it shares the trunk's)."""
+    out: TensorList = [
+        (f"{p}.nextn.eh_proj.weight", (d, 2 * d)),
+        (f"{p}.nextn.enorm.weight", (d,)),
+        (f"{p}.nextn.hnorm.weight", (d,)),
+        (f"{p}.nextn.shared_head_norm.weight", (d,)),
+    ]
+    if own_tables:
+        out += [(f"{p}.nextn.embed_tokens.weight", (n_vocab, d)), (f"{p}.nextn.shared_head_head.weight", (n_vocab, d))]
+    return out
+
+
 class ArchLayout:
     """Tensor layout, per-tensor data rule and metadata of one llama.cpp architecture.
 
@@ -47,11 +86,15 @@ class ArchLayout:
     sizes: ClassVar[dict[str, dict[str, Any]]] = {}
     # arch-specific knobs (TestModelSpec.arch_params) and their defaults
     param_defaults: ClassVar[dict[str, Any]] = {}
-    # seed of the "context" recipe for this arch (None: RECIPE_DEFAULTS["context"]["seed"])
+    # seed and noise of the "context" recipe for this arch (None: RECIPE_DEFAULTS["context"]'s);
+    # chosen by a scan (tests/test_archs.py test_context_margins states what must hold)
     context_seed: ClassVar[int | None] = None
+    context_noise: ClassVar[float | None] = None
     # tensor leaf names (after "blk.N.") that add to the residual stream: zero for the
     # oracle, small random for "context"; value = noise gain relative to attention output
     residual_writers: ClassVar[dict[str, float]] = {"attn_output.weight": 1.0, "ffn_down.weight": 0.25}
+    # False for a target drafted by a separate assistant model (no nextn blocks of its own)
+    has_mtp_heads: ClassVar[bool] = True
     # extra leaf names kept in f32 whatever the ftype (1-D tensors always are)
     f32_leaves: ClassVar[frozenset[str]] = frozenset()
 
@@ -70,9 +113,42 @@ class ArchLayout:
     def is_recurrent(self, spec: TestModelSpec, il: int) -> bool:
         return False
 
+    def draft_chain(self, spec: TestModelSpec, info: TestModelInfo, id_last: int, n: int) -> list[int]:
+        """The ``n`` drafts upstream's drafter makes after the target emitted ``id_last``
+        (oracle recipe, ``h_miss_fraction=0``): one head fed its own drafts by default."""
+        return info.draft_chain(id_last, n)
+
+    # the norms before a block's mixer and before its FFN (pre-norm decoder blocks)
+    block_norms: ClassVar[tuple[str, str]] = ("attn_norm", "ffn_norm")
+
     def tensor_shapes(self, spec: TestModelSpec) -> TensorList:
-        """(name, numpy shape) of every tensor, in file order.  numpy shape = reversed ggml ne."""
+        """(name, numpy shape) of every tensor, in file order.  numpy shape = reversed ggml ne.
+
+        By default a pre-norm decoder: per block ``block_norms[0]``, ``mixer``,
+        ``block_norms[1]``, ``ffn``, and ``nextn`` on the MTP blocks."""
+        d = spec.n_embd
+        out: TensorList = [("token_embd.weight", (spec.n_vocab, d))]
+        mtp = self.mtp_blocks(spec)
+        for il in range(self.block_count(spec)):
+            p = f"blk.{il}"
+            out += [(f"{p}.{self.block_norms[0]}.weight", (d,))]
+            out += self.mixer(spec, p, il)
+            out += [(f"{p}.{self.block_norms[1]}.weight", (d,))]
+            out += self.ffn(spec, p, il)
+            if il in mtp:
+                out += self.nextn(spec, p)
+        out += [("output_norm.weight", (d,)), ("output.weight", (spec.n_vocab, d))]
+        return out
+
+    def mixer(self, spec: TestModelSpec, p: str, il: int) -> TensorList:
+        """Block il's attention (or recurrent) tensors (for the default tensor_shapes)."""
         raise NotImplementedError
+
+    def ffn(self, spec: TestModelSpec, p: str, il: int) -> TensorList:
+        return dense_ffn(p, spec.n_embd, spec.n_ff)
+
+    def nextn(self, spec: TestModelSpec, p: str) -> TensorList:
+        return nextn_tensors(p, spec.n_embd, spec.n_vocab, own_tables=False)
 
     def add_metadata(self, w: Any, spec: TestModelSpec) -> None:
         """Write the ``<arch>.*`` hparams (general.* and tokenizer.* are written for you)."""

@@ -95,24 +95,6 @@ class Qwen35Layout(ArchLayout):
             (f"{p}.ssm_out.weight", (d, value_dim)),
         ]
 
-    def ffn(self, spec: TestModelSpec, p: str, il: int) -> TensorList:
-        """The block's FFN (dense here; qwen35moe overrides)."""
-        d = spec.n_embd
-        return [
-            (f"{p}.ffn_gate.weight", (spec.n_ff, d)),
-            (f"{p}.ffn_up.weight", (spec.n_ff, d)),
-            (f"{p}.ffn_down.weight", (d, spec.n_ff)),
-        ]
-
-    def nextn(self, spec: TestModelSpec, p: str) -> TensorList:
-        d = spec.n_embd
-        return [
-            (f"{p}.nextn.eh_proj.weight", (d, 2 * d)),  # input = [enorm(embd) ; hnorm(h)]
-            (f"{p}.nextn.enorm.weight", (d,)),
-            (f"{p}.nextn.hnorm.weight", (d,)),
-            (f"{p}.nextn.shared_head_norm.weight", (d,)),
-        ]
-
     def tensor_shapes(self, spec: TestModelSpec) -> TensorList:
         d = spec.n_embd
         out: TensorList = [("token_embd.weight", (spec.n_vocab, d))]
@@ -140,12 +122,16 @@ class Qwen35Layout(ArchLayout):
 
     # --------------------------------------------------------------- metadata
 
+    def rope_sections(self, spec: TestModelSpec) -> list[int] | None:
+        """``rope.dimension_sections`` (Qwen3.5's M-RoPE split of the rotated dims), or None for none."""
+        half = spec.head_dim // 4 // 2
+        s01 = max(1, round(half * 11 / 32))  # Qwen3.5 ratio [11, 11, 10, 0]
+        return [s01, s01, half - 2 * s01, 0]
+
     def add_metadata(self, w: Any, spec: TestModelSpec) -> None:
         a = self.name
         n_rot = spec.head_dim // 4  # Qwen3.5 partial_rotary_factor = 0.25
-        half = n_rot // 2
-        s01 = max(1, round(half * 11 / 32))  # Qwen3.5 ratio [11, 11, 10, 0]
-        sections = [s01, s01, half - 2 * s01, 0]
+        sections = self.rope_sections(spec)
 
         w.add_uint32(f"{a}.context_length", spec.n_ctx_train)
         w.add_uint32(f"{a}.embedding_length", spec.n_embd)
@@ -159,7 +145,8 @@ class Qwen35Layout(ArchLayout):
         w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", _RMS_EPS)
         w.add_float32(f"{a}.rope.freq_base", spec.rope_freq_base)
         w.add_uint32(f"{a}.rope.dimension_count", n_rot)
-        w.add_array(f"{a}.rope.dimension_sections", sections)
+        if sections is not None:
+            w.add_array(f"{a}.rope.dimension_sections", sections)
         w.add_uint32(f"{a}.ssm.conv_kernel", spec.ssm_d_conv)
         w.add_uint32(f"{a}.ssm.state_size", spec.ssm_d_state)
         w.add_uint32(f"{a}.ssm.group_count", spec.ssm_n_group)

@@ -27,7 +27,7 @@ from . import register
 from .base import ArchLayout, Shape, TensorList
 
 if TYPE_CHECKING:
-    from ..oracle import Oracle
+    from ..oracle import Oracle, TestModelInfo
     from ..spec import TestModelSpec
 
 
@@ -47,9 +47,11 @@ def head_accepts(spec: TestModelSpec) -> tuple[float, ...]:
 
 class Step35(ArchLayout):
     name = "step35"
-    # scanned as for qwen35 (tiny f32, seeds 0..42): the first seed whose greedy continuation of
-    # CONTEXT_TEST_PROMPT keeps a top-1 margin >= 0.2 for 96 tokens (min 0.264; seed 108 gave 0.0099)
-    context_seed = 42
+    # scanned (tiny f32, noise {2.0, 2.25, 2.5} x seeds): at qwen35's noise 3.0 the trunk left pi at
+    # 94 of 96 steps (pure noise: the heads' drafts were never accepted); noise 2.25 seed 26 is the
+    # first with a top-1 margin >= 0.2 for 96 tokens (min 0.945) and 17 departures from pi
+    context_seed = 26
+    context_noise = 2.25
     param_defaults = {
         "n_mtp_heads": 3,        # Step-3.5 ships 3 MTP heads
         "head_accepts": (),      # () -> every head at spec.accept; else one rate per head
@@ -124,6 +126,9 @@ class Step35(ArchLayout):
                 w[:, spec.n_embd:][:, flag_dims(spec.n_embd)] = 0.0  # never fed the target's h flags
                 return w
         return super().tensor_data(spec, o, name, shape)
+
+    def draft_chain(self, spec: TestModelSpec, info: TestModelInfo, id_last: int, n: int) -> list[int]:
+        return chained_draft_chain(spec, id_last, n)
 
     def head_decoys(self, spec: TestModelSpec, o: Oracle) -> tuple[np.ndarray, ...]:
         """token_decoy of every head, in head order (head 0: ``o``'s)."""
