@@ -84,8 +84,10 @@ def model_path(args: argparse.Namespace, accept: float) -> str:
 def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
     path = str(model_path(args, accept))
     kw = dict(n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
-    if args.ftype == "q8_0":
-        kw["use_extra_bufts"] = False  # ggml's AMX q8_0 kernels crash on multi-token batches on this CPU
+    if args.ftype in ("q8_0", "q4_k_m"):
+        # ggml's AMX kernels (q8_0, and the q8_0/q4 tensors of a Q4_K_M file) crash this CPU on
+        # multi-token batches (SIGILL; plain llama-cpp-python too): plain and MTP both go without
+        kw["use_extra_bufts"] = False
     rss0 = rss_mb()
     target = MtpTargetLlama(path, n_draft_max=max(args.n_drafts), **kw)
     rss1 = rss_mb()
@@ -107,7 +109,7 @@ def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
                     runs[c].append(plain_run(plain, prompt, args.max_tokens))
                 elif c.startswith("native_"):
                     r = native.run(path, PROMPT, int(c[len("native_k"):]), args.max_tokens, args.threads,
-                                   no_repack=args.ftype == "q8_0")
+                                   no_repack=args.ftype in ("q8_0", "q4_k_m"))
                     if r is not None:
                         runs[c].append(r["tokens_per_second"])
                         native_acc[c] = r["acceptance"]
