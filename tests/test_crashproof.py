@@ -12,7 +12,10 @@ import pytest
 from _helpers import describe, run_python
 
 PREAMBLE = """
-import os, sys, gc, threading, time, random, _thread
+import os, sys, gc, threading, time, random, _thread, signal
+# a process started with SIGINT ignored (a background job of a non-interactive shell) would
+# make _thread.interrupt_main() a no-op: these scripts need Python's own SIGINT handler
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 import llama_cpp, llama_mtp
 from llama_mtp import testing
