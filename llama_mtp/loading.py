@@ -68,20 +68,26 @@ class MtpTargetLlama(_compat.HookedLlama):
             raise
 
 
+def _draft_context_params(target: MtpTargetLlama) -> Dict[str, Any]:
+    """The context fields of a draft context on ``target`` (its own nextn layers or an external
+    drafter): an MTP context whose ``ctx_other`` is the target's, no recurrent snapshots, and
+    one output (the next draft token) per drafting sequence, as upstream."""
+    return {
+        "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
+        "ctx_other": _compat.ctx_ptr(target),
+        "n_rs_seq": 0,
+        "n_seq_max": target.mtp_n_seq,
+        "n_outputs_max": target.mtp_n_seq,
+        "n_outputs_max_per_seq": 1,
+    }
+
+
 class MtpDraftLlama(_compat.HookedLlama):
     """A ``llama_cpp.Llama`` whose context is the MTP draft context on the target's model."""
 
     def __init__(self, target: MtpTargetLlama, *, use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
         del use_extra_bufts  # weight placement is the target's: the draft runs on its model
-        ctx = {
-            "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
-            "ctx_other": _compat.ctx_ptr(target),
-            "n_rs_seq": 0,
-            "n_seq_max": target.mtp_n_seq,
-            # one output (the next draft token) per drafting sequence, as upstream
-            "n_outputs_max": target.mtp_n_seq,
-            "n_outputs_max_per_seq": 1,
-        }
+        ctx = _draft_context_params(target)
         # vocab_only: Llama.__init__ loads a model first; it must not be a second copy of the weights
         kwargs = dict(kwargs, n_ctx=target.n_ctx(), n_batch=target.n_batch, vocab_only=True)
         # its batches are a step's few rows (a prompt comes in n_ubatch pieces): a small
@@ -126,15 +132,7 @@ class MtpAssistantLlama(_compat.HookedLlama):
             raise MtpArgumentError(f"{target.model_path} has MTP heads of its own ({target.mtp_n_layer_nextn} nextn "
                                    "layers), which llama_mtp drafts with; an external drafter (draft_model_path) is for "
                                    "targets without them (gemma4 + gemma4-assistant): drop draft_model_path")
-        ctx = {
-            "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
-            "ctx_other": _compat.ctx_ptr(target),
-            "n_rs_seq": 0,
-            "n_seq_max": target.mtp_n_seq,
-            # each draft step decodes one row (the next draft token) per drafting sequence
-            "n_outputs_max": target.mtp_n_seq,
-            "n_outputs_max_per_seq": 1,
-        }
+        ctx = _draft_context_params(target)
         kwargs = {k: v for k, v in kwargs.items() if k != "logits_all"}
         kwargs.update(n_ctx=target.n_ctx(), n_batch=target.n_batch)
         kwargs.setdefault("n_ubatch", min(DRAFT_N_UBATCH, target.n_batch))

@@ -148,16 +148,23 @@ def test_shared_kv_and_per_layer_embeddings_follow_the_oracle() -> None:
     assistant shares layers that reuse earlier layers' KV, and still drafts the oracle."""
     tp, ap, info = G.cached_gemma4_pair(size="tiny", n_layer=8, accept=0.5, accept_pattern="random",
                                         arch_params={"n_embd_per_layer": 16, "shared_kv_layers": 2})
-    target = llama_mtp.MtpTargetLlama(str(tp), n_draft_max=2, n_ctx=N_CTX, verbose=False, **THREADS)
+    r = _oracle_loop(tp, ap, info, 2)
+    assert 0 < r.stats.n_accepted < r.stats.n_drafted
+
+
+def _oracle_loop(tp: pathlib.Path, ap: pathlib.Path, info: T.TestModelInfo, n_draft: int) -> _helpers.LoopResult:
+    """spec_loop on a pair built by hand (the assistant context over the target's), checked against
+    the oracle: greedy path and every draft chain."""
+    target = llama_mtp.MtpTargetLlama(str(tp), n_draft_max=n_draft, n_ctx=N_CTX, verbose=False, **THREADS)
     model = assistant_model(ap)
     ctx = _internals.LlamaContext(model=model, params=assistant_params(target), verbose=False)
     try:
         prompt = target.tokenize(b"Hello world", add_bos=False)
-        with llama_mtp.MtpSession(target, ctx, n_draft_max=2) as s:
-            r = _helpers.spec_loop(target, ctx, s, prompt, 48, 2)
+        with llama_mtp.MtpSession(target, ctx, n_draft_max=n_draft) as s:
+            r = _helpers.spec_loop(target, ctx, s, prompt, 48, n_draft)
         assert r.tokens == info.greedy_continuation(prompt[-1], 48)
         assert all(d == info.draft_chain(last, len(d)) for last, d in r.drafts)
-        assert 0 < r.stats.n_accepted < r.stats.n_drafted
+        return r
     finally:
         ctx.close()
         model.close()
@@ -169,19 +176,7 @@ def test_quantized_pair_follows_the_oracle(ftype: str, no_extra_bufts) -> None:
     """q8_0 (f16 where the assistant's rows are not a multiple of 32) and llama.cpp's q4_k_m
     quantizer output of both files keep the oracle's greedy path and drafts."""
     tp, ap, info = G.cached_gemma4_pair(size="tiny", accept=0.5, accept_pattern="random", ftype=ftype)
-    target = llama_mtp.MtpTargetLlama(str(tp), n_draft_max=3, n_ctx=N_CTX, verbose=False, **THREADS)
-    model = assistant_model(ap)
-    ctx = _internals.LlamaContext(model=model, params=assistant_params(target), verbose=False)
-    try:
-        prompt = target.tokenize(b"Hello world", add_bos=False)
-        with llama_mtp.MtpSession(target, ctx, n_draft_max=3) as s:
-            r = _helpers.spec_loop(target, ctx, s, prompt, 48, 3)
-        assert r.tokens == info.greedy_continuation(prompt[-1], 48)
-        assert all(d == info.draft_chain(last, len(d)) for last, d in r.drafts)
-    finally:
-        ctx.close()
-        model.close()
-        target.close()
+    _oracle_loop(tp, ap, info, 3)
 
 
 CONTEXT_SPEC = T.TestModelSpec(arch="gemma4", recipe="context", accept=0.5, accept_pattern="random")
