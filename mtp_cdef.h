@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 5
+#define MTP_ABI_VERSION 6
 
 struct llama_context;
 struct llama_batch;
@@ -81,6 +81,7 @@ typedef struct mtp_stats {
     int64_t t_draft_us;       /* time inside draft()                                    */
     int64_t t_process_us;     /* time inside process()                                  */
     int64_t t_accept_us;      /* time inside accept()                                   */
+    int64_t n_forget;         /* forget() calls that emptied a sequence's draft memory   */
 } mtp_stats;
 
 typedef struct mtp_session_info {
@@ -135,6 +136,15 @@ int32_t mtp_session_draft_many(mtp_session * s, mtp_draft_req * reqs, int32_t n_
 /* Settle the pending proposal: n_accepted in [0, last draft length]. Trims the
  * target and draft contexts of seq_id to pos0 + 1 + n_accepted. */
 int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n_accepted);
+
+/* defer_catchup sessions: drop seq_id's draft-context history, keeping only its
+ * last `keep` deferred catch-up rows (*n_kept, may be NULL: how many there are).
+ * The draft memory of seq_id is emptied; the next draft decodes the kept rows
+ * and goes on from there. For long plain-decoding runs, which would otherwise
+ * decode one MTP row per token for drafts that may never come. Drafting stays
+ * exact (verification does not change); the MTP head just sees a shorter past.
+ * Fails with MTP_ERR_PROTOCOL while a draft of seq_id awaits accept(). */
+int32_t mtp_session_forget(mtp_session * s, int32_t seq_id, int32_t keep, int32_t * n_kept);
 
 /* The draft mode of a (target, draft) pair, as a session on them would derive it,
  * without creating one: lets a caller pick a drafter first. */

@@ -28,6 +28,7 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
+from .adaptive import UbatchSplit
 from .errors import MtpArgumentError, MtpInitError, SessionClosedError
 
 # the range pyproject.toml declares; build_ffi.TESTED_LLAMA_CPP_PYTHON lists the tested versions
@@ -258,6 +259,26 @@ RS_ROLLBACK_ARCHS = frozenset({
 def arch_of(llm: llama_cpp.Llama) -> str:
     """general.architecture of the loaded model."""
     return str(llm.metadata.get("general.architecture", "?"))
+
+
+def ubatch_split(llm: llama_cpp.Llama) -> UbatchSplit:
+    """How llama_decode on this context cuts a multi-sequence batch into ubatches (passes).
+
+    Mirrors the memory modules' init_batch in the vendored llama.cpp: a hybrid or recurrent
+    memory always splits equal (with the rollback tail kept together), an attention KV cache
+    only with a stream per sequence (llama-cpp-python's kv_unified=False, n_seq_max > 1).
+    """
+    ctx = ctx_ptr(llm)
+    model = llama_cpp.llama_get_model(ctx)
+    n_seq = int(llama_cpp.llama_n_seq_max(ctx))
+    n_stream = 1 if bool(llm.context_params.kv_unified) else n_seq
+    n_ubatch = int(llama_cpp.llama_n_ubatch(ctx))
+    if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
+        n_rs = int(llama_cpp.llama_n_rs_seq(ctx))
+        recurrent_only = llama_cpp.llama_model_is_recurrent(model) and not llama_cpp.llama_model_is_hybrid(model)
+        return UbatchSplit(equal=True, sequential=recurrent_only or n_stream > 1,
+                           keep_tail=n_rs + 1 if n_rs > 0 else 0, n_ubatch=n_ubatch)
+    return UbatchSplit(equal=n_stream > 1, sequential=True, n_ubatch=n_ubatch)
 
 
 def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *, n_rs_seq: int,

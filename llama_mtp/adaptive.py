@@ -40,7 +40,7 @@ a few hundred float operations per step, and tested on a seeded simulator.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 ALPHA = 0.1  # running-average weight of costs: adapts within a few dozen observations
 # of acceptance: its estimate decides between options a few % apart near break-even, where
@@ -186,35 +186,130 @@ class LinearCost:
         return c_pos * positions + c_row * rows
 
 
-class StepCosts:
-    """What one step costs on this machine: the verify step by rows, and drafting; plus
-    what earlier sequences on this target accepted (``accepted``, their successors' prior)."""
+Runs = Tuple[Tuple[int, int], ...]  # a step's verify runs in batch order: (seq id, rows), one per sequence
 
-    def __init__(self) -> None:
+
+@dataclass(frozen=True)
+class UbatchSplit:
+    """How the target's llama_decode cuts a batch into ubatches, each one pass over the model.
+
+    llama.cpp's ``llama_batch_allocr::split_equal`` (hybrid and recurrent memories always; an
+    attention KV cache with one stream per sequence, i.e. ``kv_unified=False`` and n_seq > 1):
+    every sequence in a ubatch contributes the same number of rows, so a 4-sequence step with
+    row counts [2, 1, 1, 1] costs two passes, [1, 1, 1, 1] then [1] (measured on the fast model:
+    17.5 ms against 10.5 ms for [1, 1, 1, 1] and 6.5 ms for one row). ``sequential``: a ubatch
+    holds consecutive seq ids only. ``keep_tail``: a hybrid target keeps each sequence's last
+    n_rs_seq + 1 rows in one ubatch (its rollback snapshots). Otherwise one ubatch per n_ubatch rows.
+    """
+
+    equal: bool = False
+    sequential: bool = False
+    keep_tail: int = 0
+    n_ubatch: int = 512
+
+    def ubatches(self, runs: Runs) -> List[int]:
+        """Rows of each ubatch the target decodes for ``runs`` (upstream's algorithm, run by run)."""
+        total = sum(n for _, n in runs)
+        if not self.equal or len(runs) <= 1 and total <= self.n_ubatch:
+            return [min(self.n_ubatch, total - i) for i in range(0, total, self.n_ubatch)] or [0]
+        used = [0] * len(runs)
+        out: List[int] = []
+        while True:
+            # the sequences of this ubatch: each with unused rows (consecutive ids when sequential)
+            cur: List[int] = []
+            last = -1
+            for r, (sid, n) in enumerate(runs):
+                if used[r] >= n or (self.sequential and cur and sid != last + 1):
+                    continue
+                cur.append(r)
+                last = sid
+                if len(cur) > self.n_ubatch:
+                    break
+            if not cur:
+                return out
+            take = [0] * len(cur)
+            while all(used[r] + take[j] < runs[r][1] for j, r in enumerate(cur)):
+                take = [t + 1 for t in take]
+                if (take[0] + 1) * len(cur) > self.n_ubatch:
+                    break
+            if self.keep_tail > 0:
+                def rem(j: int) -> int:
+                    return runs[cur[j]][1] - used[cur[j]] - take[j]
+                n_keep = 0
+                while n_keep < len(cur) and not (0 != rem(n_keep) < self.keep_tail):
+                    n_keep += 1
+                if n_keep == 0:  # the first sequence alone: to its end, or leaving keep_tail rows
+                    if take[0] + rem(0) <= self.n_ubatch:
+                        take[0] += rem(0)
+                    else:
+                        while rem(0) < self.keep_tail:
+                            take[0] -= 1
+                    n_keep = 1
+                cur, take = cur[:n_keep], take[:n_keep]
+            for j, r in enumerate(cur):
+                used[r] += take[j]
+            out.append(sum(take))
+
+
+def runs_of(rows: Union[int, Runs]) -> Runs:
+    """One sequence's row count as runs, or the runs themselves."""
+    return ((0, rows),) if isinstance(rows, int) else tuple(rows)
+
+
+class StepCosts:
+    """What one step costs on this machine: the verify step by its ubatches, and drafting; plus
+    what earlier sequences on this target accepted (``accepted``, their successors' prior).
+
+    ``step`` is the time of a one-ubatch step by rows. A step that llama.cpp splits into several
+    ubatches is priced as the sum of theirs, times ``split_factor``: the running ratio of what
+    such steps took to that sum (one step's bookkeeping and sampling counted once, not per pass).
+    """
+
+    def __init__(self, split: Optional[UbatchSplit] = None) -> None:
         # arbitrary units until the first measurement; they only order the first choices
         self.step = RowTable(lambda n: 1.0 + 0.3 * (n - 1))
         self.draft = LinearCost()
+        self.split = split or UbatchSplit()
+        self.split_factor = 1.0
+        self.n_split = 0
         self.clock = 0  # choices made: the age of a measurement
         self.accepted = AcceptancePrior()
+        self._shapes: dict = {}  # runs -> ubatch rows (a pure function of the runs: kept)
 
-    def step_cost(self, rows: int) -> float:
-        return self.step(max(1, rows))
+    def ubatches(self, runs: Runs) -> List[int]:
+        u = self._shapes.get(runs)
+        if u is None:
+            u = self._shapes[runs] = self.split.ubatches(runs)
+        return u
+
+    def step_cost(self, rows: Union[int, Runs]) -> float:
+        """Estimated seconds of a step without drafting: one run per sequence, (seq id, rows)."""
+        u = self.ubatches(runs_of(rows))
+        return self.step(max(1, u[0])) if len(u) == 1 else self.split_factor * sum(self.step(max(1, n)) for n in u)
 
     def draft_cost(self, positions: int, rows: int) -> float:
         if positions <= 0:
             return 0.0
         # until measured: a draft decode at a fifth of a plain step; one measurement alone (graph
         # setup, cold caches) is only an upper bound, or a slow first draft would stop drafting
-        prior = 0.2 * self.step_cost(1) * (positions + LinearCost.ROW_SHARE * rows)
+        prior = 0.2 * self.step(1) * (positions + LinearCost.ROW_SHARE * rows)
         if self.draft.n == 0:
             return prior
         if self.draft.n == 1:
             return min(prior, self.draft(positions, rows))
         return self.draft(positions, rows)
 
-    def observe(self, rows: int, t_step: float, positions: int, draft_rows: int, t_draft: float) -> None:
-        """One finished step: its verify rows and its time without drafting; its draft shape and time."""
-        self.step.observe(rows, t_step, self.clock)
+    def observe(self, rows: Union[int, Runs], t_step: float, positions: int, draft_rows: int, t_draft: float) -> None:
+        """One finished step: its verify runs (or one sequence's rows) and its time without
+        drafting; its draft shape and time."""
+        u = self.ubatches(runs_of(rows))
+        if len(u) == 1:
+            self.step.observe(max(1, u[0]), t_step, self.clock)
+        else:
+            ratio = t_step / sum(self.step(max(1, n)) for n in u)
+            self.n_split += 1
+            self.split_factor = ratio if self.n_split <= 2 else (
+                (1 - ALPHA) * self.split_factor + ALPHA * _clip(ratio, self.split_factor))
         self.draft.observe(positions, draft_rows, t_draft)
 
 
@@ -341,6 +436,12 @@ PROBE_BUDGET_CAP = 4 * PROBE_MAX  # plain steps after which a probe is due whate
 EXPLORE_EVERY = 4  # choices between tries of a longer draft that might be better
 STALE_STEPS = 48   # a near-best option not measured for this many choices is refreshed once
 STALE_MARGIN = 0.9
+# plain steps in a row after which the engine has the draft context forget all but FORGET_KEEP
+# rows of a sequence's history (MtpSession.forget): below the draft context's n_ubatch (32),
+# where process() would decode the backlog, so a long plain run costs no MTP rows per token
+# and the next probe decodes at most FORGET_AT of them
+FORGET_AT = 24
+FORGET_KEEP = 8
 
 
 @dataclass
@@ -348,16 +449,15 @@ class DraftChoice:
     """One sequence's input to a step's plan."""
 
     acceptance: Acceptance
-    room: int          # most draft tokens this sequence may take now
+    room: int                     # most draft tokens this sequence may take now
+    seq_id: Optional[int] = None  # its slot (the batch's order and ubatch split); None: its index
 
 
 def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
-         fixed_rows: int = 0, fixed_tokens: float = 0.0, fixed_positions: int = 0,
-         fixed_draft_rows: int = 0) -> List[int]:
+         fixed: Sequence[Tuple[int, int]] = ()) -> List[int]:
     """Draft lengths for the ``auto`` sequences of one step.
 
-    ``fixed_*``: what the step holds besides them (sequences with a fixed k or plain
-    decoding): verify rows, expected tokens, draft positions and draft rows.
+    ``fixed``: (seq id, k) of the step's other sequences (a fixed k, or plain decoding).
     """
     costs.clock += 1
     n = len(choices)
@@ -365,21 +465,33 @@ def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
         return []
     his = [max(0, min(k_max, c.room)) for c in choices]
     curves = [c.acceptance.expected_tokens(hi) for c, hi in zip(choices, his)]
+    sids = [i if c.seq_id is None else c.seq_id for i, c in enumerate(choices)]
+    # the batch in seq-id order, as the engine builds it: auto entries are filled in per candidate
+    order = sorted([(sid, True, i) for i, sid in enumerate(sids)] + [(sid, False, k) for sid, k in fixed])
+    fixed_tokens = float(len(fixed))
+    fixed_positions = max((k for _, k in fixed), default=0)
+    fixed_draft_rows = sum(k for _, k in fixed)
+
+    def runs(ks: Sequence[int]) -> Runs:
+        return tuple((sid, (ks[x] if auto else x) + 1) for sid, auto, x in order)
 
     def step_time(ks: Sequence[int]) -> float:
-        rows = fixed_rows + sum(k + 1 for k in ks)
         positions = max([fixed_positions, *ks])
         # rows of steady drafting (the tokens of one step, ~2); a long plain run's catch-up debt
         # is paid once whenever drafting resumes and must not keep drafting from resuming
         draft_rows = fixed_draft_rows + sum(min(c.acceptance.pending, 2) + k - 1 for c, k in zip(choices, ks) if k)
-        return costs.step_cost(rows) + costs.draft_cost(positions, draft_rows)
+        return costs.step_cost(runs(ks)) + costs.draft_cost(positions, draft_rows)
+
+    def tokens(ks: Sequence[int]) -> float:
+        return fixed_tokens + sum(curve[k] for curve, k in zip(curves, ks))
 
     def rate(ks: Sequence[int]) -> float:
-        return (fixed_tokens + sum(curve[k] for curve, k in zip(curves, ks))) / step_time(ks)
+        return tokens(ks) / step_time(ks)
 
     # start from the best length shared by all: drafts run in lockstep, so where a draft decode
-    # costs more than its rows (GPU-like), drafting pays only if the sequences draft together,
-    # and a start from all-plain would never leave it one sequence at a time
+    # costs more than its rows (GPU-like), or where unequal row counts split the decode into
+    # passes (UbatchSplit), drafting pays only if the sequences draft together, and a start
+    # from all-plain would never leave it one sequence at a time
     ks, best = [0] * n, rate([0] * n)
     for k in range(1, max(his) + 1):
         cand = [min(k, hi) for hi in his]
@@ -401,67 +513,99 @@ def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
             ks[i] = keep
         if not changed:
             break
-    for i, c in enumerate(choices):
-        ks[i] = _adjust(c.acceptance, ks, i, his[i], costs, rate, step_time, best, fixed_rows)
+    # probes, exploration and refreshes: per sequence, or where the target splits unequal rows
+    # into passes, per group of sequences at the same length (one probing alone would cost a pass)
+    if costs.split.equal and n > 1:
+        groups: dict = {}
+        for i, k in enumerate(ks):
+            groups.setdefault(k, []).append(i)
+        group_list = list(groups.values())
+    else:
+        group_list = [[i] for i in range(n)]
+    for group in group_list:
+        _adjust(group, choices, ks, his, costs, tokens, step_time, runs, best)
     return ks
 
 
-def _adjust(acc: Acceptance, ks: List[int], i: int, hi: int, costs: StepCosts,
-            rate: Callable[[Sequence[int]], float], step_time: Callable[[Sequence[int]], float],
-            best: float, fixed_rows: int) -> int:
-    """Probes, exploration and refreshes on top of the goodput optimum for sequence i."""
-    acc.n_choices += 1
-    k = ks[i]
-    if hi == 0:
-        return 0
+def _adjust(group: List[int], choices: Sequence[DraftChoice], ks: List[int], his: List[int], costs: StepCosts,
+            tokens: Callable[[Sequence[int]], float], step_time: Callable[[Sequence[int]], float],
+            runs: Callable[[Sequence[int]], Runs], best: float) -> None:
+    """Probes, exploration and refreshes on top of the goodput optimum, for a group of sequences
+    at one length, all moved together (a group of one where rows are not split into passes)."""
+    for i in group:
+        choices[i].acceptance.n_choices += 1
+    members = [i for i in group if his[i] > 0]
+    if not members:
+        return
+    accs = [choices[i].acceptance for i in members]
+    k = ks[members[0]]
+    hi = min(his[i] for i in members)
 
-    def with_k(kk: int, f: Callable[[Sequence[int]], float] = rate) -> float:
-        old = ks[i]
-        ks[i] = kk
+    def with_k(kk: int, f: Callable[[Sequence[int]], Any]) -> Any:
+        old = [ks[i] for i in members]
+        for i in members:
+            ks[i] = kk
         try:
             return f(ks)
         finally:
-            ks[i] = old
+            for i, o in zip(members, old):
+                ks[i] = o
+
+    def set_k(kk: int) -> None:
+        for i in members:
+            ks[i] = kk
+
+    def hopeful_rate(kk: int) -> float:
+        """The rate at kk with each member's deepest position one standard error more hopeful."""
+        extra = sum(a.expected_tokens(kk, optimistic_at=kk - 1)[kk] - a.expected_tokens(kk)[kk] for a in accs)
+        return (with_k(kk, tokens) + extra) / with_k(kk, step_time)
 
     if k == 0:
-        acc.since_probe += 1
+        for a in accs:
+            a.since_probe += 1
+        since = max(a.since_probe for a in accs)
         # while k=1 could still be better (one standard error more hopeful), probe at the shortest
         # gap: acceptance is only learnt from probes here; once it clearly cannot, back off
-        hopeful = with_k(1) * acc.expected_tokens(1, optimistic_at=0)[1] / acc.expected_tokens(1)[1] > best
-        # and a probe's extra time (one more verify row, its draft) stays within PROBE_BUDGET of the
-        # time since the last one: in a batch on the slow side of a kernel step a row is dear
+        hopeful = hopeful_rate(1) > best
+        # and a probe's extra time (more verify rows, its draft) stays within PROBE_BUDGET of the
+        # time since the last one, per sequence probed: in a batch on the slow side of a kernel
+        # step a row is dear (a group's probe is its members' probes, taken in one step)
         t_now = step_time(ks)
-        affordable = acc.since_probe * t_now * PROBE_BUDGET >= with_k(1, step_time) - t_now
+        affordable = len(accs) * since * t_now * PROBE_BUDGET >= with_k(1, step_time) - t_now
         # (the budget rests on cost estimates that only probes refresh: it may delay a probe, not forbid it)
-        due = acc.since_probe >= acc.probe_gap and (affordable or acc.since_probe >= PROBE_BUDGET_CAP)
-        if acc.follow_up or (acc.since_probe >= PROBE_MIN and (hopeful or due)):
-            acc.since_probe = 0
-            acc.follow_up = False
-            acc.probing = True
-            return 1
+        due = any(a.since_probe >= a.probe_gap for a in accs) and (affordable or since >= PROBE_BUDGET_CAP)
+        # a hit is followed up at once only while drafting could win: where even a hopeful k=1
+        # loses (a batch whose rows are dear), a hit is no news and probes keep to the budget
+        if (hopeful and any(a.follow_up for a in accs)) or (since >= PROBE_MIN and (hopeful or due)):
+            for a in accs:
+                a.since_probe = 0
+                a.follow_up = False
+                a.probing = True
+            set_k(1)
+            return
     else:
-        acc.since_probe = 0
-        acc.probe_gap = PROBE_MIN
+        for a in accs:
+            a.since_probe = 0
+            a.probe_gap = PROBE_MIN
     nxt = k + 1
-    if nxt <= hi:
-        # one token longer is tried now and then if it could be better: its deepest position is
-        # only observed when it is drafted, so a low estimate from a few unlucky misses would
-        # otherwise never recover (optimism in the face of uncertainty, one standard error)
-        if acc.n_choices % EXPLORE_EVERY == 0 and k > 0:
-            old = acc.expected_tokens(nxt, optimistic_at=nxt - 1)[nxt]
-            curve = acc.expected_tokens(nxt)
-            if with_k(nxt) * old / curve[nxt] > best:
-                return nxt
+    # one token longer is tried now and then if it could be better: its deepest position is
+    # only observed when it is drafted, so a low estimate from a few unlucky misses would
+    # otherwise never recover (optimism in the face of uncertainty, one standard error)
+    if nxt <= hi and k > 0 and accs[0].n_choices % EXPLORE_EVERY == 0 and hopeful_rate(nxt) > best:
+        set_k(nxt)
+        return
     # a near-best option whose step cost has not been measured lately is run once to refresh it
-    rows_now = fixed_rows + sum(kk + 1 for kk in ks)
+    # (one-pass shapes only: the table holds those; a split step refreshes the split factor)
     for cand in (k - 1, k + 1):
         if 0 <= cand <= hi:
-            rows = rows_now + cand - k
-            age = costs.clock - costs.step.last.get(rows, -10**9)
-            if age > STALE_STEPS and with_k(cand) >= STALE_MARGIN * best:
-                costs.step.last[rows] = costs.clock  # one refresh per STALE_STEPS, measured or not
-                return cand
-    return k
+            u = costs.ubatches(with_k(cand, runs))
+            if len(u) != 1:
+                continue
+            age = costs.clock - costs.step.last.get(u[0], -10**9)
+            if age > STALE_STEPS and with_k(cand, lambda kk: tokens(kk) / step_time(kk)) >= STALE_MARGIN * best:
+                costs.step.last[u[0]] = costs.clock  # one refresh per STALE_STEPS, measured or not
+                set_k(cand)
+                return
 
 
 class DraftPolicy:

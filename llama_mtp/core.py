@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 import llama_cpp
 
 from . import _compat
-from .adaptive import Acceptance, DraftChoice, StepCosts, plan
+from .adaptive import FORGET_AT, FORGET_KEEP, Acceptance, DraftChoice, StepCosts, plan
 from .checkpoint import TargetCheckpoint, rollback_capacity
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
@@ -167,7 +167,7 @@ def step_costs(target: llama_cpp.Llama) -> StepCosts:
     machine, so what one generate() call measured serves the next (one-shot engines included)."""
     costs = _COSTS.get(target)
     if costs is None:
-        costs = _COSTS[target] = StepCosts()
+        costs = _COSTS[target] = StepCosts(_compat.ubatch_split(target))
     return costs
 
 
@@ -218,6 +218,7 @@ class Sequence:
                                   prompt_tokens, params.stop)
         self.t_added = time.perf_counter()
         self.t_gen = 0.0
+        self.idle = 1  # deferred catch-up rows since its last draft (the draft context's backlog)
 
     @property
     def prefilling(self) -> bool:
@@ -522,10 +523,8 @@ class StepEngine:
             else:
                 rec.parts.append(Part(seq, [seq.id_last], seq.n_past, verify=True, k=max(0, min(seq.k_fixed, room))))
         if auto:
-            fixed = [p.k for p in rec.parts]
-            ks = plan([DraftChoice(seq.acceptance, room) for seq, room in auto], self.costs, self.k_max,
-                      fixed_rows=sum(k + 1 for k in fixed), fixed_tokens=float(len(fixed)),
-                      fixed_positions=max(fixed, default=0), fixed_draft_rows=sum(fixed))
+            ks = plan([DraftChoice(seq.acceptance, room, seq.seq_id) for seq, room in auto], self.costs, self.k_max,
+                      fixed=[(p.seq.seq_id, p.k) for p in rec.parts])
             rec.parts += [Part(seq, [seq.id_last], seq.n_past, verify=True, k=k) for (seq, _), k in zip(auto, ks)]
         return events
 
@@ -650,15 +649,33 @@ class StepEngine:
             self._account(seq, p, n_keep, rec, t_end)
             if seq.acceptance is not None:
                 seq.acceptance.observe(len(p.proposal), p.n_acc)
+            if p.proposal:
+                seq.idle = 1 + p.n_acc
             seq.n_past += 1 + p.n_acc
             seq.id_last = p.new_tokens[n_keep - 1]
             done = seq.finished  # commit() ends it at EOG, a stop string or max_tokens
+            if not done and not p.proposal:
+                self._forget_idle(seq)
             if done:
                 if not seq.params.raw:
                     piece += seq.text.finish()
                 self._release(seq)
             events.append(SeqEvent(seq, p.new_tokens[:n_keep], piece, done))
         return events
+
+    def _forget_idle(self, seq: Sequence) -> None:
+        """After a plain step: a long run of them drops the draft context's history but the last
+        FORGET_KEEP rows (own drafter), so plain tokens stop costing MTP catch-up rows (one per
+        token, decoded every n_ubatch of them) for drafts that may not come; a plain-only
+        sequence keeps none. The next draft decodes the kept rows; output stays exact."""
+        seq.idle += 1
+        if not self.own_drafts or seq.idle < FORGET_AT:
+            return
+        keep = 0 if seq.acceptance is None and seq.k_fixed == 0 else FORGET_KEEP
+        kept = self.session.forget(seq.seq_id, keep)
+        seq.idle = kept
+        if seq.acceptance is not None:
+            seq.acceptance.pending = max(1, kept)
 
     def _observe_costs(self, rec: StepRecord, t_end: float) -> None:
         """The step's shape and times for auto's cost model (steps that carry prompt rows are no sample)."""
@@ -667,7 +684,8 @@ class StepEngine:
         drafting = [p for p in rec.parts if p.proposal]
         # the own loop's first draft decode also takes each sequence's deferred catch-up rows
         draft_rows = sum(len(p.proposal) - 1 + (p.seq.acceptance.pending if p.seq.acceptance else 1) for p in drafting)
-        self.costs.observe(sum(len(p.tokens) for p in rec.parts), t_end - rec.t_start - rec.t_draft,
+        # the verify runs in batch (seq-id) order: how llama.cpp split the decode into passes
+        self.costs.observe(tuple((p.seq.seq_id, len(p.tokens)) for p in rec.parts), t_end - rec.t_start - rec.t_draft,
                            max((len(p.proposal) for p in drafting), default=0), draft_rows, rec.t_draft)
 
     def _account(self, seq: Sequence, p: Part, n_keep: int, rec: StepRecord, t_end: float) -> None:

@@ -289,6 +289,7 @@ class MtpSession:
             n_process_calls=st.n_process_calls, n_process_tokens=st.n_process_tokens,
             drafted_per_pos=tuple(drafted), accepted_per_pos=tuple(accepted),
             t_draft_s=st.t_draft_us / 1e6, t_process_s=st.t_process_us / 1e6, t_accept_s=st.t_accept_us / 1e6,
+            n_forget=st.n_forget,
         )
 
     # -- protocol ---------------------------------------------------------------------------
@@ -386,6 +387,20 @@ class MtpSession:
         n_accepted = _i32(n_accepted, "n_accepted")
         with self._call() as handle:
             self._raise_for(self._lib.mtp_session_accept(handle, seq_id, n_accepted), seq_id)
+
+    def forget(self, seq_id: int, keep: int = 0) -> int:
+        """Drop seq_id's draft-context history but its last ``keep`` deferred catch-up rows;
+        returns how many rows the next draft of seq_id decodes first.
+
+        For a long run of plain steps (``defer_catchup=True`` only): without it every plain
+        token costs one MTP row at the next draft, or every n_ubatch tokens. Output stays exact;
+        the MTP head sees a shorter past, so acceptance right after may be lower.
+        """
+        self._check_seq(seq_id)
+        keep = _i32(keep, "keep")
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_forget(handle, seq_id, keep, self._flag), seq_id)
+            return int(self._flag[0])
 
     def pending(self, seq_id: int) -> bool:
         """Whether seq_id has a draft awaiting accept()."""

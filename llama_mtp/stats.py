@@ -20,6 +20,7 @@ class MtpStats:
     t_draft_s: float
     t_process_s: float
     t_accept_s: float
+    n_forget: int = 0                  # forget() calls that emptied a sequence's draft memory
 
     @property
     def acceptance_rate(self) -> float:

@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <exception>
 #include <map>
+#include <limits>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -106,14 +107,23 @@ struct seq_state {
 
 // Draft-context decodes that process() deferred (defer_catchup): row i pairs token
 // tok[i] at position pos[i] with the target's hidden state before it, h[i].
+// detached (mtp_session_forget): the sequence's draft memory was emptied on purpose and the
+// rows, if any, are all the history it gets back; an empty memory may restart anywhere.
 struct deferred_rows {
     std::vector<llama_token> tok;
     std::vector<llama_pos>   pos;
     std::vector<float>       h;
+    bool                     detached = false;
 
     size_t size() const { return tok.size(); }
-    void clear() { tok.clear(); pos.clear(); h.clear(); }
+    // the rows are gone into (or invalidated by a change of) the draft memory
+    void clear() { tok.clear(); pos.clear(); h.clear(); detached = false; }
     void resize(size_t n, size_t n_embd) { tok.resize(n); pos.resize(n); h.resize(n * n_embd); }
+    void drop_front(size_t n, size_t n_embd) {
+        tok.erase(tok.begin(), tok.begin() + n);
+        pos.erase(pos.begin(), pos.begin() + n);
+        h.erase(h.begin(), h.begin() + n * n_embd);
+    }
 };
 
 } // namespace
@@ -180,7 +190,12 @@ llama_pos pos_max(llama_context * ctx, llama_seq_id seq) {
 void sync_deferred(mtp_session * s, int32_t sid, llama_pos upto) {
     deferred_rows & d = s->deferred[sid];
     if (d.size() == 0) return;
-    if (pos_max(s->dft, sid) != d.pos.front() - 1) {
+    const llama_pos mem_max = pos_max(s->dft, sid);
+    if (d.detached && mem_max < 0 && upto > d.pos.back() + 1) {
+        d.resize(0, (size_t) s->n_embd); // a detached history that the caller's start does not continue
+        return;
+    }
+    if (mem_max != (d.detached ? -1 : d.pos.front() - 1)) {
         d.clear();
         return;
     }
@@ -193,6 +208,7 @@ void sync_deferred(mtp_session * s, int32_t sid, llama_pos upto) {
 llama_pos drafter_pos_max(mtp_session * s, int32_t sid, llama_pos upto) {
     const deferred_rows & d = s->deferred[sid];
     const llama_pos mem_max = pos_max(s->dft, sid);
+    if (d.detached && mem_max < 0) return upto - 1; // an emptied memory continues from anywhere
     if (d.size() == 0 || mem_max != d.pos.front() - 1) return mem_max;
     return std::max(mem_max, std::min(d.pos.back(), upto - 1));
 }
@@ -931,6 +947,27 @@ MTP_EXPORT int32_t mtp_session_accept(mtp_session * s, int32_t seq_id, int32_t n
         }
         if (!shares_memory(s)) llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, n_past, -1);
         sync_deferred(s, seq_id, n_past);
+    });
+}
+
+MTP_EXPORT int32_t mtp_session_forget(mtp_session * s, int32_t seq_id, int32_t keep, int32_t * n_kept) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        check_seq(s, seq_id);
+        if (!s->defer_catchup) fail(MTP_ERR_ARG, "forget needs a session with defer_catchup=1 (it drops deferred catch-up rows)");
+        if (keep < 0) fail(MTP_ERR_ARG, "keep must be >= 0 (got %d)", keep);
+        if (s->seqs[seq_id].pending) {
+            fail(MTP_ERR_PROTOCOL, "seq_id %d has a pending draft: accept() it before forget()", seq_id);
+        }
+        deferred_rows & d = s->deferred[seq_id];
+        if (d.size()) sync_deferred(s, seq_id, d.pos.back() + 1); // drop rows the memory no longer continues
+        const bool was_detached = d.detached;
+        if (d.size() > (size_t) keep) d.drop_front(d.size() - (size_t) keep, (size_t) s->n_embd);
+        llama_memory_seq_rm(llama_get_memory(s->dft), seq_id, -1, -1);
+        d.detached = true;
+        if (!was_detached) s->stats.n_forget++;
+        if (n_kept) *n_kept = (int32_t) d.size();
     });
 }
 

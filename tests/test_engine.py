@@ -18,7 +18,7 @@ import pytest
 
 import _helpers
 import llama_mtp
-from llama_mtp import core, testing
+from llama_mtp import adaptive, core, testing
 
 N_TOKENS = 24
 MIN_MARGIN = 0.1
@@ -378,3 +378,38 @@ def _compat_range() -> str:
 
     assert "<" in _compat.SUPPORTED_RANGE
     return _compat.SUPPORTED_RANGE
+
+
+def test_long_plain_runs_forget_the_draft_history_and_stay_exact(context_path) -> None:
+    """A plain-only sequence (n_draft=0) beside a drafting one: after FORGET_AT plain steps the
+    engine drops the plain one's draft history (MtpSession.forget, once: it stays detached),
+    both outputs stay plain greedy's, and the slot it leaves serves a drafting sequence exactly
+    (its draft memory was emptied, not the next sequence's business)."""
+    n = 2 * adaptive.FORGET_AT + 8
+    target, draft = _helpers.load_pair(context_path, n_seq=2, n_ctx=2 * 256, n_draft_max=3)
+    try:
+        refs: List[Tuple[List[int], List[int]]] = []
+        for text in CANDIDATES:
+            toks = _helpers.tokenize(target, text)
+            out, margins = testing.reference_greedy(context_path, toks, n)
+            if min(margins) > MIN_MARGIN:
+                refs.append((toks, out))
+            if len(refs) == 3:
+                break
+        assert len(refs) == 3, "too few prompts with clear top-1 margins over the run"
+        with core.StepEngine(target, draft, n_draft=3) as eng:
+            plain = eng.add(refs[0][0], core.sequence_params(max_tokens=n, n_draft=0))
+            drafting = eng.add(refs[1][0], core.sequence_params(max_tokens=n))
+            while eng.active:
+                eng.step()
+            assert eng.session.stats.n_forget == 1
+            assert plain.generated == refs[0][1] and drafting.generated == refs[1][1]
+            assert plain.stats.drafted == 0 and drafting.stats.drafted > 0
+            third = eng.add(refs[2][0], core.sequence_params(max_tokens=n))
+            assert third.seq_id == plain.seq_id
+            while eng.active:
+                eng.step()
+            assert third.generated == refs[2][1] and third.stats.drafted > 0
+    finally:
+        draft.close()
+        target.close()

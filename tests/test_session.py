@@ -32,6 +32,7 @@ from _helpers import (
     ORACLE_SPEC,
     Decoder,
     counters,
+    ctx_ptr,
     greedy_reference,
     greedy_reference_logits,
     load_pair,
@@ -938,3 +939,63 @@ def test_deferred_catchup_session_reused_after_clearing_memories(context_half_mo
     finally:
         target.close()
         draft.close()
+
+
+# ------------------------------------------------------------------------------ forget
+
+
+def test_forget_drops_the_draft_history_and_drafting_goes_on(oracle_model):
+    """forget() empties a sequence's draft memory after a long plain run but its last `keep`
+    deferred rows; the next draft decodes just those and drafts as before (the accept=1.0
+    oracle's drafts need no long past: all of them are still accepted). A rollback below the
+    kept window (a prompt-cache reuse) continues from the emptied memory."""
+    target, draft = load_pair(oracle_model)
+    s = llama_mtp.MtpSession(target, draft, defer_catchup=True, backend_sampling=False)
+    try:
+        dec, n_past, id_last = _started(target, draft, s)
+        for _ in range(40):  # plain steps: one deferred MTP row each
+            logits = dec.decode(0, [id_last], n_past)
+            s.process(dec.batch)
+            n_past, id_last = n_past + 1, int(logits[-1].argmax())
+        assert s.forget(0, keep=8) == 8
+        assert pos_max(draft, 0) == -1 and s.stats.n_forget == 1
+        assert s.forget(0, keep=8) == 8 and s.stats.n_forget == 1  # already detached: nothing new
+        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 3)])
+        assert len(d) == 3
+        mem = llama_cpp.llama_get_memory(ctx_ptr(draft))
+        assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == n_past - 8  # only the kept window went in
+        with pytest.raises(ProtocolError):
+            s.forget(0)  # a draft awaits accept()
+        got = _verify(s, dec, n_past, id_last, d)
+        assert list(got[:-1]) == d
+        s.accept(0, len(d))
+        n_past += 1 + len(d)
+        id_last = int(got[-1])
+        # an emptied memory continues wherever the caller goes on: here one token rolled back
+        assert s.forget(0, keep=0) == 0 and pos_max(draft, 0) == -1
+        p0 = n_past - 1
+        assert seq_rm(target, 0, p0)
+        s.begin(0, [])
+        logits = dec.decode(0, [d[-1]], p0)
+        s.process(dec.batch)
+        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, p0 + 1, int(logits[-1].argmax()), 2)])
+        assert len(d) == 2
+        assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == p0  # the one row since the forget
+    finally:
+        s.close()
+        draft.close()
+        target.close()
+
+
+def test_forget_argument_errors(pair):
+    target, draft = pair
+    with llama_mtp.MtpSession(target, draft) as upstream_session:
+        with pytest.raises(MtpArgumentError, match="defer_catchup"):
+            upstream_session.forget(0)
+    with llama_mtp.MtpSession(target, draft, defer_catchup=True, backend_sampling=False) as s:
+        with pytest.raises(MtpArgumentError, match="keep"):
+            s.forget(0, keep=-1)
+        with pytest.raises(BadSeqIdError):
+            s.forget(1)
+        assert s.forget(0) == 0  # nothing deferred yet: fine, and the session stays usable
+        assert s.stats.n_forget == 1
