@@ -273,12 +273,16 @@ class StepCosts:
         self.split_factor = 1.0
         self.n_split = 0
         self.clock = 0  # choices made: the age of a measurement
+        self.hold: Optional[Tuple[Any, int]] = None  # (batch, clock): plain held until then (plan)
+        self.n_held = 0  # choices made under a hold
         self.accepted = AcceptancePrior()
         self._shapes: dict = {}  # runs -> ubatch rows (a pure function of the runs: kept)
 
     def ubatches(self, runs: Runs) -> List[int]:
         u = self._shapes.get(runs)
         if u is None:
+            if len(self._shapes) >= 4096:  # a server's slots see many shapes over time: bounded
+                self._shapes.clear()
             u = self._shapes[runs] = self.split.ubatches(runs)
         return u
 
@@ -436,6 +440,8 @@ PROBE_BUDGET_CAP = 4 * PROBE_MAX  # plain steps after which a probe is due whate
 EXPLORE_EVERY = 4  # choices between tries of a longer draft that might be better
 STALE_STEPS = 48   # a near-best option not measured for this many choices is refreshed once
 STALE_MARGIN = 0.9
+HOLD_MARGIN = 0.95  # plain is held (the search skipped) while drafting is this much worse...
+HOLD_STEPS = 8      # ...for this many choices, or until a probe is due
 # plain steps in a row after which the engine has the draft context forget all but FORGET_KEEP
 # rows of a sequence's history (MtpSession.forget): below the draft context's n_ubatch (32),
 # where process() would decode the backlog, so a long plain run costs no MTP rows per token
@@ -464,8 +470,19 @@ def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
     if n == 0:
         return []
     his = [max(0, min(k_max, c.room)) for c in choices]
-    curves = [c.acceptance.expected_tokens(hi) for c, hi in zip(choices, his)]
     sids = [i if c.seq_id is None else c.seq_id for i, c in enumerate(choices)]
+    batch = (tuple(sids), tuple(fixed), tuple(h > 0 for h in his))
+    if (costs.hold is not None and costs.hold[0] == batch and costs.clock <= costs.hold[1]
+            and all(c.acceptance.since_probe + 1 < c.acceptance.probe_gap for c in choices)):
+        # plain was clearly best a few steps ago and no probe is due: the search is skipped (on a
+        # 5 ms step it is ~2% of the time); _adjust's bookkeeping for a plain step still runs
+        for c in choices:
+            c.acceptance.since_probe += 1
+            c.acceptance.n_choices += 1
+        costs.n_held += 1
+        return [0] * n
+    costs.hold = None
+    curves = [c.acceptance.expected_tokens(hi) for c, hi in zip(choices, his)]
     # the batch in seq-id order, as the engine builds it: auto entries are filled in per candidate
     order = sorted([(sid, True, i) for i, sid in enumerate(sids)] + [(sid, False, k) for sid, k in fixed])
     fixed_tokens = float(len(fixed))
@@ -493,9 +510,11 @@ def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
     # passes (UbatchSplit), drafting pays only if the sequences draft together, and a start
     # from all-plain would never leave it one sequence at a time
     ks, best = [0] * n, rate([0] * n)
+    alt = 0.0  # the best rate of a candidate that drafts
     for k in range(1, max(his) + 1):
         cand = [min(k, hi) for hi in his]
         r = rate(cand)
+        alt = max(alt, r)
         if r > best * 1.0001:
             ks, best = cand, r
     # coordinate ascent: each sequence's best k given the others', twice over (one pass for N=1)
@@ -508,6 +527,7 @@ def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
                     continue
                 ks[i] = k
                 r = rate(ks)
+                alt = max(alt, r) if any(ks) else alt
                 if r > best * 1.0001:
                     best, keep, changed = r, k, True
             ks[i] = keep
@@ -524,7 +544,29 @@ def plan(choices: Sequence[DraftChoice], costs: StepCosts, k_max: int,
         group_list = [[i] for i in range(n)]
     for group in group_list:
         _adjust(group, choices, ks, his, costs, tokens, step_time, runs, best)
+    if not any(ks):
+        _maybe_hold(batch, choices, his, curves, costs, tokens, step_time, best, alt)
     return ks
+
+
+def _maybe_hold(batch: Any, choices: Sequence[DraftChoice], his: List[int], curves: List[List[float]],
+                costs: StepCosts, tokens: Callable[[Sequence[int]], float],
+                step_time: Callable[[Sequence[int]], float], best: float, alt: float) -> None:
+    """Hold plain for HOLD_STEPS choices when every drafting option is clearly worse: each
+    sequence, and all of them, one token each at one standard error more hopeful, and every
+    candidate the search priced, below HOLD_MARGIN of plain."""
+    able = [i for i in range(len(choices)) if his[i] > 0]
+    if not able or alt >= HOLD_MARGIN * best:
+        return
+
+    def hopeful(members: List[int]) -> float:
+        trial = [1 if i in members else 0 for i in range(len(choices))]
+        extra = sum(choices[i].acceptance.expected_tokens(1, optimistic_at=0)[1] - curves[i][1] for i in members)
+        return (tokens(trial) + extra) / step_time(trial)
+
+    groups = [able] + ([[i] for i in able] if len(able) > 1 else [])
+    if all(hopeful(g) < HOLD_MARGIN * best for g in groups):
+        costs.hold = (batch, costs.clock + HOLD_STEPS)
 
 
 def _adjust(group: List[int], choices: Sequence[DraftChoice], ks: List[int], his: List[int], costs: StepCosts,

@@ -17,17 +17,38 @@ the sequence's rows ``row0 .. row0 + len(proposal)`` of that batch.
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any, Dict, List, Optional, Tuple
 
 import llama_cpp
 import numpy as np
 
 from . import _compat
+from .errors import MtpError
 
 
 def row_logits(llm: llama_cpp.Llama, row: int, n_vocab: int) -> np.ndarray:
     """The logits of batch row ``row`` of the last decode (a writable view)."""
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(_compat.ctx_ptr(llm), row), shape=(n_vocab,))
+
+
+def rows_logits(llm: llama_cpp.Llama, row0: int, n_rows: int, n_vocab: int) -> np.ndarray:
+    """The logits of batch rows ``row0 .. row0 + n_rows - 1`` of the last decode, (n_rows, n_vocab).
+
+    Consecutive output rows are consecutive in llama.cpp's logits buffer: one view of all of
+    them when the first and last row's addresses say so (a greedy step's only numpy call),
+    row by row otherwise.
+    """
+    ctx = _compat.ctx_ptr(llm)
+    first = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, row0), ctypes.c_void_p).value
+    if not first:
+        raise MtpError(f"internal: batch row {row0} of the last decode has no logits")
+    if n_rows > 1:
+        last = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, row0 + n_rows - 1), ctypes.c_void_p).value
+        if last != first + (n_rows - 1) * n_vocab * ctypes.sizeof(ctypes.c_float):
+            return np.stack([row_logits(llm, row0 + i, n_vocab) for i in range(n_rows)])
+    return np.frombuffer((ctypes.c_float * (n_rows * n_vocab)).from_address(first), dtype=np.float32).reshape(
+        n_rows, n_vocab)
 
 
 def top_logprobs(logits: np.ndarray, token: int, n_top: int) -> Dict[str, Any]:
@@ -50,7 +71,7 @@ class GreedyVerifier:
         self.n_vocab = llm.n_vocab()
 
     def verify(self, proposal: List[int], q: Any = None, row0: int = 0) -> Tuple[int, List[int]]:
-        best = [int(row_logits(self.llm, row0 + i, self.n_vocab).argmax()) for i in range(len(proposal) + 1)]
+        best = rows_logits(self.llm, row0, len(proposal) + 1, self.n_vocab).argmax(axis=1).tolist()
         for i, want in enumerate(proposal):
             if best[i] != want:
                 return i, best[: i + 1]

@@ -383,3 +383,19 @@ def test_a_batch_on_a_hybrid_target_drafts_in_lockstep(profile: str) -> None:
         if a == 0.0:
             probes = [ks for _, ks in sim.choices if any(ks)]
             assert probes and all(0 not in ks for ks in probes), probes
+
+
+@pytest.mark.parametrize("profile,n_seq", [("fast", 1), ("q4km", 1), ("bench", 4)])
+def test_holding_plain_skips_the_search_and_changes_no_choice(profile: str, n_seq: int,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a long plain run most choices skip the search (StepCosts.hold) and the policy chooses
+    exactly what it chooses without holding, probes included."""
+    def choices(hold_steps: int) -> Tuple[List, int]:
+        monkeypatch.setattr(adaptive, "HOLD_STEPS", hold_steps)
+        sim = Simulation(PROFILES[profile], n_seq, seed=2)
+        sim.run(lambda i: 0.0 if i < 300 else 0.9, 400)
+        return sim.choices, sim.costs.n_held
+    held, n_held = choices(8)
+    plain, n_none = choices(-1)
+    assert n_none == 0 and n_held >= 0.5 * len(held)
+    assert held == plain
