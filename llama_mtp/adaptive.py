@@ -81,6 +81,12 @@ class RowTable:
     def measured(self, n: int) -> bool:
         return n in self.value
 
+    def lower_bound(self, n: int) -> float:
+        """The least n rows can cost by what is measured: the dearest smaller batch (costs never
+        decrease with rows); the estimate itself where nothing smaller is measured."""
+        below = [v for m, v in self.value.items() if m < n]
+        return max(below) if below else self(n)
+
     def __call__(self, n: int) -> float:
         t = self._memo.get(n)
         if t is None:
@@ -275,6 +281,7 @@ class StepCosts:
         self.clock = 0  # choices made: the age of a measurement
         self.hold: Optional[Tuple[Any, int]] = None  # (batch, clock): plain held until then (plan)
         self.n_held = 0  # choices made under a hold
+        self.tried: dict = {}  # rows -> tries of a one-pass shape chosen for its cost's lower bound
         self.accepted = AcceptancePrior()
         self._shapes: dict = {}  # runs -> ubatch rows (a pure function of the runs: kept)
 
@@ -440,6 +447,7 @@ PROBE_BUDGET_CAP = 4 * PROBE_MAX  # plain steps after which a probe is due whate
 EXPLORE_EVERY = 4  # choices between tries of a longer draft that might be better
 STALE_STEPS = 48   # a near-best option not measured for this many choices is refreshed once
 STALE_MARGIN = 0.9
+EVIDENCE = 2       # drafts a sequence has had judged before its acceptance may justify a try
 HOLD_MARGIN = 0.95  # plain is held (the search skipped) while drafting is this much worse...
 HOLD_STEPS = 8      # ...for this many choices, or until a probe is due
 # plain steps in a row after which the engine has the draft context forget all but FORGET_KEEP
@@ -648,6 +656,19 @@ def _adjust(group: List[int], choices: Sequence[DraftChoice], ks: List[int], his
                 costs.step.last[u[0]] = costs.clock  # one refresh per STALE_STEPS, measured or not
                 set_k(cand)
                 return
+    # the longest draft, while its batch is larger than any measured, is tried (twice: the first run
+    # of a shape pays graph setup) where its cost's lower bound (the dearest smaller batch measured)
+    # would make it the best on the acceptance seen: from 1 and 2 rows the table extrapolates
+    # linearly, which overprices longer batches where the kernels change (Q4_K_M here: 2 rows 2.4x
+    # a plain step, 5 rows 4.5x), and from plain steps only probes (k=1) are run. Once measured,
+    # lengths in between are interpolated.
+    if hi > k and all(a.n_obs[0] >= EVIDENCE for a in accs):
+        u = costs.ubatches(with_k(hi, runs))
+        if len(u) == 1 and u[0] > max(costs.step.value, default=0) and costs.tried.get(u[0], 0) < 2:
+            t_low = with_k(hi, step_time) - costs.step(u[0]) + costs.step.lower_bound(u[0])
+            if with_k(hi, tokens) / t_low > best:
+                costs.tried[u[0]] = costs.tried.get(u[0], 0) + 1
+                set_k(hi)
 
 
 class DraftPolicy:

@@ -10,7 +10,7 @@ import llama_cpp
 import pytest
 
 import llama_mtp
-from llama_mtp import _compat, testing
+from llama_mtp import _compat, adaptive, testing
 from llama_mtp.checkpoint import rollback_capacity
 from llama_mtp.prompt_cache import common_prefix
 
@@ -189,6 +189,33 @@ def test_attention_only_keeps_the_common_prefix(arch: str) -> None:
             assert got == want
             assert n_got == len(toks) - 1 - n_keep   # plain decodes the last prompt row in the batch too
             assert n_got <= n_want                   # no more than plain llama-cpp-python decodes
+    finally:
+        llm.close()
+        plain.close()
+
+
+def test_a_prefix_is_reused_after_a_long_plain_run_dropped_the_draft_history() -> None:
+    """A plain completion long enough for the engine to drop the draft history (MtpSession.forget),
+    then one that extends it with drafting on: the prefix is reused, drafting resumes on the
+    emptied draft memory, and both texts are plain greedy's."""
+    path = str(testing.cached_test_model(testing.TestModelSpec(arch="qwen35", recipe="context")))
+    n_long = 2 * adaptive.FORGET_AT
+    llm = llama_mtp.MtpLlama(path, n_draft=3, **CTX)
+    plain = llama_cpp.Llama(path, **CTX)
+    try:
+        llm.mtp_n_draft = 0  # the first completion plain
+        toks1 = tok(llm, "Hello there", bos=True)
+        _, margins = testing.reference_greedy(path, toks1, n_long)
+        assert margins.min() > 1e-2, "near-tie in the greedy reference: pick another prompt"
+        out1 = llm.create_completion(toks1, max_tokens=n_long, temperature=0.0)["choices"][0]["text"]
+        assert out1 == plain.create_completion(toks1, max_tokens=n_long, temperature=0.0)["choices"][0]["text"]
+        assert llm._session().stats.n_forget == 1
+        llm.mtp_n_draft = 3
+        toks2 = first_clear(path, [_compat.context_tokens(llm) + tok(llm, t) for t in (" and", " so", " then")])
+        assert llm._reuse(toks2) >= len(toks1) + n_long - 2
+        out2 = llm.create_completion(toks2, max_tokens=N, temperature=0.0)["choices"][0]["text"]
+        assert out2 == complete(plain, toks2)[0]
+        assert llm.last_mtp_stats is not None and llm.last_mtp_stats.drafted > 0
     finally:
         llm.close()
         plain.close()
