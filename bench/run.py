@@ -269,7 +269,8 @@ def main() -> None:
     machine = f"{platform.machine()}-{os.cpu_count()}cpu"
     date = datetime.date.today().isoformat()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"{date}-{machine}-{args.size}-{args.ftype}{'-' + args.tag if args.tag else ''}"
+    # a tag may hold dots ("a0.3"): no with_suffix on this stem
+    stem = RESULTS / f"{date}-{machine}-{args.size}-{args.ftype}{'-' + args.tag.replace('.', '') if args.tag else ''}"
     result = {"date": date, "machine": machine, "args": vars(args), "import_llama_mtp_subprocess_s": round(import_s, 3),
               "shim_build_s": build.get("seconds"), "shim_bytes": build.get("lib_bytes"),
               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
