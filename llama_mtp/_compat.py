@@ -262,16 +262,20 @@ def arch_of(llm: llama_cpp.Llama) -> str:
 
 
 def ubatch_split(llm: llama_cpp.Llama) -> UbatchSplit:
-    """How llama_decode on this context cuts a multi-sequence batch into ubatches (passes).
+    """How llama_decode on this Llama's context cuts a multi-sequence batch into ubatches."""
+    return context_ubatch_split(ctx_ptr(llm), kv_unified=bool(llm.context_params.kv_unified))
+
+
+def context_ubatch_split(ctx: Any, *, kv_unified: bool) -> UbatchSplit:
+    """How llama_decode on a raw llama_context cuts a multi-sequence batch into ubatches (passes).
 
     Mirrors the memory modules' init_batch in the vendored llama.cpp: a hybrid or recurrent
     memory always splits equal (with the rollback tail kept together), an attention KV cache
-    only with a stream per sequence (llama-cpp-python's kv_unified=False, n_seq_max > 1).
+    only with a stream per sequence (kv_unified=False, n_seq_max > 1).
     """
-    ctx = ctx_ptr(llm)
     model = llama_cpp.llama_get_model(ctx)
     n_seq = int(llama_cpp.llama_n_seq_max(ctx))
-    n_stream = 1 if bool(llm.context_params.kv_unified) else n_seq
+    n_stream = 1 if kv_unified else n_seq
     n_ubatch = int(llama_cpp.llama_n_ubatch(ctx))
     if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
         n_rs = int(llama_cpp.llama_n_rs_seq(ctx))

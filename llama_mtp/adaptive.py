@@ -567,14 +567,22 @@ def _maybe_hold(batch: Any, choices: Sequence[DraftChoice], his: List[int], curv
     if not able or alt >= HOLD_MARGIN * best:
         return
 
-    def hopeful(members: List[int]) -> float:
-        trial = [1 if i in members else 0 for i in range(len(choices))]
-        extra = sum(choices[i].acceptance.expected_tokens(1, optimistic_at=0)[1] - curves[i][1] for i in members)
-        return (tokens(trial) + extra) / step_time(trial)
-
+    zeros = [0] * len(choices)
     groups = [able] + ([[i] for i in able] if len(able) > 1 else [])
-    if all(hopeful(g) < HOLD_MARGIN * best for g in groups):
+    if all(_hopeful_rate(g, 1, zeros, choices, tokens, step_time) < HOLD_MARGIN * best for g in groups):
         costs.hold = (batch, costs.clock + HOLD_STEPS)
+
+
+def _hopeful_rate(members: List[int], kk: int, ks: Sequence[int], choices: Sequence[DraftChoice],
+                  tokens: Callable[[Sequence[int]], float], step_time: Callable[[Sequence[int]], float]) -> float:
+    """The rate of ``ks`` with ``members`` at kk, each one standard error more hopeful at its
+    deepest position (optimism in the face of uncertainty)."""
+    trial = list(ks)
+    for i in members:
+        trial[i] = kk
+    accs = [choices[i].acceptance for i in members]
+    extra = sum(a.expected_tokens(kk, optimistic_at=kk - 1)[kk] - a.expected_tokens(kk)[kk] for a in accs)
+    return (tokens(trial) + extra) / step_time(trial)
 
 
 def _adjust(group: List[int], choices: Sequence[DraftChoice], ks: List[int], his: List[int], costs: StepCosts,
@@ -606,9 +614,7 @@ def _adjust(group: List[int], choices: Sequence[DraftChoice], ks: List[int], his
             ks[i] = kk
 
     def hopeful_rate(kk: int) -> float:
-        """The rate at kk with each member's deepest position one standard error more hopeful."""
-        extra = sum(a.expected_tokens(kk, optimistic_at=kk - 1)[kk] - a.expected_tokens(kk)[kk] for a in accs)
-        return (with_k(kk, tokens) + extra) / with_k(kk, step_time)
+        return _hopeful_rate(members, kk, ks, choices, tokens, step_time)
 
     if k == 0:
         for a in accs:

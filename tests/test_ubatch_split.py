@@ -87,12 +87,7 @@ def arch_model(request, model_dir) -> pathlib.Path:
 @pytest.fixture(scope="module", params=[False, True], ids=["stream-per-seq", "unified"])
 def counting(request, arch_model) -> Iterator[Tuple[CountingContext, UbatchSplit]]:
     ctx = CountingContext(arch_model, kv_unified=request.param)
-    model = ctx.model
-    hybrid = llama_cpp.llama_model_is_hybrid(model) or llama_cpp.llama_model_is_recurrent(model)
-    # the rule _compat.ubatch_split derives for such a context (checked on a real Llama below)
-    n_rs = int(llama_cpp.llama_n_rs_seq(ctx.ctx))
-    split = (UbatchSplit(equal=True, sequential=not request.param, keep_tail=n_rs + 1 if n_rs else 0, n_ubatch=64)
-             if hybrid else UbatchSplit(equal=not request.param, sequential=True, n_ubatch=64))
+    split = _compat.context_ubatch_split(ctx.ctx, kv_unified=request.param)  # the rule auto prices steps by
     yield ctx, split
     ctx.close()
 
