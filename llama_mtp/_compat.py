@@ -19,6 +19,7 @@ things in.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import threading
@@ -30,6 +31,7 @@ from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from .adaptive import UbatchSplit
 from .errors import MtpArgumentError, MtpInitError, SessionClosedError
+from .pieces import Detokenizer, Pieces, as_detokenizer
 
 # the range pyproject.toml declares; build_ffi.TESTED_LLAMA_CPP_PYTHON lists the tested versions
 SUPPORTED_RANGE = ">=0.3.36,<0.3.37"
@@ -225,6 +227,7 @@ class HookedLlama(llama_cpp.Llama):
             object.__setattr__(self, "_model", hook.own_model)
             if isinstance(self.tokenizer_, LlamaTokenizer):
                 self.tokenizer_ = LlamaTokenizer(self)
+        install_piece_tokenizer(self)
 
     def close(self) -> None:
         # a constructor that raised before Llama.__init__ built its ExitStack leaves nothing to free
@@ -237,6 +240,133 @@ class HookedLlama(llama_cpp.Llama):
         if hook is not None:
             value = hook.apply(name, value)
         object.__setattr__(self, name, value)
+
+
+# --------------------------------------------------------------------- detokenizing
+
+
+class PieceTokenizer(LlamaTokenizer):
+    """llama-cpp-python's own tokenizer, except that token pieces come whole from
+    :class:`~llama_mtp.pieces.Pieces` (0.3.36 cuts every piece longer than 32 bytes to nothing).
+
+    A subclass, so code that checks for a ``LlamaTokenizer`` still finds one.
+    """
+
+    def __init__(self, llama: llama_cpp.Llama) -> None:
+        super().__init__(llama)
+        self.pieces = pieces_of_model(self._model)
+
+    def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
+        return self.pieces.detokenize(tokens, special=special)
+
+
+def pieces_of_model(model: _internals.LlamaModel) -> Pieces:
+    """The (one, cached) Pieces of a LlamaModel's vocabulary; it refuses once the model is freed."""
+    pieces = model.__dict__.get("_llama_mtp_pieces")
+    if pieces is None:
+        pieces = Pieces(lambda: model.vocab if model.model is not None else None)
+        model.__dict__["_llama_mtp_pieces"] = pieces
+    return pieces
+
+
+def install_piece_tokenizer(llm: llama_cpp.Llama) -> None:
+    """Give a Llama that uses llama.cpp's tokenizer whole token pieces on every path it has
+    (``detokenize``, ``create_completion`` text, logprobs and stops, chat formatters), then check
+    on the object that ``Llama.detokenize`` really goes through them. A tokenizer of the user's
+    own (``tokenizer=``, e.g. a Hugging Face one) is kept as it is."""
+    if type(llm.tokenizer_) is not LlamaTokenizer:
+        return
+    tok = PieceTokenizer(llm)
+    llm.tokenizer_ = tok
+    # Llama.detokenize must now fill the Pieces cache: a token it has not cached shows it does
+    probe = int(llama_cpp.llama_vocab_n_tokens(llm._model.vocab)) - 1
+    tok.pieces.evict(probe)
+    llm.detokenize([probe])
+    if llm.tokenizer_ is not tok or not tok.pieces.cached(probe):
+        raise MtpInitError(f"llama_mtp could not install its detokenizer on llama-cpp-python "
+                           f"{llama_cpp_python_version()}; supported: llama-cpp-python{SUPPORTED_RANGE}")
+
+
+def detokenizer(llm: llama_cpp.Llama) -> Detokenizer:
+    """How every llama_mtp output path turns a Llama's tokens into bytes: llama.cpp's whole
+    pieces for llama.cpp's tokenizer (on any Llama, ours or not), else the Llama's own
+    tokenizer (one the user supplied, e.g. a Hugging Face one, which needs the previous tokens)."""
+    tok = llm.tokenizer_
+    if isinstance(tok, PieceTokenizer):
+        return as_detokenizer(tok.pieces)
+    if type(tok) is LlamaTokenizer:
+        return as_detokenizer(pieces_of_model(llm._model))
+    return lambda tokens, prev_tokens=None: llm.detokenize(tokens, prev_tokens=prev_tokens)
+
+
+# ------------------------------------------------------------------ create_completion
+
+
+class CompletionCap:
+    """``max_tokens`` as a hard cap inside llama-cpp-python's create_completion loop.
+
+    That loop checks max_tokens only after a token that leaves the text on a character boundary,
+    so it generates past the cap while a UTF-8 character is incomplete (without bound on invalid
+    byte runs, measured: 8 extra tokens on a byte-level vocabulary). A generate() whose tokens
+    run through :meth:`tokens` stops at the cap; if the loop still asks for more (it is waiting
+    for the rest of a character), it gets an end-of-generation token, on which it ends with the
+    text of the tokens it has (the partial character dropped, as llama-server drops it), and
+    :meth:`finish` turns that "stop" back into "length".
+    """
+
+    def __init__(self, max_tokens: Any, eog: int) -> None:
+        ok = isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0
+        self.max_tokens: Optional[int] = max_tokens if ok else None  # <= 0: up to the context
+        self.eog = eog
+        self.cut = False
+
+    def tokens(self, source: Any) -> Any:
+        if self.max_tokens is None:
+            yield from source
+            return
+        with contextlib.closing(source):  # settles the run at exactly max_tokens tokens
+            for i, token in enumerate(source):
+                yield token
+                if i + 1 >= self.max_tokens:
+                    break
+        if self.eog >= 0:
+            self.cut = True
+            yield self.eog
+
+    def finish(self, item: Any) -> Any:
+        if self.cut and isinstance(item, dict):
+            for choice in item.get("choices", ()):
+                if choice.get("finish_reason") == "stop":
+                    choice["finish_reason"] = "length"
+        return item
+
+
+class CompletionMaxTokens(llama_cpp.Llama):
+    """A Llama whose completions stop at max_tokens exactly (see :class:`CompletionCap`).
+
+    ``_create_completion`` is a generator in both modes: the cap is set at its first step,
+    right before llama-cpp-python's own body calls generate(), which takes it.
+    """
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        cap = CompletionCap(kwargs.get("max_tokens"), _eog_token(self))
+        self.__dict__["_llama_mtp_cap"] = cap
+        with contextlib.closing(super()._create_completion(*args, **kwargs)) as items:
+            for item in items:
+                yield cap.finish(item)
+
+
+def completion_cap(llm: llama_cpp.Llama) -> Optional[CompletionCap]:
+    """The cap of the completion now calling ``llm.generate()`` (taken once; None outside one)."""
+    return llm.__dict__.pop("_llama_mtp_cap", None)
+
+
+def _eog_token(llm: llama_cpp.Llama) -> int:
+    eos = int(llm.token_eos())
+    if eos >= 0 and llama_cpp.llama_vocab_is_eog(vocab_ptr(llm), eos):
+        return eos
+    eot = int(llama_cpp.llama_vocab_eot(vocab_ptr(llm)))
+    return eot if eot >= 0 and llama_cpp.llama_vocab_is_eog(vocab_ptr(llm), eot) else -1
 
 
 def model_of(llm: llama_cpp.Llama) -> Any:

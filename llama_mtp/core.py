@@ -214,8 +214,7 @@ class Sequence:
         k_hist = max(engine.k_max, self.k_fixed)
         self.stats = GenerationStats(n_prompt_tokens=len(prompt_tokens), drafted_per_pos=[0] * k_hist,
                                      accepted_per_pos=[0] * k_hist, draft_len_hist=[0] * (k_hist + 1))
-        self.text = TextAssembler(lambda toks, prev: target.detokenize(toks, prev_tokens=prev),
-                                  prompt_tokens, params.stop)
+        self.text = TextAssembler(engine.detokenize, prompt_tokens, params.stop)
         self.t_added = time.perf_counter()
         self.t_gen = 0.0
         self.idle = 1  # deferred catch-up rows since its last draft (the draft context's backlog)
@@ -399,6 +398,7 @@ class StepEngine:
                                    f"(n_draft_max+1)={self.k_max + 1} rows")
         self.n_ctx_slot = min(int(llama_cpp.llama_n_ctx_seq(self.ctx)), _compat.token_capacity(target))
         self.n_vocab = int(target.n_vocab())
+        self.detokenize = _compat.detokenizer(target)  # whole token pieces (see llama_mtp.pieces)
         self.rollback_cap = rollback_capacity(target)
         self.costs = step_costs(target)
         self.slots: List[Optional[Sequence]] = [None] * n_slots

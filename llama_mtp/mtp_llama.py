@@ -24,7 +24,7 @@ from .results import GenerationStats
 from .session import MtpSession, draft_mode_of, own_loop_or_upstream
 
 
-class MtpLlama(MtpTargetLlama):
+class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
     """``llama_cpp.Llama`` with the model's MTP heads drafting ``n_draft`` tokens per step
     (``"auto"``: 0..n_draft_max, chosen per step from observed acceptance and costs).
 
@@ -123,15 +123,25 @@ class MtpLlama(MtpTargetLlama):
         chat_stop = _compat.chat_eog_stop_ids(stopping_criteria, self) if stopping_criteria is not None else None
         if chat_stop is not None and tokens and int(tokens[-1]) not in chat_stop:
             stopping_criteria = None
+        # a completion's max_tokens, as a hard cap (llama-cpp-python's loop overshoots it mid-character)
+        cap = _compat.completion_cap(self)
+        if cap is not None:
+            yield from cap.tokens(self._generate(tokens, reset, logits_processor, stopping_criteria, sampling))
+        else:
+            yield from self._generate(tokens, reset, logits_processor, stopping_criteria, sampling)
+
+    def _generate(self, tokens: Sequence[int], reset: bool, logits_processor: Any, stopping_criteria: Any,
+                  sampling: dict) -> Iterator[int]:
+        temp = sampling.pop("temp")
         if logits_processor is not None or stopping_criteria is not None or _compat.logits_all(self) \
                 or "mtp_draft" not in self.__dict__:
             self.last_mtp_stats = None
             yield from super().generate(tokens, reset=reset, logits_processor=logits_processor,
-                                        stopping_criteria=stopping_criteria, **sampling)
+                                        stopping_criteria=stopping_criteria, temp=temp, **sampling)
             return
         # Llama.generate's contract: every token is yielded, the caller stops (max_tokens, stops, EOG)
         params = sequence_params(max_tokens=self.n_ctx(), verify=self.mtp_verify, raw=True,
-                                 temperature=temp, **{k: v for k, v in sampling.items() if k != "temp"})
+                                 temperature=temp, **sampling)
         prompt = list(tokens)
         if not reset:  # Llama.generate(reset=False): the tokens continue what the context holds
             prompt = _compat.context_tokens(self) + prompt

@@ -510,3 +510,19 @@ def run_python(code: str, *, timeout: float = 120, env: Optional[Dict[str, str]]
 def describe(proc: subprocess.CompletedProcess) -> str:
     return (f"returncode={proc.returncode}\n--- stdout ---\n{proc.stdout[-4000:]}\n"
             f"--- stderr ---\n{proc.stderr[-4000:]}")
+
+
+# ------------------------------------------------------------------------ completions
+
+
+def assert_capped_like_plain(got: dict, want: dict, max_tokens: int) -> None:
+    """MtpLlama's completion is plain llama-cpp-python's, except that max_tokens is a hard cap:
+    where plain generated past it to finish a UTF-8 character, ours is a prefix of plain's text."""
+    text, ref = got["choices"][0]["text"], want["choices"][0]["text"]
+    if want["choices"][0]["finish_reason"] == "length" and want["usage"]["completion_tokens"] > max_tokens:
+        assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == max_tokens
+        assert ref.startswith(text)
+    else:
+        assert text == ref
+        assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
+        assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]

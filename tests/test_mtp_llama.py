@@ -11,6 +11,8 @@ import pytest
 import llama_mtp
 from llama_mtp import testing
 
+import _helpers
+
 CTX = dict(n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
 
 
@@ -29,16 +31,39 @@ def test_completion_matches_plain(pair, kwargs) -> None:
     llm, plain = pair
     got = llm.create_completion("Hello there", max_tokens=40, **kwargs)
     want = plain.create_completion("Hello there", max_tokens=40, **kwargs)
-    assert got["choices"][0]["text"] == want["choices"][0]["text"]
-    assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
+    _helpers.assert_capped_like_plain(got, want, 40)
     assert set(want) <= set(got) and set(want["usage"]) <= set(got["usage"])
     details = got["usage"]["completion_tokens_details"]
     stats = llm.last_mtp_stats
     assert stats is not None and stats.drafted > 0
     assert details["accepted_prediction_tokens"] == stats.accepted
     streamed = "".join(c["choices"][0]["text"] for c in llm.create_completion("Hello there", max_tokens=40, stream=True, **kwargs))
-    assert streamed == want["choices"][0]["text"]
-    assert llm("Hello there", max_tokens=40, **kwargs)["choices"][0]["text"] == want["choices"][0]["text"]
+    assert streamed == got["choices"][0]["text"]
+    assert llm("Hello there", max_tokens=40, **kwargs)["choices"][0]["text"] == got["choices"][0]["text"]
+
+
+def test_max_tokens_is_a_hard_cap_on_every_path(pair) -> None:
+    """A max_tokens that ends inside a UTF-8 character: plain llama-cpp-python generates on (this
+    byte-level model emits lead bytes), MtpLlama stops at max_tokens, plain or streamed, with
+    generate()'s tokens and text, and the partial character dropped."""
+    llm, plain = pair
+    target, draft = llama_mtp.load(llm.model_path, n_draft_max=3, **CTX)
+    overshot = 0
+    try:
+        for m in range(1, 24):
+            want = plain.create_completion("Hello there", max_tokens=m, temperature=0.0)
+            overshot += want["usage"]["completion_tokens"] > m
+            got = llm.create_completion("Hello there", max_tokens=m, temperature=0.0)
+            chunks = list(llm.create_completion("Hello there", max_tokens=m, temperature=0.0, stream=True))
+            res = llama_mtp.generate(target, draft, "Hello there", max_tokens=m, n_draft=3)
+            assert got["usage"]["completion_tokens"] == len(res.tokens) == m
+            assert got["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks) == res.text
+            assert got["choices"][0]["finish_reason"] == chunks[-1]["choices"][0]["finish_reason"] == "length"
+            assert want["choices"][0]["text"].startswith(res.text)
+    finally:
+        draft.close()
+        target.close()
+    assert overshot, "some max_tokens must end inside a character for this test to test the cap"
 
 
 def test_chat_completion_shape(pair) -> None:
@@ -60,7 +85,7 @@ def test_unsupported_features_fall_back_to_plain(pair) -> None:
 
     got = llm.create_completion("Hello", max_tokens=8, temperature=0.0, logits_processor=[processor])
     want = plain.create_completion("Hello", max_tokens=8, temperature=0.0)
-    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    _helpers.assert_capped_like_plain(got, want, 8)
     assert seen and llm.last_mtp_stats is None
 
 

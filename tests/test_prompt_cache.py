@@ -14,6 +14,8 @@ from llama_mtp import _compat, adaptive, testing
 from llama_mtp.checkpoint import rollback_capacity
 from llama_mtp.prompt_cache import common_prefix
 
+import _helpers
+
 CTX = dict(n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False)
 N = 12
 
@@ -48,10 +50,16 @@ def tok(llm: llama_cpp.Llama, text: str, bos: bool = False) -> List[int]:
     return llm.tokenize(text.encode(), add_bos=bos, special=True)
 
 
-def complete(llm: llama_cpp.Llama, prompt: Union[str, List[int]]) -> Tuple[str, int]:
+def complete(llm: llama_cpp.Llama, prompt: Union[str, List[int]]) -> Tuple[dict, int]:
     before = n_prompt_decoded(llm)
-    text = llm.create_completion(prompt, max_tokens=N, temperature=0.0)["choices"][0]["text"]
-    return text, n_prompt_decoded(llm) - before
+    out = llm.create_completion(prompt, max_tokens=N, temperature=0.0)
+    return out, n_prompt_decoded(llm) - before
+
+
+def same(got: dict, want: dict) -> bool:
+    """MtpLlama's completion is plain's (max_tokens a hard cap: see _helpers.assert_capped_like_plain)."""
+    _helpers.assert_capped_like_plain(got, want, N)
+    return True
 
 
 def check_margins(path: str, toks: List[int]) -> None:
@@ -74,7 +82,7 @@ def test_extension_resumes_and_divergence_is_exact(models) -> None:
     llm.mtp_checkpoints.clear()
     p1 = "Hello there"
     t1, _ = complete(llm, p1)
-    assert t1 == complete(plain, p1)[0]
+    assert same(t1, complete(plain, p1)[0])
     held1 = _compat.context_tokens(llm)
     assert len(llm.mtp_checkpoints) >= 1 and len(held1) in llm.mtp_checkpoints.positions()
 
@@ -83,7 +91,7 @@ def test_extension_resumes_and_divergence_is_exact(models) -> None:
     check_margins(path, toks2)
     t2, n2 = complete(llm, toks2)
     t2_plain, n2_plain = complete(plain, toks2)
-    assert t2 == t2_plain
+    assert same(t2, t2_plain)
     assert n2 == len(toks2) - 1 - len(held1)  # the head's new rows only (the last is the first step)
     assert n2 <= n2_plain                     # plain, too, keeps a hybrid context it extends exactly
 
@@ -95,7 +103,7 @@ def test_extension_resumes_and_divergence_is_exact(models) -> None:
     check_margins(path, toks3)
     t3, n3 = complete(llm, toks3)
     t3_plain, n3_plain = complete(plain, toks3)
-    assert t3 == t3_plain
+    assert same(t3, t3_plain)
     assert n3 == len(toks3) - 1 - len(held1)
     assert n3_plain == len(toks3)  # plain cannot cut a hybrid's recurrent state back: all of it again
 
@@ -103,7 +111,7 @@ def test_extension_resumes_and_divergence_is_exact(models) -> None:
     toks4 = first_clear(path, [tok(llm, t, bos=True) for t in ("Goodbye", "Farewell", "See you")])
     assert all(common_prefix(toks4, _compat.context_tokens(llm)) < p for p in llm.mtp_checkpoints.positions())
     t4, n4 = complete(llm, toks4)
-    assert t4 == complete(plain, toks4)[0]
+    assert same(t4, complete(plain, toks4)[0])
     assert n4 == len(toks4) - 1
 
 
@@ -132,12 +140,12 @@ def test_ram_cache_and_reset_false(models) -> None:
     try:
         p1 = "Once upon"
         t1, _ = complete(llm, p1)
-        assert t1 == complete(plain, p1)[0]
+        assert same(t1, complete(plain, p1)[0])
         held = _compat.context_tokens(llm)
         toks2 = held + tok(llm, " then they went")
         check_margins(path, toks2)
         t2, n2 = complete(llm, toks2)
-        assert t2 == complete(plain, toks2)[0]
+        assert same(t2, complete(plain, toks2)[0])
         assert n2 == len(toks2) - 1 - len(held)
         # another prompt, then back: create_completion loads the cached target state; the MTP
         # context lacks those rows, so the target re-decodes what it needs -- output still exact
@@ -146,7 +154,7 @@ def test_ram_cache_and_reset_false(models) -> None:
         toks3 = toks2 + tok(llm, " so they said")
         check_margins(path, toks3)
         t3, n3 = complete(llm, toks3)
-        assert t3 == complete(plain, toks3)[0]
+        assert same(t3, complete(plain, toks3)[0])
         assert 0 < n3 <= len(toks3)
     finally:
         llm.set_cache(None)
@@ -178,7 +186,7 @@ def test_attention_only_keeps_the_common_prefix(arch: str) -> None:
         assert rollback_capacity(llm) is None  # attention-only: any prefix can be kept
         p1 = tok(llm, "Hello there", bos=True)
         check_margins(path, p1)
-        assert complete(llm, p1)[0] == complete(plain, p1)[0]
+        assert same(complete(llm, p1)[0], complete(plain, p1)[0])
         held = _compat.context_tokens(llm)
         texts = (" again and again", " then they went", " and so on", " once more")
         for toks in (first_clear(path, [held + tok(llm, t) for t in texts]),             # extends all of it
@@ -186,7 +194,7 @@ def test_attention_only_keeps_the_common_prefix(arch: str) -> None:
             n_keep = common_prefix(_compat.context_tokens(llm), toks)
             got, n_got = complete(llm, toks)
             want, n_want = complete(plain, toks)
-            assert got == want
+            assert same(got, want)
             assert n_got == len(toks) - 1 - n_keep   # plain decodes the last prompt row in the batch too
             assert n_got <= n_want                   # no more than plain llama-cpp-python decodes
     finally:
@@ -207,14 +215,14 @@ def test_a_prefix_is_reused_after_a_long_plain_run_dropped_the_draft_history() -
         toks1 = tok(llm, "Hello there", bos=True)
         _, margins = testing.reference_greedy(path, toks1, n_long)
         assert margins.min() > 1e-2, "near-tie in the greedy reference: pick another prompt"
-        out1 = llm.create_completion(toks1, max_tokens=n_long, temperature=0.0)["choices"][0]["text"]
-        assert out1 == plain.create_completion(toks1, max_tokens=n_long, temperature=0.0)["choices"][0]["text"]
+        out1 = llm.create_completion(toks1, max_tokens=n_long, temperature=0.0)
+        _helpers.assert_capped_like_plain(out1, plain.create_completion(toks1, max_tokens=n_long, temperature=0.0), n_long)
         assert llm._session().stats.n_forget == 1
         llm.mtp_n_draft = 3
         toks2 = first_clear(path, [_compat.context_tokens(llm) + tok(llm, t) for t in (" and", " so", " then")])
         assert llm._reuse(toks2) >= len(toks1) + n_long - 2
-        out2 = llm.create_completion(toks2, max_tokens=N, temperature=0.0)["choices"][0]["text"]
-        assert out2 == complete(plain, toks2)[0]
+        out2 = llm.create_completion(toks2, max_tokens=N, temperature=0.0)
+        assert same(out2, complete(plain, toks2)[0])
         assert llm.last_mtp_stats is not None and llm.last_mtp_stats.drafted > 0
     finally:
         llm.close()

@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional, Set
 import llama_cpp
 
 import llama_mtp
+from llama_mtp import _compat
 
 from . import chat
 from .completion import RequestRecord
@@ -41,6 +42,7 @@ class Backend:
         # each slot gets an equal share of the context (llama.cpp's server splits -c across -np the same way)
         self.slot_ctx = int(engine.n_ctx_slot)
         self._vocab = llama_cpp.llama_model_get_vocab(target.model)
+        self._detokenize = _compat.detokenizer(target)  # whole token pieces (see llama_mtp.pieces)
         self.metrics = ServerMetrics(self.model_alias, n_draft_max, lambda: engine.n_running,
                                      lambda: engine.n_waiting)
         # handles whose client went away: a thread waits for their (cancelled) results so their
@@ -65,13 +67,13 @@ class Backend:
     # -- tokens ----------------------------------------------------------------------------
 
     def detok_bytes(self, tokens: List[int]) -> bytes:
-        return self.target.detokenize(tokens)
+        return self._detokenize(tokens, None)
 
     def detok(self, tokens: List[int]) -> str:
-        return self.target.detokenize(tokens).decode("utf-8", errors="ignore")
+        return self.detok_bytes(tokens).decode("utf-8", errors="ignore")
 
     def token_str(self, token: int) -> str:
-        return self.target.detokenize([token]).decode("utf-8", errors="ignore")
+        return self.detok_bytes([token]).decode("utf-8", errors="ignore")
 
     def tokenize(self, text: str, add_bos: bool = True) -> List[int]:
         return self.target.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
