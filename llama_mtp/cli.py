@@ -22,10 +22,6 @@ import time
 from typing import List, Optional
 
 DEMO_PROMPT = "Multi-token prediction lets a model draft several tokens and verify them in one batch."
-# demo model: the fast size with 24 trunk layers (~200M parameters, most of a real model's depth,
-# so the one MTP block and its LM head cost what they do next to a real trunk), MTP head right for
-# 90% of tokens at every draft position (iid), see llama_mtp.testing
-DEMO_SPEC = dict(size="fast", n_layer=24, recipe="oracle", accept=0.9, ftype="f16", accept_pattern="random")
 WARMUP_TOKENS = 16  # --compare: untimed tokens each side generates first
 
 
@@ -64,15 +60,6 @@ def _int_arg(value: str, name: str) -> int:
         raise ValueError(f"{name} must be an integer or 'auto', got {value!r}") from None
 
 
-def _demo_model() -> str:
-    from . import testing
-
-    print("llama_mtp: using the generated demo model (qwen35 + 1 MTP head, ~200M params; "
-          "built once, then cached)", file=sys.stderr, flush=True)
-    spec = dict(DEMO_SPEC)
-    return str(testing.cached_test_model(size=spec.pop("size"), **spec))
-
-
 def _cmd_build(args: argparse.Namespace) -> int:
     from . import _loader
 
@@ -87,10 +74,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from .generation import generate
     from .loading import load
+    from .testing import demo_model
 
     n_draft = args.n_draft if args.n_draft == "auto" else _int_arg(args.n_draft, "--n-draft")
     n_draft_max = args.n_draft_max if n_draft == "auto" else max(1, n_draft)
-    path = args.model or _demo_model()
+    path = args.model or demo_model()
     kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=args.verbose)
     target, draft = load(path, n_draft_max=n_draft_max, draft_model_path=args.draft_model, **kwargs)
     plain = None

@@ -11,15 +11,16 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, List, Optional, Set
+from typing import Any, List, Optional, Set
 
 import llama_cpp
 
-import llama_mtp
 from llama_mtp import _compat
+from llama_mtp.engine import Engine, RequestHandle
+from llama_mtp.loading import load
+from llama_mtp.results import GenerationResult
 
-from . import chat
-from .completion import RequestRecord
+from .chat_format import ChatHandler, resolve_handler
 from .errors import ApiError
 from .metrics import ServerMetrics
 from .settings import ServeConfig, llama_kwargs
@@ -27,11 +28,30 @@ from .settings import ServeConfig, llama_kwargs
 log = logging.getLogger("llama_mtp.server")
 
 
+class RequestRecord:
+    """One submitted engine handle and what the server needs to account for it once."""
+
+    def __init__(self, handle: RequestHandle, kind: str, t_start: float) -> None:
+        self.handle = handle
+        self.kind = kind
+        self.t_start = t_start
+        self._recorded = False
+        self._lock = threading.Lock()
+
+    def claim(self) -> bool:
+        """True exactly once: the caller records metrics and the log line."""
+        with self._lock:
+            if self._recorded:
+                return False
+            self._recorded = True
+            return True
+
+
 class Backend:
     """Engine + model + metrics; what the routes work with."""
 
-    def __init__(self, engine: Any, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, model_path: str,
-                 model_alias: Optional[str], chat_handler: Callable[..., Any], n_draft_max: int) -> None:
+    def __init__(self, engine: Engine, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, model_path: str,
+                 model_alias: Optional[str], chat_handler: ChatHandler, n_draft_max: int) -> None:
         self.engine = engine
         self.target = target
         self.draft = draft
@@ -78,7 +98,7 @@ class Backend:
     def tokenize(self, text: str, add_bos: bool = True) -> List[int]:
         return self.target.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
-    def n_completion_tokens(self, res: Any) -> int:
+    def n_completion_tokens(self, res: GenerationResult) -> int:
         """Tokens of the completion: the generated ones without a final end-of-generation token."""
         toks = res.tokens
         if toks and res.finish_reason == "stop" and llama_cpp.llama_vocab_is_eog(self._vocab, int(toks[-1])):
@@ -97,7 +117,7 @@ class Backend:
 
     # -- accounting ------------------------------------------------------------------------
 
-    def finished(self, rec: RequestRecord, res: Any) -> None:
+    def finished(self, rec: RequestRecord, res: GenerationResult) -> None:
         """A request's result is in: count it (once)."""
         if rec.claim():
             self._record(rec, res)
@@ -120,7 +140,7 @@ class Backend:
                 continue
             self._record(rec, res)
 
-    def _record(self, rec: RequestRecord, res: Any) -> None:
+    def _record(self, rec: RequestRecord, res: GenerationResult) -> None:
         seconds = time.perf_counter() - rec.t_start
         self.metrics.observe(res, seconds)
         st = res.stats
@@ -148,11 +168,11 @@ def load_backend(cfg: ServeConfig) -> Backend:
     """Load the model with MTP heads (or with its external drafter) for n_parallel sequences and
     start the engine on it."""
     kwargs = llama_kwargs(cfg.model)
-    target, draft = llama_mtp.load(cfg.model.model, n_seq=cfg.mtp.n_parallel, n_draft_max=cfg.mtp.n_draft_max,
-                                   draft_model_path=cfg.mtp.draft_model_path, **kwargs)
+    target, draft = load(cfg.model.model, n_seq=cfg.mtp.n_parallel, n_draft_max=cfg.mtp.n_draft_max,
+                         draft_model_path=cfg.mtp.draft_model_path, **kwargs)
     try:
-        handler = chat.resolve_handler(target, cfg.model)
-        engine = llama_mtp.Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting)
+        handler = resolve_handler(target, cfg.model)
+        engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting)
     except BaseException:
         draft.close()
         target.close()

@@ -1,111 +1,65 @@
 """Chat completions through llama-cpp-python's own chat handler machinery.
 
-The handler is chosen as ``llama_cpp.Llama.create_chat_completion`` chooses it
-(``chat_handler``, else the GGUF template named by ``chat_format``, else the
-registered format of that name) and as ``llama_cpp.server`` builds it
-(``hf-tokenizer-config``, ``chat_template_kwargs``). It is then called with an
+The request's chat handler (see ``chat_format.py``) is called with an
 :class:`EngineLlama` as its ``llama``, so every chat format, tools and
 ``response_format`` work unchanged while the completion runs in the engine.
 """
 
 from __future__ import annotations
 
-import json
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Union
 
-import llama_cpp
-from llama_cpp import llama_chat_format
+from .chat_format import ChatHandler
+from .completion import Completion, EngineLlama, Prompt, Usage
 
-from .completion import EngineLlama
-from .errors import ApiError
-from .settings import SettingsError
-
-ChatHandler = Callable[..., Any]
+ChatCompletion = Dict[str, Any]
 
 
-def metadata_handlers(target: llama_cpp.Llama) -> Dict[str, ChatHandler]:
-    """The chat handlers ``Llama.__init__`` builds from the GGUF's chat templates, by format name.
-
-    Rebuilt from public data (the metadata and the vocabulary) rather than read from the
-    Llama's private handler table.
-    """
-    metadata = target.metadata or {}
-    templates = {name[len("tokenizer.chat_template."):]: tpl for name, tpl in metadata.items()
-                 if name.startswith("tokenizer.chat_template.")}
-    if "tokenizer.chat_template" in metadata:
-        templates["chat_template.default"] = metadata["tokenizer.chat_template"]
-    vocab = llama_cpp.llama_model_get_vocab(target.model)
-    eos_id, bos_id = target.token_eos(), target.token_bos()
-
-    def text(tok: int) -> str:
-        return llama_cpp.llama_vocab_get_text(vocab, tok).decode("utf-8") if tok != -1 else ""
-
-    return {name: llama_chat_format.Jinja2ChatFormatter(template=tpl, eos_token=text(eos_id), bos_token=text(bos_id),
-                                                        stop_token_ids=[eos_id]).to_chat_handler()
-            for name, tpl in templates.items()}
-
-
-def resolve_handler(target: llama_cpp.Llama, settings: Any) -> ChatHandler:
-    """The chat handler for ``target`` (whose ``chat_format`` Llama.__init__ already settled)."""
-    handler: Optional[ChatHandler] = target.chat_handler
-    if handler is None and settings.chat_format == "hf-tokenizer-config":
-        if settings.hf_tokenizer_config_path is None:
-            raise SettingsError("--chat_format hf-tokenizer-config needs --hf_tokenizer_config_path")
-        with open(settings.hf_tokenizer_config_path) as f:
-            handler = llama_chat_format.hf_tokenizer_config_to_chat_completion_handler(json.load(f))
-    if handler is None:
-        handler = metadata_handlers(target).get(target.chat_format)
-    if handler is None:
-        try:
-            handler = llama_chat_format.get_chat_completion_handler(target.chat_format)
-        except llama_chat_format.LlamaChatCompletionHandlerNotFoundException as e:
-            raise SettingsError(f"--chat_format {target.chat_format}: {e}") from None
-    extra = settings.chat_template_kwargs
-    if extra:
-        base = handler
-
-        def with_template_kwargs(*args: Any, **kwargs: Any) -> Any:
-            return base(*args, **{**extra, **kwargs})
-
-        handler = with_template_kwargs
-    return handler
-
-
-def llama_response_format(rf: Optional[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """OpenAI's response_format -> the form llama-cpp-python's handlers turn into a grammar.
-
-    llama-cpp-python knows ``json_object`` (optionally with a ``schema``); OpenAI's
-    ``json_schema`` type carries its schema under ``json_schema.schema``.
-    """
-    if rf is None:
-        return None
-    kind = rf.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return {"type": "json_object", **({"schema": rf["schema"]} if rf.get("schema") is not None else {})}
-    if kind == "json_schema":
-        spec = rf.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-            raise ApiError("response_format json_schema needs json_schema.schema (an object)",
-                           param="response_format")
-        return {"type": "json_object", "schema": spec["schema"]}
-    raise ApiError(f"response_format type must be text, json_object or json_schema, got {kind!r}",
-                   param="response_format")
-
-
-def create_chat_completion(handler: ChatHandler, llama: EngineLlama, **kwargs: Any) -> Any:
-    """Run the chat handler on the engine; stream chunks get ``usage`` on the final chunk."""
-    out = handler(llama=llama, **kwargs)
+def create_chat_completion(handler: ChatHandler, llama: EngineLlama,
+                           **kwargs: Any) -> Union[ChatCompletion, Iterator[ChatCompletion]]:
+    """Run the chat handler on the engine; a stream's final chunk gets the completion's ``usage``."""
     if not kwargs.get("stream"):
-        return out
-    return _with_usage(out, llama)
+        return handler(llama=llama, **kwargs)  # the handlers copy a whole completion's usage themselves
+    tap = _UsageTap(llama)
+    return tap.with_usage(handler(llama=tap, **kwargs))
 
 
-def _with_usage(chunks: Iterator[Dict[str, Any]], llama: EngineLlama) -> Iterator[Dict[str, Any]]:
-    # the handlers' chunk conversion drops usage; the completion's final chunk has it
-    for chunk in chunks:
-        choices = chunk.get("choices") or []
-        if choices and choices[0].get("finish_reason") is not None and llama.last_usage is not None:
-            chunk["usage"] = llama.last_usage
-        yield chunk
+class _UsageTap:
+    """The ``llama`` a streaming chat handler gets: the request's EngineLlama, with the ``usage``
+    of each completion it returns noted on the way through.
+
+    The handlers' conversion of completion chunks to chat chunks drops ``usage``; the
+    completion's own final chunk (or dict) carries it, so it is read there.
+    """
+
+    def __init__(self, llama: EngineLlama) -> None:
+        self._llama = llama
+        self._usage: Optional[Usage] = None
+
+    def __getattr__(self, name: str) -> Any:
+        # everything but the completion call is the EngineLlama's (including its refusals)
+        return getattr(self._llama, name)
+
+    def __call__(self, prompt: Prompt, **kwargs: Any) -> Union[Completion, Iterator[Completion]]:
+        return self.create_completion(prompt, **kwargs)
+
+    def create_completion(self, prompt: Prompt, **kwargs: Any) -> Union[Completion, Iterator[Completion]]:
+        out = self._llama.create_completion(prompt, **kwargs)
+        if isinstance(out, dict):
+            self._usage = out["usage"]
+            return out
+        return self._noting(out)
+
+    def _noting(self, chunks: Iterator[Completion]) -> Iterator[Completion]:
+        for chunk in chunks:
+            if "usage" in chunk:  # the completion's final chunk
+                self._usage = chunk["usage"]
+            yield chunk
+
+    def with_usage(self, chunks: Iterator[ChatCompletion]) -> Iterator[ChatCompletion]:
+        """The handler's chat chunks; the one that finishes the message gets the completion's usage."""
+        for chunk in chunks:
+            choices = chunk.get("choices") or []
+            if choices and choices[0].get("finish_reason") is not None and self._usage is not None:
+                chunk["usage"] = self._usage
+            yield chunk

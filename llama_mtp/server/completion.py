@@ -20,39 +20,25 @@ import codecs
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
 
+from llama_mtp.results import GenerationResult
+
+from .backend import Backend, RequestRecord
 from .errors import ApiError, UnsupportedParameterError
 
-if TYPE_CHECKING:
-    from .backend import Backend
+Prompt = Union[str, List[int]]
+# llama-cpp-python's completion dicts (CreateCompletionResponse / ...StreamResponse and their usage)
+Completion = Dict[str, Any]
+Usage = Dict[str, Any]
 
 # Attributes of the target Llama a handler may read: none of them touches a context.
 _FORWARDED = frozenset({
     "tokenize", "detokenize", "tokenizer_", "token_eos", "token_bos", "token_nl", "n_vocab", "metadata",
     "model_path", "chat_format", "chat_handler", "verbose", "n_batch",
 })
-
-
-class RequestRecord:
-    """One submitted engine handle and what the server needs to account for it once."""
-
-    def __init__(self, handle: Any, kind: str, t_start: float) -> None:
-        self.handle = handle
-        self.kind = kind
-        self.t_start = t_start
-        self._recorded = False
-        self._lock = threading.Lock()
-
-    def claim(self) -> bool:
-        """True exactly once: the caller records metrics and the log line."""
-        with self._lock:
-            if self._recorded:
-                return False
-            self._recorded = True
-            return True
 
 
 class EngineLlama:
@@ -62,15 +48,13 @@ class EngineLlama:
     cancel them when the client goes away (``cancel``).
     """
 
-    def __init__(self, backend: "Backend", *, kind: str, n_draft: Optional[int] = None) -> None:
+    def __init__(self, backend: Backend, *, kind: str, n_draft: Optional[int] = None) -> None:
         self._backend = backend
         self._kind = kind
         self._n_draft = n_draft
         self._records: List[RequestRecord] = []
         self._lock = threading.Lock()
         self._cancelled = False
-        # usage of the last finished completion (chat streams put it on their final chunk)
-        self.last_usage: Optional[Dict[str, Any]] = None
 
     # -- what a chat handler reads ------------------------------------------------------
 
@@ -100,12 +84,12 @@ class EngineLlama:
 
     # -- the completion call ----------------------------------------------------------------
 
-    def __call__(self, prompt: Union[str, List[int]], **kwargs: Any) -> Any:
+    def __call__(self, prompt: Prompt, **kwargs: Any) -> Union[Completion, Iterator[Completion]]:
         return self.create_completion(prompt, **kwargs)
 
     def create_completion(
         self,
-        prompt: Union[str, List[int]],
+        prompt: Prompt,
         suffix: Optional[str] = None,
         max_tokens: Optional[int] = 16,
         temperature: float = 0.8,
@@ -130,9 +114,10 @@ class EngineLlama:
         logits_processor: Any = None,
         grammar: Optional[llama_cpp.LlamaGrammar] = None,
         logit_bias: Optional[Dict[Any, float]] = None,
-    ) -> Any:
+    ) -> Union[Completion, Iterator[Completion]]:
         """``llama_cpp.Llama.create_completion``, run as one engine sequence.
 
+        The completion dict, or the last chunk of a stream, carries the ``usage``.
         ``stopping_criteria`` is not evaluated: the chat formatters' only criterion
         stops on the EOS token, which the engine stops on anyway (every EOG token).
         ``tfs_z`` is ignored, as llama-cpp-python's own sampler chain ignores it.
@@ -153,31 +138,38 @@ class EngineLlama:
         if max_tokens is None or max_tokens <= 0:
             # llama-cpp-python: unlimited, up to the context; the engine ends at "length" there
             max_tokens = b.slot_ctx
+        rec = self._submit(
+            prompt, max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
+            top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p), repeat_penalty=float(repeat_penalty),
+            frequency_penalty=float(frequency_penalty or 0.0), presence_penalty=float(presence_penalty or 0.0),
+            seed=seed, stop=stops or None, grammar=grammar, logit_bias=bias, logprobs=logprobs)
+        shape = _Shape(b, prompt, model or b.model_alias, logprobs)
+        return self._chunks(rec, shape) if stream else self._whole(rec, shape, echo)
+
+    def _submit(self, prompt: Prompt, **sampling: Any) -> RequestRecord:
+        """Submit one sequence to the engine, unless the client already went away."""
         with self._lock:
+            # under the lock: a cancel() racing this submission either sees the record or stops it here
             if self._cancelled:
                 raise ApiError("the client closed the request", status=499, err_type="client_closed_request")
             t0 = time.perf_counter()
-            handle = b.engine.submit(
-                prompt, max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
-                top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p),
-                repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty or 0.0),
-                presence_penalty=float(presence_penalty or 0.0), seed=seed, stop=stops or None,
-                grammar=grammar, logit_bias=bias, logprobs=logprobs, n_draft=self._n_draft)
+            handle = self._backend.engine.submit(prompt, n_draft=self._n_draft, **sampling)
             rec = RequestRecord(handle, self._kind, t0)
             self._records.append(rec)
-        shape = _Shape(b, prompt, model or b.model_alias, logprobs)
-        if stream:
-            return self._chunks(rec, shape)
+        return rec
+
+    def _whole(self, rec: RequestRecord, shape: "_Shape", echo: bool) -> Completion:
+        """The finished completion as llama-cpp-python's completion dict."""
+        b = self._backend
         try:
-            res = handle.result()
+            res = rec.handle.result()
         except BaseException:
-            self._backend.reap(rec)
+            b.reap(rec)
             raise
         b.finished(rec, res)
-        self.last_usage = usage(res, b.n_completion_tokens(res))
         text = res.text
         if echo:
-            text = (prompt if isinstance(prompt, str) else b.detok(prompt)) + text
+            text = (shape.prompt if isinstance(shape.prompt, str) else b.detok(shape.prompt)) + text
         return {
             "id": shape.id,
             "object": "text_completion",
@@ -185,10 +177,10 @@ class EngineLlama:
             "model": shape.model,
             "choices": [{"text": text, "index": 0, "logprobs": shape.logprobs(res),
                          "finish_reason": res.finish_reason}],
-            "usage": self.last_usage,
+            "usage": usage(res, b.n_completion_tokens(res)),
         }
 
-    def _chunks(self, rec: RequestRecord, shape: "_Shape") -> Iterator[Dict[str, Any]]:
+    def _chunks(self, rec: RequestRecord, shape: "_Shape") -> Iterator[Completion]:
         """llama-cpp-python's stream chunks; the last one also carries ``usage``."""
         handle = rec.handle
         done = False
@@ -208,7 +200,7 @@ class EngineLlama:
             done = True
             self._backend.finished(rec, res)
             final = shape.chunk("", None, res.finish_reason)
-            final["usage"] = self.last_usage = usage(res, self._backend.n_completion_tokens(res))
+            final["usage"] = usage(res, self._backend.n_completion_tokens(res))
             yield final
         finally:
             if not done:
@@ -218,7 +210,7 @@ class EngineLlama:
                 self._backend.reap(rec)
 
 
-def usage(res: Any, n_completion: int) -> Dict[str, Any]:
+def usage(res: GenerationResult, n_completion: int) -> Usage:
     """OpenAI usage with the speculative counts in completion_tokens_details."""
     st = res.stats
     return {

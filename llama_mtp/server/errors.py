@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
-import llama_mtp
+from llama_mtp.errors import EngineClosedError, MtpArgumentError, QueueFullError
 
 log = logging.getLogger("llama_mtp.server")
 
@@ -46,22 +46,16 @@ def error_body(message: str, err_type: str, param: Optional[str] = None, code: O
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
-def _engine_error(name: str) -> Tuple[type, ...]:
-    # the Engine's errors, when this llama_mtp has them (tuple() matches nothing)
-    cls = getattr(llama_mtp, name, None)
-    return (cls,) if isinstance(cls, type) else ()
-
-
 def classify(exc: BaseException, *, param: str = "prompt") -> ApiError:
     """Map any exception a request raised to an ApiError (unexpected ones are logged with a traceback)."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, _engine_error("QueueFullError")):
+    if isinstance(exc, QueueFullError):
         return ApiError(f"the server is busy: {exc}", status=503, err_type="server_error", code="queue_full",
                         headers={"Retry-After": "1"})
-    if isinstance(exc, _engine_error("EngineClosedError")):
+    if isinstance(exc, EngineClosedError):
         return ApiError("the server is shutting down", status=503, err_type="server_error", code="engine_closed")
-    if isinstance(exc, (llama_mtp.MtpArgumentError, ValueError)):
+    if isinstance(exc, (MtpArgumentError, ValueError)):
         msg = str(exc)
         if "context" in msg.lower() or "n_ctx" in msg:
             return ApiError(msg, param=param, code="context_length_exceeded")

@@ -15,12 +15,6 @@ from typing import List, Optional
 log = logging.getLogger("llama_mtp.server")
 
 
-def _demo_model() -> str:
-    from llama_mtp.cli import _demo_model as demo
-
-    return demo()
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         import uvicorn
@@ -29,9 +23,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError as e:  # the server extra is missing
         print(f"llama_mtp.server: {e.name or e} is not installed: pip install 'llama-mtp[server]'", file=sys.stderr)
         return 2
+    from llama_mtp.testing import demo_model
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = parse_config(argv, _demo_model)
+        cfg = parse_config(argv, demo_model)
     except SettingsError as e:
         print(f"llama_mtp.server: error: {e}", file=sys.stderr)
         return 2

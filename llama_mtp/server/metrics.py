@@ -11,9 +11,11 @@ CollectorRegistry, so several apps in one process (tests) never share counts.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from llama_mtp.results import GenerationResult
 
 log = logging.getLogger("llama_mtp.server")
 
@@ -64,7 +66,7 @@ class ServerMetrics:
                   self.generation_tokens, self.request_failure):
             c.labels(model_name)
 
-    def observe(self, res: Any, seconds: float) -> None:
+    def observe(self, res: GenerationResult, seconds: float) -> None:
         """Add one finished request (a GenerationResult) that took ``seconds`` from submission."""
         m = self.model_name
         st = res.stats

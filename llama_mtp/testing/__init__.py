@@ -28,7 +28,8 @@ converted Qwen3.5 checkpoints.
 Package layout: spec.py (TestModelSpec, SIZES, RECIPE_DEFAULTS), vocab.py, oracle.py
 (pi, drafts, TestModelInfo), archs/ (one ArchLayout per llama.cpp arch, registry
 ``archs.ARCHS``), gguf_writer.py (write_test_model, q4_k_m via llama.cpp's quantizer),
-cache.py (cached_test_model), reference.py (reference_greedy).
+cache.py (cached_test_model), demo.py (demo_model: the CLI's and server's default model),
+reference.py (reference_greedy).
 
 Requires ``numpy`` and ``gguf`` (the pure-python package from PyPI).
 """
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 from .archs import ARCHS, ArchLayout, get_arch
 from .cache import cache_dir, cached_test_model, cached_test_model_info
+from .demo import DEMO_SPEC, demo_model
 from .gguf_writer import quantize, write_test_model
 from .oracle import TestModelInfo, describe_test_model
 from .reference import reference_greedy
@@ -64,6 +66,8 @@ __all__ = [
     "cached_test_model",
     "cache_dir",
     "cached_test_model_info",
+    "DEMO_SPEC",
+    "demo_model",
     "reference_greedy",
     "ARCHS",
     "ArchLayout",
