@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -119,22 +119,52 @@ class ServerProcess:
                 out[(s.name, frozenset(s.labels.items()))] = s.value
         return out
 
-    def quiesce(self, timeout: float = 30) -> None:
-        """Wait until no request runs or waits (and the reaper has counted cancelled ones)."""
+    def health(self) -> Dict[str, Any]:
+        return httpx.get(self.base + "/health", timeout=10).json()
+
+    def wait_until(self, what: str, ready: Callable[[], Any], timeout: float = 30) -> Any:
+        """Poll ``ready()`` until it returns something true, and return that; after ``timeout``
+        seconds fail, naming ``what`` (a state the test needs, never a delay it hopes is enough)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = httpx.get(self.base + "/health", timeout=10).json()
-            if h["running"] == 0 and h["waiting"] == 0:
-                time.sleep(0.3)
-                return
-            time.sleep(0.1)
-        raise AssertionError(f"requests still running after {timeout} s")
+        while True:
+            value = ready()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout} s: {what} (health: {self.health()})\n{self.log()}")
+            time.sleep(0.05)
+
+    def quiesce(self, timeout: float = 30) -> None:
+        """Wait until no request runs or waits."""
+        self.wait_until("no request running or waiting", lambda: self.load() == (0, 0), timeout)
+
+    def load(self) -> Tuple[int, int]:
+        """(running, waiting) requests, as /health reports them."""
+        h = self.health()
+        return h["running"], h["waiting"]
+
+    def counted_since(self, before: Dict[Tuple[str, frozenset], float], n: int,
+                      timeout: float = 30) -> Dict[Tuple[str, frozenset], float]:
+        """The metrics once exactly ``n`` more requests (finished, cancelled or failed) are counted
+        than in ``before``. The server counts a cancelled or failed request in its reaper thread once
+        the engine lets go of it: possibly after the slot was freed and the client got its answer."""
+        def settled() -> Optional[Dict[Tuple[str, frozenset], float]]:
+            m = self.metrics()
+            counted = n_counted(m) - n_counted(before)
+            assert counted <= n, f"{counted} requests were counted, {n} expected"
+            return m if counted == n else None
+        return self.wait_until(f"{n} requests counted", settled, timeout)
 
 
 def metric(m: Dict[Tuple[str, frozenset], float], name: str, **labels: str) -> float:
     """Sum of the samples called ``name`` whose labels include ``labels``."""
     want = set(labels.items())
     return sum(v for (n, lab), v in m.items() if n == name and want <= set(lab))
+
+
+def n_counted(m: Dict[Tuple[str, frozenset], float]) -> float:
+    """Requests the metrics have counted: finished (any reason, cancelled included) or failed."""
+    return metric(m, "llama_mtp:request_success_total") + metric(m, "llama_mtp:request_failure_total")
 
 
 @pytest.fixture(scope="module")
@@ -414,7 +444,7 @@ def test_metrics_count_what_was_served(server):
             usages.append(chunk.usage)
     assert len(usages) == 3
     server.quiesce()
-    after = server.metrics()
+    after = server.counted_since(before, 3)
 
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
@@ -534,12 +564,13 @@ def test_dropped_stream_frees_its_slot(limited, server_model):
                 n += line.startswith("data: ")
                 if n >= 2:
                     break
-    # the one slot is free again: the next request is served, with the file name as model
+    # the client went away: the server cancels its request, and the one slot is free again
+    limited.quiesce(timeout=60)
+    # the next request is served, with the file name as model
     r = httpx.post(limited.base + "/v1/completions", headers=limited.headers, timeout=120,
                    json={"prompt": "Hi", "max_tokens": 4, "temperature": 0, "model": server_model.name})
     assert r.status_code == 200, r.text
-    limited.quiesce()
-    after = limited.metrics()
+    after = limited.counted_since(before, 2)  # the dropped stream and the next request
     cancelled = (metric(after, "llama_mtp:request_success_total", finished_reason="cancelled")
                  - metric(before, "llama_mtp:request_success_total", finished_reason="cancelled"))
     assert cancelled == 1
@@ -549,30 +580,34 @@ def test_dropped_stream_frees_its_slot(limited, server_model):
 
 
 def test_full_queue_answers_503(limited):
+    """One slot and one waiting place: while a request runs and another waits, a third is
+    refused with 503 (Retry-After, code queue_full); the waiting one is served once the
+    running one goes away. Each state is observed on /health before the next step."""
     limited.quiesce()
-    statuses: List[Tuple[int, Dict[str, str], str]] = []
-    lock = threading.Lock()
-    start = threading.Barrier(4)
+    body = {"prompt": "Once upon a time", "temperature": 0, "max_tokens": 8}
+    waiting: List[httpx.Response] = []
 
-    def fire() -> None:
-        start.wait(timeout=30)
-        r = httpx.post(limited.base + "/v1/completions", headers=limited.headers, timeout=180,
-                       json={"prompt": "Once upon a time", "max_tokens": 120, "temperature": 0})
-        with lock:
-            statuses.append((r.status_code, dict(r.headers), r.text))
+    def wait_for_the_slot() -> None:
+        waiting.append(httpx.post(limited.base + "/v1/completions", headers=limited.headers, timeout=180, json=body))
 
-    threads = [threading.Thread(target=fire) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=240)
-    codes = sorted(s for s, _, _ in statuses)
-    assert len(codes) == 4
-    assert codes.count(200) >= 1 and codes.count(503) >= 1, codes
-    for status, headers, text in statuses:
-        if status == 503:
-            assert headers.get("retry-after") == "1"
-            assert json.loads(text)["error"]["code"] == "queue_full"
+    second = threading.Thread(target=wait_for_the_slot, daemon=True)
+    with httpx.Client(base_url=limited.base, headers=limited.headers, timeout=60) as c:
+        # the whole slot's context to generate: it runs for seconds, unless it is dropped
+        with c.stream("POST", "/v1/completions", json={**body, "max_tokens": 4000, "stream": True}) as running:
+            assert running.status_code == 200
+            lines = running.iter_lines()  # kept: a discarded iterator closes the stream
+            assert any(line.startswith("data: ") for line in lines)  # it holds the slot
+            second.start()
+            limited.wait_until("one request running and one waiting", lambda: limited.load() == (1, 1))
+            refused = httpx.post(limited.base + "/v1/completions", headers=limited.headers, timeout=60, json=body)
+            assert refused.status_code == 503, refused.text
+            assert refused.headers.get("retry-after") == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+            assert limited.load() == (1, 1), "the running request ended before the third one was refused"
+    # the running stream was dropped: the waiting request gets the slot
+    second.join(timeout=180)
+    assert not second.is_alive()
+    assert waiting[0].status_code == 200, waiting[0].text
     assert limited.alive()
 
 

@@ -98,8 +98,14 @@ def test_exception_hierarchy():
 
 def test_session_basic_properties(pair):
     target, draft = pair
+    # n_draft_max below the pair's default (3) and below what the model allows: the session's own
+    # value, as the shim reports it back (n_max). need_embd is a constant (always True): not checked.
     with llama_mtp.MtpSession(target, draft, n_draft_max=2) as s:
-        assert s.n_seq == 1 and s.n_draft_max == 2 and s.need_embd is True
+        assert s.n_seq == 1 and s.n_draft_max == 2 and s.n_max == 2
+        assert s.defer_catchup is False
+        with pytest.raises(BadSeqIdError) as bad:  # n_seq bounds the seq ids
+            s.pending(1)
+        assert (bad.value.seq_id, bad.value.n_seq) == (1, 1)
         assert s.target is target and s.draft_model is draft
         assert not s.closed
         st = s.stats
