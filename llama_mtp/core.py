@@ -42,7 +42,7 @@ from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
-from .verify import GreedyVerifier, MatchVerifier, RejectionVerifier, is_plain_greedy, supports_rejection
+from .verify import RejectionVerifier, make_verifier
 
 Prompt = Union[str, bytes, Seq[int]]
 NDraft = Union[int, str]
@@ -196,20 +196,14 @@ class Sequence:
         # auto's estimates, starting from what earlier sequences on the target accepted
         self.acceptance = Acceptance(engine.k_max, engine.costs.accepted) if n_draft == "auto" else None
         self.k_fixed = 0 if n_draft == "auto" else int(n_draft)
-        verify = params.verify if supports_rejection(sampling) and not plain_only else "match"
-        if verify == "rejection" and not engine.own_drafts:
-            raise MtpArgumentError("verify='rejection' needs drafts sampled by the session's own draft loop")
-        self.draft_temp = sampling["temp"] if verify == "rejection" else 0.0
+        self.verifier = make_verifier(target, sampling, verify=params.verify, seed=params.seed,
+                                      own_drafts=engine.own_drafts, logit_bias=params.logit_bias,
+                                      logprobs=params.logprobs)
+        # rejection sampling verifies drafts sampled at the sequence's temperature, with their q
+        self.want_q = isinstance(self.verifier, RejectionVerifier)
+        self.draft_temp = sampling["temp"] if self.want_q else 0.0
         self.draft_top_k = sampling["top_k"] if sampling["top_k"] > 0 else 40
-        self.want_q = verify == "rejection"
         self.rng = random.Random(params.seed)
-        if verify == "rejection":
-            self.verifier: Any = RejectionVerifier(target, sampling, params.seed)
-        elif is_plain_greedy(sampling) and not plain_only:
-            self.verifier = GreedyVerifier(target)
-        else:
-            self.verifier = MatchVerifier(target, sampling, params.seed, logit_bias=params.logit_bias,
-                                          logprobs=params.logprobs)
         self.checkpoint = TargetCheckpoint(target)
         k_hist = max(engine.k_max, self.k_fixed)
         self.stats = GenerationStats(n_prompt_tokens=len(prompt_tokens), drafted_per_pos=[0] * k_hist,
@@ -288,6 +282,15 @@ class StepRecord:
     t_process: float = 0.0
     t_sample: float = 0.0
     decoded: bool = True             # False: the target had no room (every part ends "length")
+
+
+@dataclass(frozen=True)
+class Commit:
+    """What settling kept of one verified part: ``n_keep`` of its new tokens and their final text."""
+
+    part: Part
+    n_keep: int
+    text: str
 
 
 @dataclass
@@ -623,50 +626,47 @@ class StepEngine:
 
     def _settle(self, rec: StepRecord) -> List[SeqEvent]:
         """Commit, roll back and account per sequence; one re-decode for checkpointed drafts."""
-        events: List[SeqEvent] = []
-        redo: List[Tuple[Part, int]] = []
-        kept: Dict[int, Tuple[int, str]] = {}
-        for p in rec.parts:
-            if not p.verify:
-                self._prefilled(p)
-                continue
-            if p.seq.error is not None:
-                continue
-            n_keep, piece = p.seq.commit(p.new_tokens, self.vocab)
-            kept[id(p)] = (n_keep, piece)
-            n_acc = min(p.n_acc, n_keep - 1)
-            p.n_acc = n_acc
-            if p.checkpoint and n_acc < len(p.proposal):
-                redo.append((p, n_acc))
+        commits = self._commit(rec)
+        redo = [(c.part, c.part.n_acc) for c in commits if c.part.checkpoint and c.part.n_acc < len(c.part.proposal)]
         if redo:
             self._redo(redo)
         t_end = time.perf_counter()
         self._observe_costs(rec, t_end)
+        events = [self._fail(p.seq, p.seq.error) for p in rec.parts if p.verify and p.seq.error is not None]
+        return events + [self._advance(c, rec, t_end) for c in commits]
+
+    def _commit(self, rec: StepRecord) -> List["Commit"]:
+        """Each verified part's tokens through EOG, stop strings and max_tokens (prompt chunks: prefilled)."""
+        commits: List[Commit] = []
         for p in rec.parts:
             if not p.verify:
-                continue
-            if p.seq.error is not None:
-                events.append(self._fail(p.seq, p.seq.error))
-                continue
-            seq, (n_keep, piece) = p.seq, kept[id(p)]
-            if p.proposal:
-                self.session.accept(seq.seq_id, p.n_acc)  # trims target and draft to n_past + 1 + n_acc
-            self._account(seq, p, n_keep, rec, t_end)
-            if seq.acceptance is not None:
-                seq.acceptance.observe(len(p.proposal), p.n_acc)
-            if p.proposal:
-                seq.idle = 1 + p.n_acc
-            seq.n_past += 1 + p.n_acc
-            seq.id_last = p.new_tokens[n_keep - 1]
-            done = seq.finished  # commit() ends it at EOG, a stop string or max_tokens
-            if not done and not p.proposal:
-                self._forget_idle(seq)
-            if done:
-                if not seq.params.raw:
-                    piece += seq.text.finish()
-                self._release(seq)
-            events.append(SeqEvent(seq, p.new_tokens[:n_keep], piece, done))
-        return events
+                self._prefilled(p)
+            elif p.seq.error is None:
+                n_keep, piece = p.seq.commit(p.new_tokens, self.vocab)
+                p.n_acc = min(p.n_acc, n_keep - 1)
+                commits.append(Commit(p, n_keep, piece))
+        return commits
+
+    def _advance(self, c: "Commit", rec: StepRecord, t_end: float) -> SeqEvent:
+        """Accept the kept drafts on both contexts and move the sequence past what it committed."""
+        p, seq, piece = c.part, c.part.seq, c.text
+        if p.proposal:
+            self.session.accept(seq.seq_id, p.n_acc)  # trims target and draft to n_past + 1 + n_acc
+        self._account(seq, p, c.n_keep, rec, t_end)
+        if seq.acceptance is not None:
+            seq.acceptance.observe(len(p.proposal), p.n_acc)
+        if p.proposal:
+            seq.idle = 1 + p.n_acc
+        seq.n_past += 1 + p.n_acc
+        seq.id_last = p.new_tokens[c.n_keep - 1]
+        done = seq.finished  # commit() ends it at EOG, a stop string or max_tokens
+        if not done and not p.proposal:
+            self._forget_idle(seq)
+        if done:
+            if not seq.params.raw:
+                piece += seq.text.finish()
+            self._release(seq)
+        return SeqEvent(seq, p.new_tokens[:c.n_keep], piece, done)
 
     def _forget_idle(self, seq: Sequence) -> None:
         """After a plain step: a long run of them drops the draft context's history but the last

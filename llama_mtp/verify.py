@@ -18,13 +18,13 @@ the sequence's rows ``row0 .. row0 + len(proposal)`` of that batch.
 from __future__ import annotations
 
 import ctypes
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import llama_cpp
 import numpy as np
 
 from . import _compat
-from .errors import MtpError
+from .errors import MtpArgumentError, MtpError
 
 
 def row_logits(llm: llama_cpp.Llama, row: int, n_vocab: int) -> np.ndarray:
@@ -196,3 +196,25 @@ def _distribution_chain(llm: llama_cpp.Llama, sampling: dict) -> _compat.LlamaSa
 def supports_rejection(sampling: dict) -> bool:
     """Rejection needs the target distribution: plain temperature sampling, no grammar/mirostat."""
     return sampling.get("temp", 0.0) > 0 and not sampling.get("mirostat_mode") and sampling.get("grammar") is None
+
+
+Verifier = Union[GreedyVerifier, MatchVerifier, RejectionVerifier]
+
+
+def make_verifier(target: Any, sampling: dict, *, verify: str, seed: Optional[int], own_drafts: bool,
+                  logit_bias: Optional[Dict[int, float]] = None, logprobs: Optional[int] = None) -> Verifier:
+    """The one choice of a sequence's verifier.
+
+    A per-row hook (``logit_bias``) or per-token ``logprobs`` make a plain-decoding sequence that
+    samples and matches; ``verify="rejection"`` (sampled drafts, lossless) where the sampling
+    settings allow it, which needs drafts from the session's own loop; plain greedy settings
+    take the argmax of each row; every other setting samples each row and matches the draft.
+    """
+    plain_only = logit_bias is not None or logprobs is not None
+    if verify == "rejection" and supports_rejection(sampling) and not plain_only:
+        if not own_drafts:
+            raise MtpArgumentError("verify='rejection' needs drafts sampled by the session's own draft loop")
+        return RejectionVerifier(target, sampling, seed)
+    if is_plain_greedy(sampling) and not plain_only:
+        return GreedyVerifier(target)
+    return MatchVerifier(target, sampling, seed, logit_bias=logit_bias, logprobs=logprobs)
