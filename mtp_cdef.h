@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 6
+#define MTP_ABI_VERSION 7
 
 struct llama_context;
 struct llama_batch;
@@ -44,8 +44,8 @@ typedef struct mtp_config {
     float   p_min;            /* stop drafting below this top-1 probability              */
     int32_t backend_sampling; /* upstream's draft sampling on the backend (1) or CPU (0) */
     int32_t defer_catchup;    /* 1: process() only records (token, pos, hidden state); the
-                                 next draft_ex decodes them on the draft context in the same
-                                 batch as its first draft token, so plain steps (no draft)
+                                 next draft_many decodes them on the draft context in the
+                                 same batch as its first draft token, so plain steps (no draft)
                                  cost no draft decode. Needs backend_sampling = 0; upstream's
                                  drafter (mtp_session_draft) is then unavailable, and
                                  MTP_MODE_MEM_SHARED pairs are refused (the own loop
@@ -89,8 +89,6 @@ typedef struct mtp_session_info {
     int32_t n_heads;          /* nextn layers of the draft model (>= 1)                   */
     int32_t n_max;            /* longest draft either loop proposes: n_draft_max, capped
                                  at n_heads in CHAIN_HEADS mode (as upstream caps it)    */
-    int32_t own_loop;         /* 1: the own draft loop (draft_ex / draft_many) implements
-                                 this mode; 0: only upstream's drafter does              */
 } mtp_session_info;
 
 int32_t      mtp_abi_version(void);
@@ -117,20 +115,15 @@ int32_t mtp_session_process(mtp_session * s, const struct llama_batch * batch);
 int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
                           int32_t n_max, int32_t * out, int32_t * inout_n);
 
-/* The session's own draft loop on the MTP context (same inputs as upstream's):
- * stops after n_max tokens, and with temp > 0 samples each token from
+/* The session's own draft loop on the MTP context (same inputs as upstream's),
+ * for one or several sequences (distinct seq ids): draft position i of every
+ * sequence still drafting is ONE decode on the MTP context (the first one also
+ * takes each sequence's deferred catch-up rows). Each request stops after its
+ * n_max tokens, and with temp > 0 samples each token from
  * q = softmax(top_k MTP logits / temp) with a PRNG seeded by seed; temp == 0
  * takes the argmax. q_out (NULL or n_max x n_vocab floats) receives q per
- * drafted position. Needs a session created with backend_sampling = 0. */
-int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last, int32_t n_max,
-                             float temp, int32_t top_k, uint32_t seed, float * q_out,
-                             int32_t * out, int32_t * inout_n);
-
-/* The own draft loop for several sequences at once (distinct seq ids): draft
- * position i of every sequence still drafting is ONE decode on the MTP context
- * (the first one also takes each sequence's deferred catch-up rows), then each
- * sequence samples as mtp_session_draft_ex. All checks run before anything
- * changes; on failure no request has a pending draft. */
+ * drafted position. Needs a session created with backend_sampling = 0. All
+ * checks run before anything changes; on failure no request has a pending draft. */
 int32_t mtp_session_draft_many(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs);
 
 /* Settle the pending proposal: n_accepted in [0, last draft length]. Trims the
@@ -154,8 +147,6 @@ int32_t mtp_probe_mode(struct llama_context * ctx_tgt, struct llama_context * ct
 int32_t mtp_session_get_info(mtp_session * s, mtp_session_info * out);
 
 int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int32_t * out);
-int32_t mtp_session_n_max(mtp_session * s, int32_t * out);
-int32_t mtp_session_n_seq(mtp_session * s, int32_t * out);
 
 /* Counters; drafted_per_pos[i] / accepted_per_pos[i]: drafts with more than i
  * tokens / accept calls with more than i accepted, for i < n_pos (may be NULL). */

@@ -263,11 +263,6 @@ class MtpSession:
         return self._defer_catchup
 
     @property
-    def need_embd(self) -> bool:
-        """MTP drafts from the target's pre-norm hidden states (always True)."""
-        return True
-
-    @property
     def target(self) -> ContextLike:
         return self._target_obj
 

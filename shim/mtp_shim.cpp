@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <exception>
 #include <map>
+#include <memory>
 #include <limits>
 #include <mutex>
 #include <string>
@@ -97,7 +98,7 @@ std::map<llama_context *, int> g_targets;
 
 struct seq_state {
     bool    pending   = false; // a non-empty draft awaits accept()
-    bool    own_draft = false; // the pending draft came from mtp_session_draft_ex
+    bool    own_draft = false; // the pending draft came from the own draft loop (draft_many)
     bool    upstream_drafted = false; // upstream's drafter has proposed for this seq at least once
     bool    verified  = false; // the verify batch for it went through process()
     int32_t last_len  = 0;     // length of the pending draft
@@ -309,6 +310,134 @@ MTP_EXPORT const char * mtp_build_info(void) {
     return llama_build_info();
 }
 
+namespace {
+
+// What mtp_session_new learns about the pair while checking it.
+struct pair_shape {
+    int32_t n_embd;           // hidden width, the same on both contexts
+    int32_t n_vocab;          // vocabulary size, the same on both models
+    bool    rollback_bounded; // recurrent/hybrid target
+};
+
+// The contexts and their models: one model with MTP heads behind a DEFAULT and an MTP context.
+pair_shape check_pair(llama_context * ctx_tgt, llama_context * ctx_dft, const mtp_config * cfg) {
+    if (ctx_tgt == ctx_dft) fail(MTP_ERR_INIT, "target and draft are the same context; the draft must be a separate MTP context");
+
+    const llama_model * m_tgt = llama_get_model(ctx_tgt);
+    const llama_model * m_dft = llama_get_model(ctx_dft);
+    if (m_tgt == nullptr || m_dft == nullptr) fail(MTP_ERR_INIT, "context has no model");
+
+    // llama.h has no getter for a context's type: the caller, who built the param structs, says
+    if (cfg->ctx_type_tgt != LLAMA_CONTEXT_TYPE_DEFAULT) {
+        fail(MTP_ERR_INIT, "the target context is not a DEFAULT context (is it the MTP context? pass target first, draft second)");
+    }
+    if (cfg->ctx_type_dft != LLAMA_CONTEXT_TYPE_MTP) {
+        fail(MTP_ERR_INIT, "the draft context is not an MTP context: create it with ctx_type = LLAMA_CONTEXT_TYPE_MTP on the target's model (llama_mtp.load does this)");
+    }
+    if (llama_model_n_layer_nextn(m_dft) <= 0) {
+        fail(MTP_ERR_INIT, "the draft model has no MTP (nextn) layers; use a model that ships MTP heads");
+    }
+    const int32_t n_embd_tgt = llama_model_n_embd_out(m_tgt);
+    const int32_t n_embd_dft = llama_model_n_embd_out(m_dft);
+    if (n_embd_tgt != n_embd_dft) {
+        fail(MTP_ERR_INIT, "hidden widths differ: target n_embd_out=%d, draft n_embd_out=%d; the MTP context must belong to the target's model",
+             n_embd_tgt, n_embd_dft);
+    }
+    const int32_t n_vocab_tgt = llama_vocab_n_tokens(llama_model_get_vocab(m_tgt));
+    const int32_t n_vocab_dft = llama_vocab_n_tokens(llama_model_get_vocab(m_dft));
+    if (n_vocab_tgt != n_vocab_dft) {
+        fail(MTP_ERR_INIT, "vocabularies differ: target %d tokens, draft %d tokens", n_vocab_tgt, n_vocab_dft);
+    }
+    if (llama_get_memory(ctx_tgt) == nullptr || llama_get_memory(ctx_dft) == nullptr) {
+        fail(MTP_ERR_INIT, "a context has no memory (embedding-only context?)");
+    }
+    return { n_embd_tgt, n_vocab_tgt, llama_model_is_recurrent(m_tgt) || llama_model_is_hybrid(m_tgt) };
+}
+
+// The config's sizes against the contexts: every batch the session builds must fit.
+void check_sizes(llama_context * ctx_tgt, llama_context * ctx_dft, const mtp_config * cfg) {
+    if (cfg->n_seq < 1) fail(MTP_ERR_ARG, "n_seq must be >= 1 (got %d)", cfg->n_seq);
+    if ((uint32_t) cfg->n_seq > llama_n_seq_max(ctx_tgt) || (uint32_t) cfg->n_seq > llama_n_seq_max(ctx_dft)) {
+        fail(MTP_ERR_ARG, "n_seq=%d exceeds the contexts' n_seq_max (target %u, draft %u)",
+             cfg->n_seq, llama_n_seq_max(ctx_tgt), llama_n_seq_max(ctx_dft));
+    }
+    if (cfg->n_draft_max < 1) fail(MTP_ERR_ARG, "n_draft_max must be >= 1 (got %d)", cfg->n_draft_max);
+    if (cfg->n_draft_max > 65535) fail(MTP_ERR_ARG, "n_draft_max must be <= 65535 (got %d)", cfg->n_draft_max);
+    if ((uint32_t) cfg->n_draft_max + 1 > llama_n_batch(ctx_tgt)) {
+        fail(MTP_ERR_ARG, "n_draft_max=%d needs a verify batch of %d tokens but the target's n_batch is %u",
+             cfg->n_draft_max, cfg->n_draft_max + 1, llama_n_batch(ctx_tgt));
+    }
+    if ((uint32_t) cfg->n_seq * (uint32_t) (cfg->n_draft_max + 1) > llama_n_batch(ctx_dft)) {
+        fail(MTP_ERR_ARG, "draft context n_batch=%u is too small for n_seq=%d x (n_draft_max+1)=%d",
+             llama_n_batch(ctx_dft), cfg->n_seq, cfg->n_draft_max + 1);
+    }
+    if (cfg->n_min < 0 || cfg->n_min > cfg->n_draft_max) {
+        fail(MTP_ERR_ARG, "n_min must be in [0, n_draft_max=%d] (got %d)", cfg->n_draft_max, cfg->n_min);
+    }
+    if (!(cfg->p_min >= 0.0f && cfg->p_min <= 1.0f)) {
+        fail(MTP_ERR_ARG, "p_min must be in [0, 1] (got %g)", (double) cfg->p_min);
+    }
+}
+
+// The pair's draft mode, refused where the config needs the own draft loop and the loop
+// does not implement the mode.
+int32_t check_mode(llama_context * ctx_tgt, llama_context * ctx_dft, const mtp_config * cfg, int32_t * n_heads) {
+    if (cfg->defer_catchup && cfg->backend_sampling) {
+        fail(MTP_ERR_ARG, "defer_catchup needs backend_sampling=0 (deferred rows are decoded by the own draft loop, mtp_session_draft_many, which reads the draft logits)");
+    }
+    const int32_t mode = draft_mode(ctx_tgt, ctx_dft, n_heads);
+    if (mode == MTP_MODE_MEM_SHARED && cfg->defer_catchup) {
+        fail(MTP_ERR_INIT, "the draft context shares the target's KV (is_mem_shared: a gemma4 assistant), a mode the session's own draft loop does not implement: create the session with defer_catchup=0 and draft with upstream's drafter (mtp_session_draft)");
+    }
+    return mode;
+}
+
+// Upstream's drafter on the pair (type draft-mtp), with the config's draft parameters.
+void init_upstream(mtp_session * s, const mtp_config * cfg) {
+    s->params.types                  = { COMMON_SPECULATIVE_TYPE_DRAFT_MTP };
+    s->params.draft.n_max            = cfg->n_draft_max;
+    s->params.draft.n_min            = cfg->n_min;
+    s->params.draft.p_min            = cfg->p_min;
+    s->params.draft.backend_sampling = cfg->backend_sampling != 0;
+    s->params.draft.ctx_tgt          = s->tgt;
+    s->params.draft.ctx_dft          = s->dft;
+
+    s->spec = common_speculative_init(s->params, (uint32_t) cfg->n_seq);
+    if (s->spec == nullptr) {
+        fail(MTP_ERR_INIT, "upstream common_speculative_init returned no drafter");
+    }
+}
+
+// A session on a checked pair; the caller registers it on the target once it is built.
+std::unique_ptr<mtp_session> make_session(llama_context * ctx_tgt, llama_context * ctx_dft, const mtp_config * cfg,
+                                          const pair_shape & shape, int32_t mode, int32_t n_heads) {
+    auto s = std::make_unique<mtp_session>();
+    s->tgt         = ctx_tgt;
+    s->dft         = ctx_dft;
+    s->n_seq       = cfg->n_seq;
+    s->n_draft_max = cfg->n_draft_max;
+    s->n_vocab     = shape.n_vocab;
+    s->rollback_bounded = shape.rollback_bounded;
+    s->mode    = mode;
+    s->n_heads = n_heads;
+    init_upstream(s.get(), cfg);
+    s->cbatch = common_batch(ctx_tgt);
+    s->dbatch = common_batch(ctx_dft);
+    s->n_embd = shape.n_embd;
+    s->backend_sampling = cfg->backend_sampling != 0;
+    s->defer_catchup    = cfg->defer_catchup != 0;
+    s->deferred.assign(cfg->n_seq, deferred_rows{});
+    s->pending_h.assign(cfg->n_seq, std::vector<float>(shape.n_embd, 0.0f));
+    s->verify_h.assign(cfg->n_seq, {});
+    s->seqs.assign(cfg->n_seq, seq_state{});
+    s->result.reserve(cfg->n_draft_max);
+    s->drafted_per_pos.assign(cfg->n_draft_max, 0);
+    s->accepted_per_pos.assign(cfg->n_draft_max, 0);
+    return s;
+}
+
+} // namespace
+
 MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_dft,
                                    const mtp_config * cfg, mtp_session ** out) {
     return guarded([&] {
@@ -317,102 +446,11 @@ MTP_EXPORT int32_t mtp_session_new(llama_context * ctx_tgt, llama_context * ctx_
         if (ctx_tgt == nullptr) fail(MTP_ERR_NULL, "target context is NULL");
         if (ctx_dft == nullptr) fail(MTP_ERR_NULL, "draft context is NULL");
         if (cfg == nullptr)     fail(MTP_ERR_NULL, "config is NULL");
-        if (ctx_tgt == ctx_dft) fail(MTP_ERR_INIT, "target and draft are the same context; the draft must be a separate MTP context");
-
-        const llama_model * m_tgt = llama_get_model(ctx_tgt);
-        const llama_model * m_dft = llama_get_model(ctx_dft);
-        if (m_tgt == nullptr || m_dft == nullptr) fail(MTP_ERR_INIT, "context has no model");
-
-        // llama.h has no getter for a context's type: the caller, who built the param structs, says
-        if (cfg->ctx_type_tgt != LLAMA_CONTEXT_TYPE_DEFAULT) {
-            fail(MTP_ERR_INIT, "the target context is not a DEFAULT context (is it the MTP context? pass target first, draft second)");
-        }
-        if (cfg->ctx_type_dft != LLAMA_CONTEXT_TYPE_MTP) {
-            fail(MTP_ERR_INIT, "the draft context is not an MTP context: create it with ctx_type = LLAMA_CONTEXT_TYPE_MTP on the target's model (llama_mtp.load does this)");
-        }
-        if (llama_model_n_layer_nextn(m_dft) <= 0) {
-            fail(MTP_ERR_INIT, "the draft model has no MTP (nextn) layers; use a model that ships MTP heads");
-        }
-        const int32_t n_embd_tgt = llama_model_n_embd_out(m_tgt);
-        const int32_t n_embd_dft = llama_model_n_embd_out(m_dft);
-        if (n_embd_tgt != n_embd_dft) {
-            fail(MTP_ERR_INIT, "hidden widths differ: target n_embd_out=%d, draft n_embd_out=%d; the MTP context must belong to the target's model",
-                 n_embd_tgt, n_embd_dft);
-        }
-        const int32_t n_vocab_tgt = llama_vocab_n_tokens(llama_model_get_vocab(m_tgt));
-        const int32_t n_vocab_dft = llama_vocab_n_tokens(llama_model_get_vocab(m_dft));
-        if (n_vocab_tgt != n_vocab_dft) {
-            fail(MTP_ERR_INIT, "vocabularies differ: target %d tokens, draft %d tokens", n_vocab_tgt, n_vocab_dft);
-        }
-        if (llama_get_memory(ctx_tgt) == nullptr || llama_get_memory(ctx_dft) == nullptr) {
-            fail(MTP_ERR_INIT, "a context has no memory (embedding-only context?)");
-        }
-
-        if (cfg->n_seq < 1) fail(MTP_ERR_ARG, "n_seq must be >= 1 (got %d)", cfg->n_seq);
-        if ((uint32_t) cfg->n_seq > llama_n_seq_max(ctx_tgt) || (uint32_t) cfg->n_seq > llama_n_seq_max(ctx_dft)) {
-            fail(MTP_ERR_ARG, "n_seq=%d exceeds the contexts' n_seq_max (target %u, draft %u)",
-                 cfg->n_seq, llama_n_seq_max(ctx_tgt), llama_n_seq_max(ctx_dft));
-        }
-        if (cfg->n_draft_max < 1) fail(MTP_ERR_ARG, "n_draft_max must be >= 1 (got %d)", cfg->n_draft_max);
-        if (cfg->n_draft_max > 65535) fail(MTP_ERR_ARG, "n_draft_max must be <= 65535 (got %d)", cfg->n_draft_max);
-        if ((uint32_t) cfg->n_draft_max + 1 > llama_n_batch(ctx_tgt)) {
-            fail(MTP_ERR_ARG, "n_draft_max=%d needs a verify batch of %d tokens but the target's n_batch is %u",
-                 cfg->n_draft_max, cfg->n_draft_max + 1, llama_n_batch(ctx_tgt));
-        }
-        if ((uint32_t) cfg->n_seq * (uint32_t) (cfg->n_draft_max + 1) > llama_n_batch(ctx_dft)) {
-            fail(MTP_ERR_ARG, "draft context n_batch=%u is too small for n_seq=%d x (n_draft_max+1)=%d",
-                 llama_n_batch(ctx_dft), cfg->n_seq, cfg->n_draft_max + 1);
-        }
-        if (cfg->n_min < 0 || cfg->n_min > cfg->n_draft_max) {
-            fail(MTP_ERR_ARG, "n_min must be in [0, n_draft_max=%d] (got %d)", cfg->n_draft_max, cfg->n_min);
-        }
-        if (!(cfg->p_min >= 0.0f && cfg->p_min <= 1.0f)) {
-            fail(MTP_ERR_ARG, "p_min must be in [0, 1] (got %g)", (double) cfg->p_min);
-        }
-
-        if (cfg->defer_catchup && cfg->backend_sampling) {
-            fail(MTP_ERR_ARG, "defer_catchup needs backend_sampling=0 (deferred rows are decoded by mtp_session_draft_ex)");
-        }
+        const pair_shape shape = check_pair(ctx_tgt, ctx_dft, cfg);
+        check_sizes(ctx_tgt, ctx_dft, cfg);
         int32_t n_heads = 1;
-        const int32_t mode = draft_mode(ctx_tgt, ctx_dft, &n_heads);
-        if (mode == MTP_MODE_MEM_SHARED && cfg->defer_catchup) {
-            fail(MTP_ERR_INIT, "the draft context shares the target's KV (is_mem_shared: a gemma4 assistant), a mode the session's own draft loop does not implement: create the session with defer_catchup=0 and draft with upstream's drafter (mtp_session_draft)");
-        }
-
-        auto s = std::make_unique<mtp_session>();
-        s->tgt         = ctx_tgt;
-        s->dft         = ctx_dft;
-        s->n_seq       = cfg->n_seq;
-        s->n_draft_max = cfg->n_draft_max;
-        s->n_vocab     = n_vocab_tgt;
-        s->rollback_bounded = llama_model_is_recurrent(m_tgt) || llama_model_is_hybrid(m_tgt);
-        s->mode    = mode;
-        s->n_heads = n_heads;
-
-        s->params.types                  = { COMMON_SPECULATIVE_TYPE_DRAFT_MTP };
-        s->params.draft.n_max            = cfg->n_draft_max;
-        s->params.draft.n_min            = cfg->n_min;
-        s->params.draft.p_min            = cfg->p_min;
-        s->params.draft.backend_sampling = cfg->backend_sampling != 0;
-        s->params.draft.ctx_tgt          = ctx_tgt;
-        s->params.draft.ctx_dft          = ctx_dft;
-
-        s->spec = common_speculative_init(s->params, (uint32_t) cfg->n_seq);
-        if (s->spec == nullptr) {
-            fail(MTP_ERR_INIT, "upstream common_speculative_init returned no drafter");
-        }
-        s->cbatch = common_batch(ctx_tgt);
-        s->dbatch = common_batch(ctx_dft);
-        s->n_embd = n_embd_tgt;
-        s->backend_sampling = cfg->backend_sampling != 0;
-        s->defer_catchup    = cfg->defer_catchup != 0;
-        s->deferred.assign(cfg->n_seq, deferred_rows{});
-        s->pending_h.assign(cfg->n_seq, std::vector<float>(n_embd_tgt, 0.0f));
-        s->verify_h.assign(cfg->n_seq, {});
-        s->seqs.assign(cfg->n_seq, seq_state{});
-        s->result.reserve(cfg->n_draft_max);
-        s->drafted_per_pos.assign(cfg->n_draft_max, 0);
-        s->accepted_per_pos.assign(cfg->n_draft_max, 0);
+        const int32_t mode = check_mode(ctx_tgt, ctx_dft, cfg, &n_heads);
+        auto s = make_session(ctx_tgt, ctx_dft, cfg, shape, mode, n_heads);
         {
             std::lock_guard<std::mutex> lock(g_targets_mu);
             g_targets[ctx_tgt]++;
@@ -458,123 +496,161 @@ MTP_EXPORT int32_t mtp_session_begin(mtp_session * s, int32_t seq_id, const int3
     });
 }
 
+namespace {
+
+// Each sequence's run of rows in a processed batch: [first[sid], last[sid]], -1 if absent.
+struct seq_runs {
+    std::vector<int32_t> first;
+    std::vector<int32_t> last;
+};
+
+// What process() can check on the batch alone, before reading its rows.
+void check_process_batch(const mtp_session * s, const llama_batch * batch) {
+    if (batch == nullptr) fail(MTP_ERR_NULL, "batch is NULL");
+    const int32_t n = batch->n_tokens;
+    if (n <= 0) fail(MTP_ERR_PROCESS, "the batch is empty (n_tokens=%d); pass the batch that was just decoded on the target", n);
+    if ((uint32_t) n > llama_n_batch(s->tgt)) {
+        fail(MTP_ERR_PROCESS, "the batch has %d tokens, more than the target's n_batch=%u: it cannot be the batch the target just decoded",
+             n, llama_n_batch(s->tgt));
+    }
+    if (batch->token == nullptr) fail(MTP_ERR_PROCESS, "embedding-only batches cannot be drafted from (batch.token is NULL)");
+    if (batch->pos == nullptr)   fail(MTP_ERR_PROCESS, "batch.pos is NULL: MTP needs explicit positions");
+    if (llama_get_embeddings_nextn(s->tgt) == nullptr) {
+        fail(MTP_ERR_PROCESS, "the target has produced no hidden states yet: decode the batch on the target (after creating the session) before process()");
+    }
+}
+
+// The seq ids of batch row i, each checked against the session's range.
+void row_seq_ids(const mtp_session * s, const llama_batch * batch, int32_t i, std::vector<llama_seq_id> & ids) {
+    ids.clear();
+    const int32_t n_ids = batch->n_seq_id ? batch->n_seq_id[i] : 1;
+    if (n_ids < 1) fail(MTP_ERR_PROCESS, "token at index %d has n_seq_id=%d", i, n_ids);
+    for (int32_t j = 0; j < n_ids; ++j) {
+        const llama_seq_id sid = (batch->seq_id && batch->seq_id[i]) ? batch->seq_id[i][j] : 0;
+        if (sid < 0 || sid >= s->n_seq) {
+            fail(MTP_ERR_SEQ, "token at index %d belongs to seq_id %d, outside this session's 0..%d (n_seq=%d)",
+                 i, sid, s->n_seq - 1, s->n_seq);
+        }
+        ids.push_back(sid);
+    }
+}
+
+// Each sequence's run in the batch, checked row by row: upstream assumes each sequence's
+// tokens are contiguous and consecutive. Without defer_catchup the rows also go into the
+// session's cbatch, the copy upstream's process() reads.
+seq_runs scan_batch(mtp_session * s, const llama_batch * batch) {
+    const int32_t n = batch->n_tokens;
+    seq_runs runs { std::vector<int32_t>(s->n_seq, -1), std::vector<int32_t>(s->n_seq, -1) };
+    s->cbatch.clear();
+    std::vector<llama_seq_id> ids;
+    for (int32_t i = 0; i < n; ++i) {
+        const llama_token tok = batch->token[i];
+        if (tok < 0 || tok >= s->n_vocab) {
+            fail(MTP_ERR_PROCESS, "token %d at index %d is outside the vocabulary [0, %d)", tok, i, s->n_vocab);
+        }
+        row_seq_ids(s, batch, i, ids);
+        const llama_seq_id sid = ids[0];
+        if (runs.first[sid] < 0) {
+            runs.first[sid] = i;
+        } else if (runs.last[sid] != i - 1) {
+            fail(MTP_ERR_PROCESS, "tokens of seq_id %d are not contiguous in the batch (index %d)", sid, i);
+        } else if (batch->pos[i] != batch->pos[i - 1] + 1) {
+            fail(MTP_ERR_PROCESS, "positions of seq_id %d are not consecutive at index %d (%d after %d)",
+                 sid, i, batch->pos[i], batch->pos[i - 1]);
+        }
+        runs.last[sid] = i;
+        if (!s->defer_catchup) { // upstream's process() reads it; a deferring session records rows instead
+            const bool output = batch->logits ? batch->logits[i] != 0 : i == n - 1;
+            s->cbatch.add(tok, batch->pos[i], ids, output);
+        }
+    }
+    return runs;
+}
+
+// Every run must continue both the target (it was just decoded there) and what the drafter saw.
+void check_runs_continue(mtp_session * s, const llama_batch * batch, const seq_runs & runs) {
+    for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+        if (runs.first[sid] < 0) continue;
+        const llama_pos p_first = batch->pos[runs.first[sid]];
+        const llama_pos p_last  = batch->pos[runs.last[sid]];
+        const llama_pos tgt_max = pos_max(s->tgt, sid);
+        if (tgt_max != p_last) {
+            fail(MTP_ERR_PROCESS, "seq_id %d: the batch ends at position %d but the target holds positions up to %d: pass the batch that was just decoded on the target",
+                 sid, p_last, tgt_max);
+        }
+        // deferred rows the batch decodes again are replaced, so with defer_catchup a
+        // rollback needs no trim of the draft context and processing twice is harmless
+        const llama_pos dft_max = drafter_pos_max(s, sid, p_first);
+        if (!shares_memory(s) && dft_max != p_first - 1) {
+            fail(MTP_ERR_PROCESS, "seq_id %d: the batch starts at position %d but the drafter has seen positions up to %d: every target decode must go through process() exactly once, in order",
+                 sid, p_first, dft_max);
+        }
+    }
+}
+
+// defer_catchup: record what upstream's process() would decode: token p with the hidden state after p-1.
+void record_deferred(mtp_session * s, const llama_batch * batch, const seq_runs & runs) {
+    for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+        if (runs.first[sid] < 0) continue;
+        deferred_rows & d = s->deferred[sid];
+        for (int32_t i = runs.first[sid]; i <= runs.last[sid]; ++i) {
+            const float * h = i == runs.first[sid] ? s->pending_h[sid].data()
+                                                   : llama_get_embeddings_nextn_ith(s->tgt, i - 1);
+            if (h == nullptr) fail(MTP_ERR_INTERNAL, "the target has no hidden state for batch row %d", i - 1);
+            d.tok.push_back(batch->token[i]);
+            d.pos.push_back(batch->pos[i]);
+            d.h.insert(d.h.end(), h, h + s->n_embd);
+        }
+    }
+}
+
+// Keep the target's hidden states of each run, the rows upstream keeps: row i is the state
+// after batch token first+i; accept() picks the one after the last accepted token.
+void keep_verify_rows(mtp_session * s, const seq_runs & runs) {
+    const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
+    for (int32_t sid = 0; sid < s->n_seq; ++sid) {
+        if (runs.first[sid] < 0) continue;
+        seq_state & st = s->seqs[sid];
+        st.n_verify = runs.last[sid] - runs.first[sid] + 1;
+        auto & rows = s->verify_h[sid];
+        rows.resize((size_t) st.n_verify * s->n_embd);
+        for (int32_t i = 0; i < st.n_verify; ++i) {
+            const float * h = llama_get_embeddings_nextn_ith(s->tgt, runs.first[sid] + i);
+            if (h == nullptr) fail(MTP_ERR_INTERNAL, "the target has no hidden state for batch row %d", runs.first[sid] + i);
+            std::memcpy(rows.data() + (size_t) i * s->n_embd, h, row_bytes);
+        }
+        std::memcpy(s->pending_h[sid].data(), rows.data() + (size_t) (st.n_verify - 1) * s->n_embd, row_bytes);
+        if (st.pending) {
+            st.verified = true;
+        }
+        // a long run (prompt) gains nothing from waiting: decode it now, keep memory small
+        if (s->defer_catchup && s->deferred[sid].size() >= (size_t) llama_n_ubatch(s->dft)) {
+            decode_deferred(s, { sid });
+        }
+    }
+}
+
+} // namespace
+
 MTP_EXPORT int32_t mtp_session_process(mtp_session * s, const llama_batch * batch) {
     return guarded([&] {
         check_session(s);
         std::lock_guard<std::mutex> lock(s->mu);
         scoped_timer timer(s->stats.t_process_us);
-        if (batch == nullptr) fail(MTP_ERR_NULL, "batch is NULL");
-
-        const int32_t n = batch->n_tokens;
-        if (n <= 0) fail(MTP_ERR_PROCESS, "the batch is empty (n_tokens=%d); pass the batch that was just decoded on the target", n);
-        if ((uint32_t) n > llama_n_batch(s->tgt)) {
-            fail(MTP_ERR_PROCESS, "the batch has %d tokens, more than the target's n_batch=%u: it cannot be the batch the target just decoded",
-                 n, llama_n_batch(s->tgt));
-        }
-        if (batch->token == nullptr) fail(MTP_ERR_PROCESS, "embedding-only batches cannot be drafted from (batch.token is NULL)");
-        if (batch->pos == nullptr)   fail(MTP_ERR_PROCESS, "batch.pos is NULL: MTP needs explicit positions");
-        if (llama_get_embeddings_nextn(s->tgt) == nullptr) {
-            fail(MTP_ERR_PROCESS, "the target has produced no hidden states yet: decode the batch on the target (after creating the session) before process()");
-        }
-
-        // per-seq runs: upstream assumes each sequence's tokens are contiguous and consecutive
-        std::vector<int32_t> first(s->n_seq, -1), last(s->n_seq, -1);
-        s->cbatch.clear();
-        std::vector<llama_seq_id> ids;
-        for (int32_t i = 0; i < n; ++i) {
-            const llama_token tok = batch->token[i];
-            if (tok < 0 || tok >= s->n_vocab) {
-                fail(MTP_ERR_PROCESS, "token %d at index %d is outside the vocabulary [0, %d)", tok, i, s->n_vocab);
-            }
-            ids.clear();
-            const int32_t n_ids = batch->n_seq_id ? batch->n_seq_id[i] : 1;
-            if (n_ids < 1) fail(MTP_ERR_PROCESS, "token at index %d has n_seq_id=%d", i, n_ids);
-            for (int32_t j = 0; j < n_ids; ++j) {
-                const llama_seq_id sid = (batch->seq_id && batch->seq_id[i]) ? batch->seq_id[i][j] : 0;
-                if (sid < 0 || sid >= s->n_seq) {
-                    fail(MTP_ERR_SEQ, "token at index %d belongs to seq_id %d, outside this session's 0..%d (n_seq=%d)",
-                         i, sid, s->n_seq - 1, s->n_seq);
-                }
-                ids.push_back(sid);
-            }
-            const llama_seq_id sid = ids[0];
-            if (first[sid] < 0) {
-                first[sid] = i;
-            } else if (last[sid] != i - 1) {
-                fail(MTP_ERR_PROCESS, "tokens of seq_id %d are not contiguous in the batch (index %d)", sid, i);
-            } else if (batch->pos[i] != batch->pos[i - 1] + 1) {
-                fail(MTP_ERR_PROCESS, "positions of seq_id %d are not consecutive at index %d (%d after %d)",
-                     sid, i, batch->pos[i], batch->pos[i - 1]);
-            }
-            last[sid] = i;
-            if (!s->defer_catchup) { // upstream's process() reads it; a deferring session records rows instead
-                const bool output = batch->logits ? batch->logits[i] != 0 : i == n - 1;
-                s->cbatch.add(tok, batch->pos[i], ids, output);
-            }
-        }
-
+        check_process_batch(s, batch);
+        const seq_runs runs = scan_batch(s, batch);
+        check_runs_continue(s, batch, runs);
         for (int32_t sid = 0; sid < s->n_seq; ++sid) {
-            if (first[sid] < 0) continue;
-            const llama_pos p_first = batch->pos[first[sid]];
-            const llama_pos p_last  = batch->pos[last[sid]];
-            const llama_pos tgt_max = pos_max(s->tgt, sid);
-            if (tgt_max != p_last) {
-                fail(MTP_ERR_PROCESS, "seq_id %d: the batch ends at position %d but the target holds positions up to %d: pass the batch that was just decoded on the target",
-                     sid, p_last, tgt_max);
-            }
-            // deferred rows the batch decodes again are replaced, so with defer_catchup a
-            // rollback needs no trim of the draft context and processing twice is harmless
-            const llama_pos dft_max = drafter_pos_max(s, sid, p_first);
-            if (!shares_memory(s) && dft_max != p_first - 1) {
-                fail(MTP_ERR_PROCESS, "seq_id %d: the batch starts at position %d but the drafter has seen positions up to %d: every target decode must go through process() exactly once, in order",
-                     sid, p_first, dft_max);
-            }
-        }
-
-        const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
-        for (int32_t sid = 0; sid < s->n_seq; ++sid) {
-            if (first[sid] >= 0) sync_deferred(s, sid, batch->pos[first[sid]]); // every check passed
+            if (runs.first[sid] >= 0) sync_deferred(s, sid, batch->pos[runs.first[sid]]); // every check passed
         }
         if (s->defer_catchup) {
-            // record what upstream's process() would decode: token p with the hidden state after p-1
-            for (int32_t sid = 0; sid < s->n_seq; ++sid) {
-                if (first[sid] < 0) continue;
-                deferred_rows & d = s->deferred[sid];
-                for (int32_t i = first[sid]; i <= last[sid]; ++i) {
-                    const float * h = i == first[sid] ? s->pending_h[sid].data()
-                                                      : llama_get_embeddings_nextn_ith(s->tgt, i - 1);
-                    if (h == nullptr) fail(MTP_ERR_INTERNAL, "the target has no hidden state for batch row %d", i - 1);
-                    d.tok.push_back(batch->token[i]);
-                    d.pos.push_back(batch->pos[i]);
-                    d.h.insert(d.h.end(), h, h + s->n_embd);
-                }
-            }
+            record_deferred(s, batch, runs);
         } else if (!common_speculative_process(s->spec, s->cbatch)) {
             fail(MTP_ERR_DECODE, "the draft context failed to decode the batch (see llama.cpp log)");
         }
-        for (int32_t sid = 0; sid < s->n_seq; ++sid) {
-            if (first[sid] < 0) continue;
-            seq_state & st = s->seqs[sid];
-            st.n_verify = last[sid] - first[sid] + 1;
-            // same rows upstream keeps: row i is the target's hidden state after batch token first+i
-            auto & rows = s->verify_h[sid];
-            rows.resize((size_t) st.n_verify * s->n_embd);
-            for (int32_t i = 0; i < st.n_verify; ++i) {
-                const float * h = llama_get_embeddings_nextn_ith(s->tgt, first[sid] + i);
-                if (h == nullptr) fail(MTP_ERR_INTERNAL, "the target has no hidden state for batch row %d", first[sid] + i);
-                std::memcpy(rows.data() + (size_t) i * s->n_embd, h, row_bytes);
-            }
-            std::memcpy(s->pending_h[sid].data(), rows.data() + (size_t) (st.n_verify - 1) * s->n_embd, row_bytes);
-            if (st.pending) {
-                st.verified = true;
-            }
-            // a long run (prompt) gains nothing from waiting: decode it now, keep memory small
-            if (s->defer_catchup && s->deferred[sid].size() >= (size_t) llama_n_ubatch(s->dft)) {
-                decode_deferred(s, { sid });
-            }
-        }
+        keep_verify_rows(s, runs);
         s->stats.n_process_calls++;
-        s->stats.n_process_tokens += n;
+        s->stats.n_process_tokens += batch->n_tokens;
     });
 }
 
@@ -644,7 +720,7 @@ MTP_EXPORT int32_t mtp_session_draft(mtp_session * s, int32_t seq_id, int32_t po
         std::lock_guard<std::mutex> lock(s->mu);
         scoped_timer timer(s->stats.t_draft_us);
         if (s->defer_catchup) {
-            fail(MTP_ERR_ARG, "this session defers catch-up decodes (defer_catchup=1), which upstream's drafter cannot see: draft with mtp_session_draft_ex");
+            fail(MTP_ERR_ARG, "this session defers catch-up decodes (defer_catchup=1), which upstream's drafter cannot see: draft with the own draft loop (mtp_session_draft_many; MtpSession.draft_dist or draft_many)");
         }
         n_max = check_draft(s, seq_id, pos0, id_last, n_max, out, inout_n);
         s->stats.n_draft_calls++;
@@ -726,11 +802,8 @@ llama_token pick_draft_token(mtp_session * s, const float * logits, float temp, 
     return pick;
 }
 
-// The session's own draft loop, mirroring upstream's MTP drafter (hidden-state carry-over:
-// each draft row feeds the MTP block the hidden state its previous row produced), for
-// several sequences in lockstep: draft position i of every sequence still drafting is one
-// decode on the draft context, and the first also takes their deferred catch-up rows.
-void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
+// Every check of a draft_many call, before anything changes; fixes each request's n_max.
+void check_draft_reqs(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
     if (n_reqs < 0) fail(MTP_ERR_ARG, "n_reqs must be >= 0 (got %d)", n_reqs);
     if (n_reqs > 0 && reqs == nullptr) fail(MTP_ERR_NULL, "reqs is NULL but n_reqs=%d", n_reqs);
     if (s->backend_sampling) {
@@ -739,7 +812,7 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
     std::vector<char> seen(s->n_seq, 0);
     for (int32_t r = 0; r < n_reqs; ++r) {
         mtp_draft_req & q = reqs[r];
-        int32_t capacity = s->n_draft_max;
+        int32_t capacity = s->n_draft_max; // out's capacity is n_draft_max by contract
         q.n_max = check_draft(s, q.seq_id, q.pos0, q.id_last, q.n_max, q.out, &capacity);
         if (seen[q.seq_id]) fail(MTP_ERR_ARG, "seq_id %d appears twice in one draft_many call", q.seq_id);
         seen[q.seq_id] = 1;
@@ -751,12 +824,10 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
     if (s->mode == MTP_MODE_MEM_SHARED) {
         fail(MTP_ERR_ARG, "the own draft loop does not implement the is_mem_shared mode (gemma4 assistant): draft with mtp_session_draft");
     }
-    // every check passed: from here on the calls count and state changes
-    for (int32_t r = 0; r < n_reqs; ++r) {
-        reqs[r].n_out = 0;
-        s->stats.n_draft_calls++;
-        sync_deferred(s, reqs[r].seq_id, reqs[r].pos0);
-    }
+}
+
+// Decode deferred rows ahead of the draft loop where its first decode cannot take them.
+void catch_up_before_drafting(mtp_session * s, const mtp_draft_req * reqs, int32_t n_reqs) {
     // the first decode holds every drafting sequence's deferred rows plus one row each:
     // catch sequences up on their own while that would not fit one batch
     const size_t n_batch = std::max<size_t>(1, llama_n_batch(s->dft));
@@ -780,85 +851,129 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
             n_first -= n_def;
         }
     }
+}
 
-    struct lane {
-        int32_t            req;
-        llama_token        tok;
-        std::vector<float> h;      // chained heads: one row per draft-region position (upstream's chain_h)
-        std::mt19937       rng;
-        bool               active;
-        int32_t            idx;
-    };
-    const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
-    std::vector<lane> lanes;
+// One drafting sequence of the own draft loop (upstream keeps the same per-seq state).
+struct draft_lane {
+    int32_t            req;    // index into the draft_many requests
+    llama_token        tok;    // the token the next row feeds
+    std::vector<float> h;      // hidden state fed with it; chained heads: one row per draft-region position (upstream's chain_h)
+    std::mt19937       rng;
+    bool               active; // false once p_min stopped the draft
+    int32_t            idx;    // the lane's output row in the last decode
+};
+
+std::vector<draft_lane> make_lanes(const mtp_session * s, const mtp_draft_req * reqs, int32_t n_reqs) {
+    std::vector<draft_lane> lanes;
     for (int32_t r = 0; r < n_reqs; ++r) {
         if (reqs[r].n_max == 0) continue;
         lanes.push_back({ r, reqs[r].id_last, s->pending_h[reqs[r].seq_id], std::mt19937(reqs[r].seed), true, -1 });
     }
+    return lanes;
+}
+
+bool drafts_at(const draft_lane & l, const mtp_draft_req & q, int32_t i) { return l.active && i < q.n_max; }
+
+// Chained heads: head i rebuilds its own layer's KV over the whole draft region: rows
+// [id_last, draft...] at pos0.., row t fed the hidden state head t-1 gave (row 0: the
+// target's), only the last one an output (upstream's draft()).
+void add_chain_rows(mtp_session * s, const mtp_draft_req & q, draft_lane & l, int32_t i) {
+    for (int32_t t = 0; t <= i; ++t) {
+        const llama_token tok = t == 0 ? q.id_last : q.out[t - 1];
+        l.idx = s->dbatch.add(tok, q.pos0 + t, q.seq_id, t == i);
+        s->dbatch.set_embd(l.idx, { l.h.data() + (size_t) t * s->n_embd, 1, (size_t) s->n_embd });
+    }
+}
+
+// One head: draft position i is one row fed the previous row's hidden state; the first
+// decode takes the sequence's deferred catch-up rows ahead of it.
+void add_single_rows(mtp_session * s, const mtp_draft_req & q, draft_lane & l, int32_t i) {
+    if (i == 0) {
+        const deferred_rows & d = s->deferred[q.seq_id];
+        for (size_t j = 0; j < d.size(); ++j) {
+            const int32_t idx = s->dbatch.add(d.tok[j], d.pos[j], q.seq_id, false);
+            s->dbatch.set_embd(idx, { d.h.data() + j * s->n_embd, 1, (size_t) s->n_embd });
+        }
+    }
+    l.idx = s->dbatch.add(l.tok, q.pos0 + i, q.seq_id, true);
+    s->dbatch.set_embd(l.idx, { l.h.data(), 1, (size_t) s->n_embd });
+}
+
+// Decode draft position i of every lane still drafting as one batch on the draft context;
+// false when no lane drafts at i. On failure the draft context is trimmed back (the first
+// decode's catch-up rows stay deferred; later ones are already in memory).
+bool decode_draft_position(mtp_session * s, const mtp_draft_req * reqs, std::vector<draft_lane> & lanes, int32_t i) {
+    s->dbatch.clear();
     std::vector<std::pair<int32_t, llama_pos>> rm_from;
-    for (int32_t i = 0; ; ++i) {
-        s->dbatch.clear();
-        rm_from.clear();
-        for (lane & l : lanes) {
+    for (draft_lane & l : lanes) {
+        const mtp_draft_req & q = reqs[l.req];
+        if (!drafts_at(l, q, i)) continue;
+        if (chained(s)) {
+            rm_from.push_back({ q.seq_id, q.pos0 });
+            add_chain_rows(s, q, l, i);
+        } else {
+            add_single_rows(s, q, l, i);
+        }
+    }
+    if (s->dbatch.size() == 0) return false;
+    select_head(s, rm_from, i);
+    const int32_t rc = llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get());
+    reset_head(s);
+    if (rc != 0) {
+        for (const draft_lane & l : lanes) {
             const mtp_draft_req & q = reqs[l.req];
-            if (!l.active || i >= q.n_max) continue;
-            if (chained(s)) {
-                // head i rebuilds its own layer's KV over the whole draft region: rows
-                // [id_last, draft...] at pos0.., row t fed the hidden state head t-1 gave
-                // (row 0: the target's), only the last one an output (upstream's draft())
-                rm_from.push_back({ q.seq_id, q.pos0 });
-                for (int32_t t = 0; t <= i; ++t) {
-                    const llama_token tok = t == 0 ? q.id_last : q.out[t - 1];
-                    l.idx = s->dbatch.add(tok, q.pos0 + t, q.seq_id, t == i);
-                    s->dbatch.set_embd(l.idx, { l.h.data() + (size_t) t * s->n_embd, 1, (size_t) s->n_embd });
-                }
-                continue;
-            }
-            if (i == 0) {
-                const deferred_rows & d = s->deferred[q.seq_id];
-                for (size_t j = 0; j < d.size(); ++j) {
-                    const int32_t idx = s->dbatch.add(d.tok[j], d.pos[j], q.seq_id, false);
-                    s->dbatch.set_embd(idx, { d.h.data() + j * s->n_embd, 1, (size_t) s->n_embd });
-                }
-            }
-            l.idx = s->dbatch.add(l.tok, q.pos0 + i, q.seq_id, true);
-            s->dbatch.set_embd(l.idx, { l.h.data(), 1, (size_t) s->n_embd });
+            const deferred_rows & d = s->deferred[q.seq_id];
+            const llama_pos from = (i == 0 && d.size()) ? d.pos.front() : q.pos0;
+            llama_memory_seq_rm(llama_get_memory(s->dft), q.seq_id, from, -1);
         }
-        if (s->dbatch.size() == 0) break;
-        select_head(s, rm_from, i);
-        const int32_t rc = llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, s->dbatch.get());
-        reset_head(s);
-        if (rc != 0) {
-            for (const lane & l : lanes) {
-                const mtp_draft_req & q = reqs[l.req];
-                const deferred_rows & d = s->deferred[q.seq_id];
-                // the first decode's catch-up rows stay deferred; later ones are already in memory
-                const llama_pos from = (i == 0 && d.size()) ? d.pos.front() : q.pos0;
-                llama_memory_seq_rm(llama_get_memory(s->dft), q.seq_id, from, -1);
-            }
-            fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d of %zu sequence(s)", i, lanes.size());
+        fail(MTP_ERR_DECODE, "the draft context failed to decode draft position %d of %zu sequence(s)", i, lanes.size());
+    }
+    return true;
+}
+
+// Read draft position i of every lane that drafted it: carry the hidden state over and
+// pick the token (a p_min stop ends the lane).
+void take_draft_position(mtp_session * s, mtp_draft_req * reqs, std::vector<draft_lane> & lanes, int32_t i) {
+    const size_t row_bytes = (size_t) s->n_embd * sizeof(float);
+    for (draft_lane & l : lanes) {
+        mtp_draft_req & q = reqs[l.req];
+        if (!drafts_at(l, q, i)) continue;
+        if (i == 0) s->deferred[q.seq_id].clear();
+        const float * logits = llama_get_logits_ith(s->dft, l.idx);
+        const float * h_next = llama_get_embeddings_nextn_ith(s->dft, l.idx);
+        if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
+        if (chained(s)) {
+            l.h.insert(l.h.end(), h_next, h_next + s->n_embd);
+        } else {
+            std::memcpy(l.h.data(), h_next, row_bytes);
         }
-        for (lane & l : lanes) {
-            mtp_draft_req & q = reqs[l.req];
-            if (!l.active || i >= q.n_max) continue;
-            if (i == 0) s->deferred[q.seq_id].clear();
-            const float * logits = llama_get_logits_ith(s->dft, l.idx);
-            const float * h_next = llama_get_embeddings_nextn_ith(s->dft, l.idx);
-            if (logits == nullptr || h_next == nullptr) fail(MTP_ERR_INTERNAL, "the draft context produced no output row");
-            if (chained(s)) {
-                l.h.insert(l.h.end(), h_next, h_next + s->n_embd);
-            } else {
-                std::memcpy(l.h.data(), h_next, row_bytes);
-            }
-            float * q_row = q.q_out ? q.q_out + (size_t) i * s->n_vocab : nullptr;
-            const llama_token pick = pick_draft_token(s, logits, q.temp, q.top_k, l.rng, q_row);
-            if (pick < 0) {
-                l.active = false;
-                continue;
-            }
-            q.out[q.n_out++] = pick;
-            l.tok = pick;
+        float * q_row = q.q_out ? q.q_out + (size_t) i * s->n_vocab : nullptr;
+        const llama_token pick = pick_draft_token(s, logits, q.temp, q.top_k, l.rng, q_row);
+        if (pick < 0) {
+            l.active = false;
+            continue;
         }
+        q.out[q.n_out++] = pick;
+        l.tok = pick;
+    }
+}
+
+// The session's own draft loop, mirroring upstream's MTP drafter (hidden-state carry-over:
+// each draft row feeds the MTP block the hidden state its previous row produced), for
+// several sequences in lockstep: draft position i of every sequence still drafting is one
+// decode on the draft context, and the first also takes their deferred catch-up rows.
+void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
+    check_draft_reqs(s, reqs, n_reqs);
+    // every check passed: from here on the calls count and state changes
+    for (int32_t r = 0; r < n_reqs; ++r) {
+        reqs[r].n_out = 0;
+        s->stats.n_draft_calls++;
+        sync_deferred(s, reqs[r].seq_id, reqs[r].pos0);
+    }
+    catch_up_before_drafting(s, reqs, n_reqs);
+    std::vector<draft_lane> lanes = make_lanes(s, reqs, n_reqs);
+    for (int32_t i = 0; decode_draft_position(s, reqs, lanes, i); ++i) {
+        take_draft_position(s, reqs, lanes, i);
     }
     for (int32_t r = 0; r < n_reqs; ++r) {
         mtp_draft_req & q = reqs[r];
@@ -868,25 +983,6 @@ void draft_own(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
 }
 
 } // namespace
-
-MTP_EXPORT int32_t mtp_session_draft_ex(mtp_session * s, int32_t seq_id, int32_t pos0, int32_t id_last,
-                                        int32_t n_max, float temp, int32_t top_k, uint32_t seed,
-                                        float * q_out, int32_t * out, int32_t * inout_n) {
-    return guarded([&] {
-        check_session(s);
-        std::lock_guard<std::mutex> lock(s->mu);
-        scoped_timer timer(s->stats.t_draft_us);
-        if (inout_n == nullptr) fail(MTP_ERR_NULL, "output buffer or its length is NULL");
-        const int32_t capacity = *inout_n;
-        *inout_n = 0;
-        if (capacity < s->n_draft_max) {
-            fail(MTP_ERR_ARG, "output capacity %d is smaller than n_draft_max=%d", capacity, s->n_draft_max);
-        }
-        mtp_draft_req req = { seq_id, pos0, id_last, n_max, temp, top_k, seed, q_out, out, 0 };
-        draft_own(s, &req, 1);
-        *inout_n = req.n_out;
-    });
-}
 
 MTP_EXPORT int32_t mtp_session_draft_many(mtp_session * s, mtp_draft_req * reqs, int32_t n_reqs) {
     return guarded([&] {
@@ -985,10 +1081,9 @@ MTP_EXPORT int32_t mtp_session_get_info(mtp_session * s, mtp_session_info * out)
         check_session(s);
         if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
         std::lock_guard<std::mutex> lock(s->mu);
-        out->mode     = s->mode;
-        out->n_heads  = s->n_heads;
-        out->n_max    = chained(s) ? std::min(s->n_draft_max, s->n_heads) : s->n_draft_max;
-        out->own_loop = s->mode == MTP_MODE_MEM_SHARED ? 0 : 1;
+        out->mode    = s->mode;
+        out->n_heads = s->n_heads;
+        out->n_max   = chained(s) ? std::min(s->n_draft_max, s->n_heads) : s->n_draft_max;
     });
 }
 
@@ -999,23 +1094,6 @@ MTP_EXPORT int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int3
         std::lock_guard<std::mutex> lock(s->mu);
         check_seq(s, seq_id);
         *out = s->seqs[seq_id].pending ? 1 : 0;
-    });
-}
-
-MTP_EXPORT int32_t mtp_session_n_max(mtp_session * s, int32_t * out) {
-    return guarded([&] {
-        check_session(s);
-        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
-        std::lock_guard<std::mutex> lock(s->mu);
-        *out = std::min<int32_t>(s->n_draft_max, common_speculative_n_max(s->spec));
-    });
-}
-
-MTP_EXPORT int32_t mtp_session_n_seq(mtp_session * s, int32_t * out) {
-    return guarded([&] {
-        check_session(s);
-        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
-        *out = s->n_seq;
     });
 }
 
