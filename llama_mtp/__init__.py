@@ -27,7 +27,7 @@ from .mtp_llama import MtpLlama
 from .session import DraftRequest, MtpSession
 from .stats import MtpStats
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "BadSeqIdError", "DraftRequest", "Engine", "EngineClosedError", "GenerationResult", "GenerationStats",

@@ -416,11 +416,12 @@ def context_ubatch_split(ctx: Any, *, kv_unified: bool) -> UbatchSplit:
 
 
 def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *, n_rs_seq: int,
-                    n_seq: int, external: bool = False) -> None:
+                    n_seq: int, external: bool = False, draft_mode: Optional[str] = None) -> None:
     """Check on the native objects that what load() injected took effect.
 
     ``external``: the draft is an external drafter on its own model (a gemma4-assistant) whose
-    context must run on the target's context (``ctx_other``, upstream's is_mem_shared mode);
+    context must run on the target's context (``ctx_other``, upstream's is_mem_shared mode, which
+    ``draft_mode`` must then be: the shim's probe, upstream's own test ctx_other == target);
     otherwise the draft is an MTP context on the target's own ``llama_model``.
     Raises MtpInitError naming the installed llama-cpp-python otherwise: a newer
     version that builds its param structs differently must not run silently without MTP.
@@ -461,9 +462,7 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
             fail("the external draft context runs on the target's llama_model, not on its own")
         if loaded_with_mtp(draft._ctx) is False or llama_cpp.llama_model_n_layer_nextn(d_model) <= 0:
             fail("the draft model was loaded without its MTP (nextn) layers")
-        from .session import draft_mode_of  # the shim's probe is upstream's own test: ctx_other == target
-
-        if draft_mode_of(target, draft).mode != "mem_shared":
+        if draft_mode != "mem_shared":
             fail("the draft context does not run on the target's context (ctx_other was not applied)")
 
 

@@ -25,6 +25,7 @@ import llama_cpp
 
 from . import _compat
 from .errors import MtpArgumentError, MtpError, MtpInitError
+from .session import draft_mode_of
 
 # Llama kwargs that would break the MTP setup
 _RESERVED = ("draft_model", "vocab_only", "embedding")
@@ -151,7 +152,7 @@ class MtpAssistantLlama(_compat.HookedLlama):
         _compat.close_before(target, self)
         try:
             _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_n_draft_max, n_seq=target.mtp_n_seq,
-                                    external=True)
+                                    external=True, draft_mode=draft_mode_of(target, self).mode)
         except MtpInitError:
             self.close()
             raise

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from llama_cpp.server.settings import ServerSettings
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama_mtp import __version__
+from llama_mtp.version import __version__
 
 from .backend import Backend
 from .errors import ApiError, classify, error_body
