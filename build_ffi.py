@@ -19,6 +19,7 @@ Environment:
 from __future__ import annotations
 
 import concurrent.futures
+import fnmatch
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -151,11 +152,22 @@ def _find_compiler() -> str:
     raise BuildError("no C++ compiler found (set CXX, or install g++: apt-get install g++)")
 
 
+# the parts of the sdist that are extracted (fnmatch patterns; "*" spans folders): the shim's
+# sources, plus llama.cpp's vocab-only GGUFs and chat templates for llama_mtp.testing's models
+SDIST_PARTS = tuple(f"vendor/llama.cpp/{part}" for part in (
+    "common/*", "include/*", "src/*", "vendor/*", "examples/speculative-simple/*", "ggml/include/*",
+    "models/ggml-vocab-*.gguf", "models/templates/*.jinja",
+))
+# written next to an extracted tree: the SDIST_PARTS it holds (a tree from an older list is extracted again)
+_EXTRACTED_STAMP = ".llama_mtp-extracted.json"
+
+
 def _fetch_sdist(version: str) -> pathlib.Path:
     """The llama.cpp tree inside the llama-cpp-python sdist of this version (cached)."""
     dest = cache_root() / "src" / f"llama-cpp-python-{version}"
     tree = dest / "vendor" / "llama.cpp"
-    if (tree / "include" / "llama.h").is_file():
+    stamp = dest / _EXTRACTED_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == list(SDIST_PARTS) and (tree / "include" / "llama.h").is_file():
         return tree
     print(f"llama_mtp: fetching llama-cpp-python {version} sources (one-off)...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,17 +182,15 @@ def _fetch_sdist(version: str) -> pathlib.Path:
                              "set LLAMA_MTP_LLAMA_CPP_SRC to a llama.cpp checkout matching the installed library")
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = pathlib.Path(tempfile.mkdtemp(dir=dest.parent))
-        wanted = ("vendor/llama.cpp/common/", "vendor/llama.cpp/include/", "vendor/llama.cpp/src/",
-                  "vendor/llama.cpp/vendor/", "vendor/llama.cpp/examples/speculative-simple/",
-                  "vendor/llama.cpp/ggml/include/")
         with tarfile.open(archives[0]) as tar:
             members = []
             for m in tar.getmembers():
                 rel = m.name.split("/", 1)[1] if "/" in m.name else ""
-                if rel.startswith(wanted) and (m.isfile() or m.isdir()):
+                if m.isfile() and any(fnmatch.fnmatchcase(rel, part) for part in SDIST_PARTS):
                     m.name = rel
                     members.append(m)
             tar.extractall(staging, members=members, filter="data")
+        (staging / _EXTRACTED_STAMP).write_text(json.dumps(list(SDIST_PARTS)))
         if dest.exists():
             shutil.rmtree(dest)
         staging.rename(dest)

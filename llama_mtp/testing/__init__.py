@@ -25,11 +25,23 @@ block stored as block ``n_layer`` (``block_count = n_layer + 1``,
 the trunk (no ``nextn.embed_tokens`` / ``nextn.shared_head_head``), like the
 converted Qwen3.5 checkpoints.
 
-Package layout: spec.py (TestModelSpec, SIZES, RECIPE_DEFAULTS), vocab.py, oracle.py
-(pi, drafts, TestModelInfo), archs/ (one ArchLayout per llama.cpp arch, registry
-``archs.ARCHS``), gguf_writer.py (write_test_model, q4_k_m via llama.cpp's quantizer),
-cache.py (cached_test_model), demo.py (demo_model: the CLI's and server's default model),
-reference.py (reference_greedy).
+Vocabularies: by default a small synthetic byte-level BPE vocabulary (vocab.py).  With
+``vocab="<name>"`` a model is built on one of llama.cpp's real tokenizers
+(``models/ggml-vocab-<name>.gguf``, e.g. "qwen35", "deepseek-llm", "gemma-4"; each arch
+names its closest in ``ArchLayout.real_vocab``), its ``tokenizer.*`` keys copied verbatim:
+long pieces, UTF-8 split across byte tokens and real control tokens included
+(real_vocab.py: ``real_vocab(name)`` tokenizes and renders pieces through llama.cpp).
+``script`` makes greedy decoding follow given (distinct, ordinary) tokens:
+``pi(script[i]) = script[i + 1]``; ``script_loop=True`` closes the script into a cycle of
+its own, so a prompt ending in a script token continues with the script forever
+(``script_from_text(vocab, text)`` checks a text can be one).
+
+Package layout: spec.py (TestModelSpec, SIZES, RECIPE_DEFAULTS), vocab.py (synthetic
+vocabulary, tokenizer metadata, scripts), real_vocab.py, gguf_metadata.py (GGUF metadata
+I/O at vocabulary scale), oracle.py (pi, drafts, TestModelInfo), archs/ (one ArchLayout
+per llama.cpp arch, registry ``archs.ARCHS``), gguf_writer.py (write_test_model, q4_k_m via
+llama.cpp's quantizer), cache.py (cached_test_model), demo.py (demo_model: the CLI's and
+server's default model), reference.py (reference_greedy).
 
 Requires ``numpy`` and ``gguf`` (the pure-python package from PyPI).
 """
@@ -41,6 +53,7 @@ from .cache import cache_dir, cached_test_model, cached_test_model_info
 from .demo import DEMO_SPEC, demo_model
 from .gguf_writer import quantize, write_test_model
 from .oracle import TestModelInfo, describe_test_model
+from .real_vocab import RealVocab, real_vocab, real_vocab_names, script_from_text
 from .reference import reference_greedy
 from .spec import (
     CONTEXT_MIN_MARGIN,
@@ -73,4 +86,8 @@ __all__ = [
     "ArchLayout",
     "get_arch",
     "quantize",
+    "RealVocab",
+    "real_vocab",
+    "real_vocab_names",
+    "script_from_text",
 ]

@@ -32,6 +32,9 @@ def cache_dir() -> pathlib.Path:
 
 def resolve_spec(spec: TestModelSpec | None, size: str, overrides: dict[str, Any]) -> TestModelSpec:
     """``spec`` + overrides, or the arch's ``size`` preset (SIZES[size] + ArchLayout.sizes) + overrides."""
+    if overrides.get("vocab") is not None and "n_vocab" not in overrides:
+        # a size preset's (or the replaced spec's) n_vocab is the synthetic vocab's: a real one sets its own
+        overrides = {**overrides, "n_vocab": None}
     if spec is None:
         if size not in SIZES:
             raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
@@ -50,7 +53,8 @@ def cached_test_model(
     temporary file and renamed, so concurrent builders never expose a partial file.
     """
     spec = resolve_spec(spec, size, overrides)
-    return cached_file(f"{spec.arch}-mtp-{spec.recipe}-{spec.n_embd}x{spec.n_layer}-{spec.ftype}-{spec.key()}.gguf",
+    vocab = f"-{spec.vocab}" if spec.vocab else ""  # synthetic: the names files have always had
+    return cached_file(f"{spec.arch}{vocab}-mtp-{spec.recipe}-{spec.n_embd}x{spec.n_layer}-{spec.ftype}-{spec.key()}.gguf",
                        lambda tmp: write_test_model(tmp, spec))
 
 

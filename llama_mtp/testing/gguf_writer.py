@@ -3,7 +3,6 @@ streamed tensor by tensor; ``q4_k_m`` goes through llama.cpp's own quantizer."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -14,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from .archs import ArchLayout, get_arch
+from .gguf_metadata import MetadataWriter
 from .oracle import TestModelInfo, build_oracle, info_for
 from .spec import FTYPES, GENERATOR_VERSION, TestModelSpec
-from .vocab import Vocab
+from .vocab import Vocab, tokenizer_metadata
 
 __all__ = ["write_test_model", "quantize"]
 
@@ -58,44 +58,30 @@ def _nbytes(shape: tuple[int, ...], qtype: Any) -> tuple[tuple[int, ...], Any, i
 
 
 def _add_common_metadata(w: Any, layout: ArchLayout, spec: TestModelSpec, vocab: Vocab) -> None:
-    from gguf import GGUFValueType
-
     w.add_string("general.name", f"llama-mtp test model ({spec.arch}, {spec.recipe})")
     # q4_k_m: the f16 source; llama_model_quantize writes the final file_type
     w.add_uint32("general.file_type", FTYPES["f16" if spec.ftype == "q4_k_m" else spec.ftype])
     if spec.ftype == "q8_0":
         w.add_uint32("general.quantization_version", 2)
     layout.add_metadata(w, spec)
-
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", layout.tokenizer_pre)
-    w.add_array("tokenizer.ggml.tokens", vocab.tokens)
-    w.add_key_value("tokenizer.ggml.token_type", vocab.types, GGUFValueType.ARRAY, GGUFValueType.INT32)
-    w.add_array("tokenizer.ggml.merges", vocab.merges)
-    w.add_uint32("tokenizer.ggml.bos_token_id", vocab.bos_id)
-    w.add_uint32("tokenizer.ggml.eos_token_id", vocab.eos_id)
-    w.add_uint32("tokenizer.ggml.padding_token_id", vocab.pad_id)
-    w.add_bool("tokenizer.ggml.add_bos_token", False)
-    if layout.chat_template:
-        w.add_string("tokenizer.chat_template", layout.chat_template)
+    for kv in tokenizer_metadata(vocab, layout):
+        w.add_key_value(*kv)
 
     # provenance, ignored by llama.cpp
     w.add_uint32("llama_mtp.generator_version", GENERATOR_VERSION)
-    w.add_string("llama_mtp.spec", json.dumps(dataclasses.asdict(spec), sort_keys=True))
+    w.add_string("llama_mtp.spec", json.dumps(spec.recorded_fields(), sort_keys=True))
 
 
 def _write_gguf(path: pathlib.Path, spec: TestModelSpec, layout: ArchLayout | None = None,
                 extra_kv: dict[str, str] | None = None) -> TestModelInfo:
     """One GGUF of ``layout`` (default: the spec's arch; a second model of a pair, e.g. an
     external drafter, passes its own) for ``spec``'s oracle."""
-    import gguf
-
     layout = get_arch(spec.arch) if layout is None else layout
     oracle = build_oracle(spec)
     shapes = layout.tensor_shapes(spec)
     qtypes = [_ggml_type(layout, spec, n, s) for n, s in shapes]
 
-    w = gguf.GGUFWriter(path, layout.name)
+    w = MetadataWriter(path, layout.name)
     try:
         _add_common_metadata(w, layout, spec, oracle.vocab)
         for key, value in (extra_kv or {}).items():

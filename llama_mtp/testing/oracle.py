@@ -14,12 +14,12 @@ import pathlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
-from .archs import get_arch
 from .spec import TestModelSpec
-from .vocab import Vocab, build_vocab
+from .vocab import Vocab, vocab_for
 
 __all__ = ["TestModelInfo", "Oracle", "build_oracle", "describe_test_model", "info_for", "flag_dims", "rng_for"]
 
@@ -163,6 +163,36 @@ def _pick_flags(
     return flag
 
 
+class _Cycles(NamedTuple):
+    """pi as its cycles over the ordinary tokens, and where each draft misses along them."""
+
+    order: np.ndarray        # the cycles concatenated (the script's first)
+    successor: np.ndarray    # (n_vocab,) pi on the ordinary tokens (specials filled in later)
+    predecessor: np.ndarray  # (n_vocab,) pi^-1
+    hits: np.ndarray         # hits[k]: the draft made when the MTP is fed order[k] is right
+
+
+def _cycles(spec: TestModelSpec, ordinary: np.ndarray, rng: np.random.Generator) -> _Cycles:
+    """One random cycle through the ordinary tokens; with a script, the script runs inside it
+    (or, ``script_loop``, forms a cycle of its own next to one through the rest)."""
+    script = np.asarray(spec.script, dtype=np.int64)
+    rest = ordinary[~np.isin(ordinary, script)]
+    rest = rest[rng.permutation(len(rest))]
+    cycles = [script, rest] if spec.script_loop else [np.concatenate([script, rest])]
+    successor = np.empty(spec.n_vocab, dtype=np.int64)
+    predecessor = np.empty(spec.n_vocab, dtype=np.int64)
+    for c in cycles:
+        successor[c] = np.roll(c, -1)
+        predecessor[c] = np.roll(c, 1)
+    # the accept pattern runs along each cycle, so a looping script gets the spec's rate too
+    if spec.accept_pattern == "spread":
+        k = np.concatenate([np.arange(len(c)) for c in cycles])
+        hits = np.floor((k + 1) * spec.accept + 1e-9) > np.floor(k * spec.accept + 1e-9)
+    else:
+        hits = rng.random(len(ordinary)) < spec.accept
+    return _Cycles(np.concatenate(cycles), successor, predecessor, hits)
+
+
 def build_oracle(spec: TestModelSpec) -> Oracle:
     """The successor permutation, draft correctness and the matrices realising them.
 
@@ -182,32 +212,18 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
     eh_proj writes only u-dims, so the MTP's own h_nextn has no flags: chained drafts
     follow the token flags alone (TestModelInfo.draft_chain).
     """
-    vocab = build_vocab(spec.n_vocab, get_arch(spec.arch).specials)
+    vocab = vocab_for(spec)
     rng = rng_for(spec.seed, "oracle")
     d = spec.n_embd
     nf = n_flag(d)
     d_u = d - 2 * (nf + 1)
     tok_dims = d_u + np.arange(nf + 1)  # last one = "no token flag"
     h_dims = d_u + nf + 1 + np.arange(nf + 1)  # last one = "no h flag"
-    ordinary = vocab.ordinary
-    n_ord = len(ordinary)
 
     u = rng.standard_normal((spec.n_vocab, d_u), dtype=np.float32)
     u /= np.linalg.norm(u, axis=1, keepdims=True)
+    cycle, successor, predecessor, hits = _cycles(spec, vocab.ordinary, rng)
 
-    # single cycle through all ordinary tokens
-    cycle = ordinary[rng.permutation(n_ord)]
-    successor = np.empty(spec.n_vocab, dtype=np.int64)
-    successor[cycle] = np.roll(cycle, -1)
-    predecessor = np.empty(spec.n_vocab, dtype=np.int64)
-    predecessor[cycle] = np.roll(cycle, 1)
-
-    # hits[k]: the draft made when the MTP is fed cycle[k] is right, laid out along the cycle
-    k = np.arange(n_ord)
-    if spec.accept_pattern == "spread":
-        hits = np.floor((k + 1) * spec.accept + 1e-9) > np.floor(k * spec.accept + 1e-9)
-    else:
-        hits = rng.random(n_ord) < spec.accept
     misses = np.flatnonzero(~hits)
     via_h = rng.random(len(misses)) < spec.h_miss_fraction
     tok_miss, h_miss = misses[~via_h], misses[via_h]
@@ -215,9 +231,10 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
     # decoys: distinct tokens, hits first so a decoy's own draft is usually right
     pool = np.concatenate([cycle[hits], cycle[~hits]])
     decoys, hdecoys = pool[:nf], pool[nf:2 * nf]
-    # a decoy must differ from the fed token (pi(decoy) != pi(fed))
+    # a decoy must differ from the fed token (pi(decoy) != pi(fed)); an h flag sits on the
+    # token whose hidden state is fed with the missing one: its predecessor
     tok_flag = _pick_flags(cycle[tok_miss], cycle[tok_miss], decoys, spec.n_vocab)
-    h_flag = _pick_flags(cycle[h_miss - 1], cycle[h_miss], hdecoys, spec.n_vocab)
+    h_flag = _pick_flags(predecessor[cycle[h_miss]], cycle[h_miss], hdecoys, spec.n_vocab)
 
     embd = np.zeros((spec.n_vocab, d), dtype=np.float32)
     embd[:, :d_u] = u
@@ -229,22 +246,15 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
     mtp_correct = np.zeros(spec.n_vocab, dtype=bool)
     mtp_correct[cycle] = hits
 
-    # specials behave like an (arbitrary) ordinary token so every input has a defined next token
-    for i, s in enumerate(vocab.special_ids):
-        alias = cycle[i]
+    # specials behave like an (arbitrary) ordinary token so every input has a defined next token;
+    # with a script, like the script's predecessor: a prompt ending in a control token (BOS, a
+    # chat template's turn marker) continues with the script from its start
+    aliases = np.full(len(vocab.special_ids), predecessor[spec.script[0]]) if spec.script else cycle
+    for s, alias in zip(vocab.special_ids, aliases):
         for arr in (embd, successor, predecessor, token_decoy, h_decoy, mtp_correct):
             arr[s] = arr[alias]
 
-    # RMSNorm (weight 1) scales a vector to norm sqrt(d); every embedding has norm e_len
-    g, e_len = math.sqrt(d), math.sqrt(1.0 + 2.0 * _FLAG_AMP**2)
-    alpha = spec.logit_scale * e_len / g  # top-1 trunk logit = logit_scale
-    head = np.zeros((spec.n_vocab, d), dtype=np.float32)
-    head[successor[ordinary], :d_u] = alpha * u[ordinary]
-
-    eh = np.zeros((d, 2 * d), dtype=np.float32)
-    eh[np.arange(d_u), np.arange(d_u)] = 1.0
-    eh[:d_u, tok_dims[:-1]] = _FLAG_GAIN_E * u[decoys].T
-    eh[:d_u, d + h_dims[:-1]] = _FLAG_GAIN_H * u[hdecoys].T
+    head, eh = _projections(spec, u, vocab.ordinary, successor, decoys, hdecoys, tok_dims, h_dims)
 
     # the rule of TestModelInfo.mtp_draft, vectorised: token flag > h flag > own token
     hd = h_decoy[predecessor]
@@ -255,6 +265,24 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
         vocab, embd, head, eh, successor, predecessor, token_decoy, h_decoy, mtp_correct,
         mtp_prediction,
     )
+
+
+def _projections(spec: TestModelSpec, u: np.ndarray, ordinary: np.ndarray, successor: np.ndarray,
+                 decoys: np.ndarray, hdecoys: np.ndarray, tok_dims: np.ndarray,
+                 h_dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The LM head (row pi(t) = alpha * u_t) and the oracle part of eh_proj (see build_oracle)."""
+    d, d_u = spec.n_embd, u.shape[1]
+    # RMSNorm (weight 1) scales a vector to norm sqrt(d); every embedding has norm e_len
+    g, e_len = math.sqrt(d), math.sqrt(1.0 + 2.0 * _FLAG_AMP**2)
+    alpha = spec.logit_scale * e_len / g  # top-1 trunk logit = logit_scale
+    head = np.zeros((spec.n_vocab, d), dtype=np.float32)
+    head[successor[ordinary], :d_u] = alpha * u[ordinary]
+
+    eh = np.zeros((d, 2 * d), dtype=np.float32)
+    eh[np.arange(d_u), np.arange(d_u)] = 1.0
+    eh[:d_u, tok_dims[:-1]] = _FLAG_GAIN_E * u[decoys].T
+    eh[:d_u, d + h_dims[:-1]] = _FLAG_GAIN_H * u[hdecoys].T
+    return head, eh
 
 
 def _margins(head: np.ndarray, x: np.ndarray, expected: np.ndarray) -> float:
@@ -279,9 +307,14 @@ def describe_test_model(spec: TestModelSpec) -> TestModelInfo:
 def info_for(spec: TestModelSpec, o: Oracle) -> TestModelInfo:
     v = o.vocab
     ordinary = v.ordinary
-    # exact margins cost n_check * n_vocab * n_embd: check a sample for big vocabularies
+    # exact margins cost n_check * n_vocab * n_embd: check a sample for big vocabularies (1024
+    # tokens up to 32k, fewer beyond: a real vocabulary's 150-260k rows cost seconds each), and
+    # every script token (what a scripted test follows)
     if len(ordinary) > 4096:
-        idx = np.sort(rng_for(spec.seed, "margin-sample").choice(ordinary, 1024, replace=False))
+        n_check = min(1024, max(256, 2**25 // spec.n_vocab))
+        idx = np.sort(rng_for(spec.seed, "margin-sample").choice(ordinary, n_check, replace=False))
+        if spec.script:
+            idx = np.union1d(idx, np.asarray(spec.script, dtype=np.int64))
     else:
         idx = ordinary
     return TestModelInfo(

@@ -64,6 +64,11 @@ CONTEXT_TEST_N_TOKENS = 96
 # moves logits by ~1e-2 at most in real models; use reference_greedy on other prompts.
 CONTEXT_MIN_MARGIN = 0.1
 
+# n_vocab of the synthetic vocabulary when a spec leaves it unset
+_SYNTHETIC_N_VOCAB = 384
+# fields left out of recorded_fields at these (default) values: see TestModelSpec.vocab
+_LATE_FIELDS: dict[str, Any] = {"vocab": None, "script": (), "script_loop": False}
+
 # value = llama_ftype (general.file_type); "q4_k_m" is written as f16, then quantized by llama.cpp
 FTYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
 
@@ -83,7 +88,7 @@ class TestModelSpec:
     accept: float = 1.0             # fraction of tokens the MTP head predicts correctly
     n_embd: int = 128
     n_layer: int = 4                # trunk layers (the MTP block comes on top)
-    n_vocab: int = 384
+    n_vocab: int | None = None      # None: 384 (synthetic vocab) or the real vocab's token count
     n_head: int = 4
     n_head_kv: int = 2
     head_dim: int = 32
@@ -103,10 +108,14 @@ class TestModelSpec:
     h_miss_fraction: float | None = None  # share of wrong drafts caused by the fed hidden state
     arch: str = DEFAULT_ARCH        # a key of llama_mtp.testing.archs.ARCHS
     arch_params: tuple[tuple[str, Any], ...] = ()  # arch-specific knobs, see ArchLayout.param_defaults
+    # Fields added after GENERATOR_VERSION 3: recorded (key, file) only when not at their default
+    # (see recorded_fields), so the specs that existed before keep their cache keys and bytes.
+    vocab: str | None = None        # a real vocabulary (ggml-vocab-<vocab>.gguf), None: synthetic
+    script: tuple[int, ...] = ()    # ordinary tokens greedy follows: pi(script[i]) = script[i + 1]
+    script_loop: bool = False       # pi(script[-1]) = script[0]: the script is its own cycle
 
     def __post_init__(self) -> None:
         from .archs import get_arch
-        from .vocab import min_vocab
 
         if self.recipe not in RECIPE_DEFAULTS:
             raise ValueError(f"recipe must be one of {sorted(RECIPE_DEFAULTS)}, got {self.recipe!r}")
@@ -134,13 +143,40 @@ class TestModelSpec:
             raise ValueError("the oracle recipe has no noise (use recipe='context')")
         if self.n_head % self.n_head_kv:
             raise ValueError("n_head % n_head_kv must be 0")
-        if self.n_vocab < min_vocab(layout.specials):
-            raise ValueError("n_vocab must leave room for 256 byte tokens, specials and merges")
+        self._resolve_vocab()
         if self.n_embd < 32:
             raise ValueError("n_embd must be >= 32")
         if self.ftype == "q8_0" and self.n_embd % 32:
             raise ValueError("q8_0 needs n_embd % 32 == 0")
         layout.validate(self)
+
+    def _resolve_vocab(self) -> None:
+        """Set n_vocab (None: the vocabulary's own size) and check it and the script against the vocabulary."""
+        from .archs import get_arch
+        from .vocab import check_script, min_vocab, vocab_for
+
+        if self.vocab is None:
+            if self.n_vocab is None:
+                object.__setattr__(self, "n_vocab", _SYNTHETIC_N_VOCAB)
+            if self.n_vocab < min_vocab(get_arch(self.arch).specials):
+                raise ValueError("n_vocab must leave room for 256 byte tokens, specials and merges")
+        else:
+            from .real_vocab import real_vocab
+
+            n_real = real_vocab(self.vocab).n_vocab  # ValueError for an unknown vocab
+            if self.n_vocab not in (None, n_real):
+                raise ValueError(f"vocab {self.vocab!r} has {n_real} tokens, got n_vocab={self.n_vocab} "
+                                 "(leave n_vocab unset with a real vocab)")
+            object.__setattr__(self, "n_vocab", n_real)
+        if not isinstance(self.script, tuple):
+            object.__setattr__(self, "script", tuple(self.script))
+        if self.script:
+            vocab = vocab_for(self)
+            check_script(self.script, vocab.ordinary, vocab.tokens)
+            if len(self.script) >= len(vocab.ordinary) - 1:
+                raise ValueError("the script must leave at least two ordinary tokens out (a second cycle)")
+        elif self.script_loop:
+            raise ValueError("script_loop needs a script")
 
     def param(self, name: str) -> Any:
         """An arch-specific knob: ``arch_params`` or the arch's default."""
@@ -148,11 +184,18 @@ class TestModelSpec:
 
         return dict(self.arch_params).get(name, get_arch(self.arch).param_defaults[name])
 
+    def recorded_fields(self) -> dict[str, Any]:
+        """The fields hashed into the key and recorded in the file: all, except the late
+        fields (vocab, script, script_loop) while they keep their defaults."""
+        fields = dataclasses.asdict(self)
+        for name, default in _LATE_FIELDS.items():
+            if fields[name] == default:
+                del fields[name]
+        return fields
+
     def key(self) -> str:
         """Stable hash of the spec and generator version (cache file name)."""
-        payload = json.dumps(
-            {"v": GENERATOR_VERSION, "spec": dataclasses.asdict(self)}, sort_keys=True
-        )
+        payload = json.dumps({"v": GENERATOR_VERSION, "spec": self.recorded_fields()}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def n_params(self) -> int:

@@ -1,10 +1,20 @@
-"""A small GPT-2-style byte-level BPE vocabulary: 256 byte tokens, a few merges, filler, specials."""
+"""The vocabulary of a generated model: the synthetic one (a small GPT-2-style byte-level BPE
+vocabulary: 256 byte tokens, a few merges, filler, specials) or a real one (real_vocab.py),
+which tokens are ordinary (pi permutes them) and special, and the tokenizer metadata written."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .gguf_metadata import KeyValue
+
+if TYPE_CHECKING:
+    from .archs.base import ArchLayout
+    from .spec import TestModelSpec
 
 MERGES = ("Ġ t", "h e", "Ġ a", "i n", "Ġt he", "e r", "o n", "r e")
 # gguf token types (llama_token_type)
@@ -41,15 +51,17 @@ class Specials:
 @dataclass
 class Vocab:
     tokens: list[str]
-    types: list[int]
-    merges: list[str]
-    special_ids: tuple[int, ...]
+    special_ids: tuple[int, ...]    # never output: inputs that alias an ordinary token
     bos_id: int
     eos_id: int
     pad_id: int
+    real: str | None = None         # the real vocabulary's name; None: synthetic
+    types: list[int] = field(default_factory=list)   # synthetic only (a real one is copied verbatim)
+    merges: list[str] = field(default_factory=list)  # synthetic only
 
     @property
     def ordinary(self) -> np.ndarray:
+        """The tokens pi permutes (sorted ids)."""
         mask = np.ones(len(self.tokens), dtype=bool)
         mask[list(self.special_ids)] = False
         return np.flatnonzero(mask)
@@ -88,6 +100,7 @@ def min_vocab(specials: Specials) -> int:
 
 
 def build_vocab(n_vocab: int, specials: Specials) -> Vocab:
+    """The synthetic vocabulary of ``n_vocab`` tokens with ``specials`` stored last."""
     # ids 0..255 are the byte tokens in byte order, then merges, filler, specials last (as Qwen).
     b2u = bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)]
@@ -103,5 +116,71 @@ def build_vocab(n_vocab: int, specials: Specials) -> Vocab:
     ]
     special_ids = tuple(range(first_special, n_vocab))
     ids = {s: first_special + i for i, s in enumerate(specials.tokens)}
-    return Vocab(tokens, types, merges, special_ids, bos_id=ids[specials.bos], eos_id=ids[specials.eos],
-                 pad_id=ids[specials.pad])
+    return Vocab(tokens, special_ids, bos_id=ids[specials.bos], eos_id=ids[specials.eos], pad_id=ids[specials.pad],
+                 types=types, merges=merges)
+
+
+def vocab_for(spec: TestModelSpec) -> Vocab:
+    """The vocabulary of ``spec``: ``spec.vocab``'s real one, else the arch's synthetic one."""
+    from .archs import get_arch
+
+    if spec.vocab is None:
+        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials)
+    from .real_vocab import real_vocab
+
+    real = real_vocab(spec.vocab)
+    mask = np.ones(real.n_vocab, dtype=bool)
+    mask[real.ordinary] = False
+    return Vocab(real.token_texts, tuple(np.flatnonzero(mask).tolist()), bos_id=real.bos_id, eos_id=real.eos_id,
+                 pad_id=real.pad_id, real=real.name)
+
+
+def tokenizer_metadata(vocab: Vocab, layout: ArchLayout) -> list[KeyValue]:
+    """The ``tokenizer.*`` entries of a model file written with ``layout``, in file order.
+
+    A real vocabulary's are its file's, verbatim (the arch's chat template only where the
+    file has none); the synthetic one uses the arch's pre-tokenizer and chat template.
+    """
+    from gguf import GGUFValueType as V
+
+    if vocab.real is not None:
+        from .real_vocab import real_vocab
+
+        return real_vocab(vocab.real).metadata(layout.chat_template)
+    kvs = [
+        KeyValue("tokenizer.ggml.model", "gpt2", V.STRING),
+        KeyValue("tokenizer.ggml.pre", layout.tokenizer_pre, V.STRING),
+        KeyValue("tokenizer.ggml.tokens", vocab.tokens, V.ARRAY, V.STRING),
+        KeyValue("tokenizer.ggml.token_type", vocab.types, V.ARRAY, V.INT32),
+        KeyValue("tokenizer.ggml.merges", vocab.merges, V.ARRAY, V.STRING),
+        KeyValue("tokenizer.ggml.bos_token_id", vocab.bos_id, V.UINT32),
+        KeyValue("tokenizer.ggml.eos_token_id", vocab.eos_id, V.UINT32),
+        KeyValue("tokenizer.ggml.padding_token_id", vocab.pad_id, V.UINT32),
+        KeyValue("tokenizer.ggml.add_bos_token", False, V.BOOL),
+    ]
+    if layout.chat_template:
+        kvs.append(KeyValue("tokenizer.chat_template", layout.chat_template, V.STRING))
+    return kvs
+
+
+def check_script(script: Sequence[int], ordinary: np.ndarray, names: Sequence[str]) -> None:
+    """ValueError unless ``script`` holds distinct tokens of ``ordinary`` (sorted ids);
+    ``names[t]`` (the token's text) names an offending token in the message."""
+
+    def name(t: int) -> str:
+        return f"{t} ({names[t]!r})" if 0 <= t < len(names) else str(t)
+
+    seen: set[int] = set()
+    for t in script:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)):
+            raise ValueError(f"script holds {t!r}: token ids must be ints")
+        if t in seen:
+            raise ValueError(f"script repeats token {name(int(t))}: greedy decoding follows a permutation, "
+                             "so every script token must be distinct")
+        seen.add(int(t))
+    ids = np.asarray(script, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(ordinary, ids), len(ordinary) - 1)
+    bad = ids[ordinary[pos] != ids]
+    if len(bad):
+        raise ValueError(f"script token {name(int(bad[0]))} is not an ordinary token: control, user-defined, "
+                         "unused, end-of-generation and out-of-range ids are never output")

@@ -82,6 +82,9 @@ class ArchLayout:
     specials: ClassVar[Specials] = QWEN_SPECIALS
     tokenizer_pre: ClassVar[str] = "qwen2"    # tokenizer.ggml.pre
     chat_template: ClassVar[str | None] = None
+    # the real vocabulary (llama.cpp's models/ggml-vocab-<real_vocab>.gguf) closest to the arch's
+    # own tokenizer: what tests pass as TestModelSpec(vocab=...) to build the arch on a real one
+    real_vocab: ClassVar[str]
     # per size name: spec fields overriding spec.SIZES[size] (merged over it)
     sizes: ClassVar[dict[str, dict[str, Any]]] = {}
     # arch-specific knobs (TestModelSpec.arch_params) and their defaults

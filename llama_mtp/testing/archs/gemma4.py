@@ -114,6 +114,7 @@ class Gemma4(ArchLayout):
     # the generator's byte-level BPE vocabulary (Gemma's own "gemma4" tokenizer model needs
     # SentencePiece-style escaped tokens), with the default pre-tokenizer
     tokenizer_pre = "default"
+    real_vocab = "gemma-4"  # also the assistant's (it carries its target's tokenizer)
     chat_template = GEMMA4_CHAT_TEMPLATE
     has_mtp_heads = False  # drafted by the separate gemma4-assistant model
     # "context": post-norms make every writer's output RMS 1 per dim (as loud as the sqrt(D)-scaled

@@ -101,6 +101,10 @@ class Glm4Moe(ArchLayout):
     # straight to it, i.e. turn text into filler words; "chatglm-bpe" keeps the generator's
     # rule that text tokenizes to byte tokens and merges only (vocab.filler_words).
     tokenizer_pre = "chatglm-bpe"
+    # GLM-4.5's own vocabulary is not among llama.cpp's vocab files; Llama 3's is the closest:
+    # llama.cpp pre-tokenizes CHATGLM4 ("glm4", "chatglm-bpe") with exactly the LLAMA3 regex,
+    # and both are tiktoken-style byte-level BPEs of 128-152k tokens
+    real_vocab = "llama-bpe"
     chat_template = GLM_CHAT_TEMPLATE
     # scanned as for qwen35 (tiny f32, seeds 0..62): the first seed whose greedy continuation of
     # CONTEXT_TEST_PROMPT keeps a top-1 margin >= 0.2 for 96 tokens, departs from pi at 8..48
@@ -212,6 +216,8 @@ class Glm4Moe(ArchLayout):
         w.add_float32(f"{a}.expert_weights_scale", float(spec.param("expert_weights_scale")))
         w.add_bool(f"{a}.expert_weights_norm", True)  # HF norm_topk_prob
         w.add_uint32(f"{a}.nextn_predict_layers", len(self.mtp_blocks(spec)))
+        if spec.vocab is not None:
+            return  # a real vocabulary's tokenizer keys are its file's, as they are
         # the converter's _set_vocab_glm also names end-of-turn / end-of-message tokens, which
         # llama.cpp adds to its end-of-generation set (the shared writer adds bos/eos/pad)
         ids = {t: i for i, t in enumerate(build_vocab(spec.n_vocab, self.specials).tokens)
