@@ -29,7 +29,7 @@ import llama_cpp
 from llama_cpp import _internals
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-from .adaptive import UbatchSplit
+from . import llama_rules
 from .errors import MtpArgumentError, MtpInitError, SessionClosedError
 from .pieces import Detokenizer, Pieces, as_detokenizer
 
@@ -377,42 +377,14 @@ def model_of(llm: llama_cpp.Llama) -> Any:
 # ------------------------------------------------------------------ verification
 
 
-# llama.cpp's llm_arch_supports_rs_rollback (src/llama-arch.cpp): the recurrent/hybrid archs
-# whose state keeps n_rs_seq snapshots. On the others (qwen3next, ...) llama.cpp clamps n_rs_seq
-# to 0, so every partial rejection restores a state checkpoint instead (checkpoint.py).
-RS_ROLLBACK_ARCHS = frozenset({
-    "kimi-k3", "qwen35", "qwen35moe", "qwen4exp", "deepseek4", "glm5-next", "nemotron_h",
-    "nemotron_h_moe", "lfm2", "lfm2moe", "bailingmoe3",
-})
-
-
 def arch_of(llm: llama_cpp.Llama) -> str:
     """general.architecture of the loaded model."""
     return str(llm.metadata.get("general.architecture", "?"))
 
 
-def ubatch_split(llm: llama_cpp.Llama) -> UbatchSplit:
+def ubatch_split(llm: llama_cpp.Llama) -> llama_rules.UbatchSplit:
     """How llama_decode on this Llama's context cuts a multi-sequence batch into ubatches."""
-    return context_ubatch_split(ctx_ptr(llm), kv_unified=bool(llm.context_params.kv_unified))
-
-
-def context_ubatch_split(ctx: Any, *, kv_unified: bool) -> UbatchSplit:
-    """How llama_decode on a raw llama_context cuts a multi-sequence batch into ubatches (passes).
-
-    Mirrors the memory modules' init_batch in the vendored llama.cpp: a hybrid or recurrent
-    memory always splits equal (with the rollback tail kept together), an attention KV cache
-    only with a stream per sequence (kv_unified=False, n_seq_max > 1).
-    """
-    model = llama_cpp.llama_get_model(ctx)
-    n_seq = int(llama_cpp.llama_n_seq_max(ctx))
-    n_stream = 1 if kv_unified else n_seq
-    n_ubatch = int(llama_cpp.llama_n_ubatch(ctx))
-    if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
-        n_rs = int(llama_cpp.llama_n_rs_seq(ctx))
-        recurrent_only = llama_cpp.llama_model_is_recurrent(model) and not llama_cpp.llama_model_is_hybrid(model)
-        return UbatchSplit(equal=True, sequential=recurrent_only or n_stream > 1,
-                           keep_tail=n_rs + 1 if n_rs > 0 else 0, n_ubatch=n_ubatch)
-    return UbatchSplit(equal=n_stream > 1, sequential=True, n_ubatch=n_ubatch)
+    return llama_rules.context_ubatch_split(ctx_ptr(llm), kv_unified=bool(llm.context_params.kv_unified))
 
 
 def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *, n_rs_seq: int,
@@ -435,8 +407,7 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
     tctx = ctx_ptr(target)
     if not tctx:
         fail("the target has no context")
-    if n_rs_seq and arch_of(target) in RS_ROLLBACK_ARCHS and (
-            llama_cpp.llama_model_is_recurrent(model_ptr(target)) or llama_cpp.llama_model_is_hybrid(model_ptr(target))):
+    if n_rs_seq and llama_rules.keeps_rs_snapshots(model_ptr(target), arch_of(target)):
         got = int(llama_cpp.llama_n_rs_seq(tctx))
         if got < n_rs_seq:
             fail(f"the target context keeps {got} recurrent snapshots, n_rs_seq={n_rs_seq} was requested")
@@ -469,63 +440,31 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
 # ------------------------------------------------------------------ external drafters
 
 
-# llama.cpp's external MTP drafters: GGUFs of their own whose context runs on a target's context
-# (llama_context_params.ctx_other; src/llama-context.cpp applies it to these archs only) and
-# attends over the target's KV. Drafter arch -> the target archs it drafts for.
-EXTERNAL_DRAFTER_TARGETS: Dict[str, frozenset] = {"gemma4-assistant": frozenset({"gemma4"})}
+def _loaded(model: _internals.LlamaModel, path: str) -> llama_rules.LoadedModel:
+    meta = model.metadata()  # a walk over every GGUF key: once
+    return llama_rules.LoadedModel(path, str(meta.get("general.architecture", "?")), model.model, meta)
 
 
-def _model_arch(model: _internals.LlamaModel) -> str:
-    return str(model.metadata().get("general.architecture", "?"))
+def _loaded_llama(llm: llama_cpp.Llama) -> llama_rules.LoadedModel:
+    return llama_rules.LoadedModel(llm.model_path, arch_of(llm), model_ptr(llm), llm.metadata)
 
 
 def refuse_external_drafter(path: str) -> Callable[[_internals.LlamaModel], None]:
-    """A ParamsHook check for a target: an external drafter loaded as a model of its own cannot
-    create a context (llama.cpp needs its target's), so say how to load it instead."""
+    """A ParamsHook check for a target: the LlamaModel Llama.__init__ just loaded must not be an
+    external drafter (llama_rules.refuse_drafter_as_target)."""
 
     def check(model: _internals.LlamaModel) -> None:
-        arch = _model_arch(model)
-        if arch in EXTERNAL_DRAFTER_TARGETS:
-            targets = ", ".join(sorted(EXTERNAL_DRAFTER_TARGETS[arch]))
-            raise MtpInitError(f"{path} is a {arch} model, an external MTP drafter that runs only on its target's "
-                               f"context: load its target ({targets}) with draft_model_path={path!r}")
+        llama_rules.refuse_drafter_as_target(_loaded(model, path))
 
     return check
 
 
 def check_external_drafter(target: llama_cpp.Llama, path: str) -> Callable[[_internals.LlamaModel], None]:
-    """A ParamsHook check for an external drafter's model, before its context is created: llama.cpp
-    builds the drafter's graph on the target's embeddings and KV there, and aborts the process
-    on a width mismatch, so every shape the pair shares is checked first (MtpInitError)."""
+    """A ParamsHook check for an external drafter's LlamaModel, before its context is created:
+    the pair must fit (llama_rules.check_external_drafter raises MtpInitError)."""
 
     def check(model: _internals.LlamaModel) -> None:
-        arch, t_arch = _model_arch(model), arch_of(target)
-        d_model, t_model = model.model, model_ptr(target)
-        if arch not in EXTERNAL_DRAFTER_TARGETS:
-            known = ", ".join(sorted(EXTERNAL_DRAFTER_TARGETS))
-            what = ("has no MTP (nextn) layers" if llama_cpp.llama_model_n_layer_nextn(d_model) <= 0
-                    else "is not an external MTP drafter")
-            raise MtpInitError(f"draft model {path} (architecture {arch!r}) {what}: draft_model_path takes a "
-                               f"drafter that runs on its target's context ({known})")
-        if t_arch not in EXTERNAL_DRAFTER_TARGETS[arch]:
-            raise MtpInitError(f"draft model {path} is a {arch}, which drafts for "
-                               f"{', '.join(sorted(EXTERNAL_DRAFTER_TARGETS[arch]))} targets; the target is {t_arch!r}")
-        d_out, t_out = int(llama_cpp.llama_model_n_embd_out(d_model)), int(llama_cpp.llama_model_n_embd_out(t_model))
-        if d_out != t_out:
-            raise MtpInitError(f"draft model {path} drafts for a target of width {d_out} (embedding_length_out); "
-                               f"the target {target.model_path} has width {t_out}: use the target's own assistant")
-        d_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(d_model)))
-        t_vocab = int(llama_cpp.llama_vocab_n_tokens(vocab_ptr(target)))
-        if d_vocab != t_vocab:
-            raise MtpInitError(f"draft model {path} has a vocabulary of {d_vocab} tokens, the target {target.model_path} "
-                               f"{t_vocab}: use the target's own assistant")
-        # its Q-only attention reads the target's K/V: the head sizes must be the target's
-        meta, t_meta = model.metadata(), target.metadata
-        for key in ("attention.key_length", "attention.key_length_swa"):
-            d_val, t_val = meta.get(f"{arch}.{key}"), t_meta.get(f"{t_arch}.{key}")
-            if d_val is not None and t_val is not None and d_val != t_val:
-                raise MtpInitError(f"draft model {path} has {key}={d_val}, the target {target.model_path} {t_val}: "
-                                   "use the target's own assistant")
+        llama_rules.check_external_drafter(_loaded(model, path), _loaded_llama(target))
 
     return check
 

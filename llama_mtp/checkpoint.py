@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import llama_cpp
 
-from . import _compat
+from . import _compat, llama_rules
 from .errors import RollbackError
 
 PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
@@ -21,11 +21,7 @@ PARTIAL_ONLY = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY
 
 def rollback_capacity(llm: llama_cpp.Llama) -> Optional[int]:
     """Tokens the target can drop with seq_rm; None when unbounded (attention-only)."""
-    ctx = _compat.ctx_ptr(llm)
-    model = llama_cpp.llama_get_model(ctx)
-    if llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model):
-        return int(llama_cpp.llama_n_rs_seq(ctx))
-    return None
+    return llama_rules.context_rollback_capacity(_compat.ctx_ptr(llm))
 
 
 def save_partial_state(llm: llama_cpp.Llama, seq_id: int, buf: Optional[ctypes.Array] = None) -> Tuple[ctypes.Array, int]:

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 import llama_cpp
 
 from . import _compat
-from .adaptive import FORGET_AT, FORGET_KEEP, Acceptance, DraftChoice, StepCosts, plan
+from .adaptive import FORGET_AT, FORGET_KEEP, Acceptance, DraftChoice, Planner, StepCosts
 from .checkpoint import TargetCheckpoint, rollback_capacity
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
@@ -159,16 +159,16 @@ def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
 
 # ------------------------------------------------------------------------- sequences
 
-_COSTS: "weakref.WeakKeyDictionary[llama_cpp.Llama, StepCosts]" = weakref.WeakKeyDictionary()
+_PLANNERS: "weakref.WeakKeyDictionary[llama_cpp.Llama, Planner]" = weakref.WeakKeyDictionary()
 
 
-def step_costs(target: llama_cpp.Llama) -> StepCosts:
-    """auto's cost model for this target: step costs belong to the model, its context and the
+def auto_planner(target: llama_cpp.Llama) -> Planner:
+    """auto's planner for this target: step costs belong to the model, its context and the
     machine, so what one generate() call measured serves the next (one-shot engines included)."""
-    costs = _COSTS.get(target)
-    if costs is None:
-        costs = _COSTS[target] = StepCosts(_compat.ubatch_split(target))
-    return costs
+    planner = _PLANNERS.get(target)
+    if planner is None:
+        planner = _PLANNERS[target] = Planner(StepCosts(_compat.ubatch_split(target)))
+    return planner
 
 
 
@@ -194,7 +194,7 @@ class Sequence:
         if plain_only:
             n_draft = 0  # a per-row hook or per-token logprobs: a plain-decoding sequence
         # auto's estimates, starting from what earlier sequences on the target accepted
-        self.acceptance = Acceptance(engine.k_max, engine.costs.accepted) if n_draft == "auto" else None
+        self.acceptance = Acceptance(engine.k_max, engine.planner.accepted) if n_draft == "auto" else None
         self.k_fixed = 0 if n_draft == "auto" else int(n_draft)
         self.verifier = make_verifier(target, sampling, verify=params.verify, seed=params.seed,
                                       own_drafts=engine.own_drafts, logit_bias=params.logit_bias,
@@ -403,7 +403,7 @@ class StepEngine:
         self.n_vocab = int(target.n_vocab())
         self.detokenize = _compat.detokenizer(target)  # whole token pieces (see llama_mtp.pieces)
         self.rollback_cap = rollback_capacity(target)
-        self.costs = step_costs(target)
+        self.planner = auto_planner(target)
         self.slots: List[Optional[Sequence]] = [None] * n_slots
         self._rows = _Batch(self.n_batch)
         self.closed = False
@@ -509,7 +509,7 @@ class StepEngine:
         """Choose each running sequence's draft length; sequences out of context end here.
 
         Fixed-k and plain sequences take their k; the ``auto`` ones are planned jointly
-        around them (adaptive.plan), as the whole batch shares one verify decode.
+        around them (adaptive.Planner), as the whole batch shares one verify decode.
         """
         events = []
         auto: List[Tuple[Sequence, int]] = []
@@ -531,8 +531,8 @@ class StepEngine:
             else:
                 rec.parts.append(Part(seq, [seq.id_last], seq.n_past, verify=True, k=max(0, min(seq.k_fixed, room))))
         if auto:
-            ks = plan([DraftChoice(seq.acceptance, room, seq.seq_id) for seq, room in auto], self.costs, self.k_max,
-                      fixed=[(p.seq.seq_id, p.k) for p in rec.parts])
+            ks = self.planner.plan([DraftChoice(seq.acceptance, room, seq.seq_id) for seq, room in auto], self.k_max,
+                                   fixed=[(p.seq.seq_id, p.k) for p in rec.parts])
             rec.parts += [Part(seq, [seq.id_last], seq.n_past, verify=True, k=k) for (seq, _), k in zip(auto, ks)]
         return events
 
@@ -690,8 +690,8 @@ class StepEngine:
         # the own loop's first draft decode also takes each sequence's deferred catch-up rows
         draft_rows = sum(len(p.proposal) - 1 + (p.seq.acceptance.pending if p.seq.acceptance else 1) for p in drafting)
         # the verify runs in batch (seq-id) order: how llama.cpp split the decode into passes
-        self.costs.observe(tuple((p.seq.seq_id, len(p.tokens)) for p in rec.parts), t_end - rec.t_start - rec.t_draft,
-                           max((len(p.proposal) for p in drafting), default=0), draft_rows, rec.t_draft)
+        self.planner.observe(tuple((p.seq.seq_id, len(p.tokens)) for p in rec.parts), t_end - rec.t_start - rec.t_draft,
+                             max((len(p.proposal) for p in drafting), default=0), draft_rows, rec.t_draft)
 
     def _account(self, seq: Sequence, p: Part, n_keep: int, rec: StepRecord, t_end: float) -> None:
         st = seq.stats

@@ -17,9 +17,10 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import pytest
 
+from _draft_policy import DraftPolicy
 from llama_mtp import adaptive
-from llama_mtp.adaptive import (Acceptance, DraftChoice, DraftPolicy, LinearCost, RowTable, StepCosts, UbatchSplit,
-                                plan)
+from llama_mtp.adaptive import Acceptance, DraftChoice, LinearCost, Planner, RowTable, StepCosts
+from llama_mtp.llama_rules import UbatchSplit
 
 K_MAX = 4
 
@@ -69,15 +70,15 @@ def sample_accepted(rng: random.Random, a: float, k: int) -> int:
 
 
 class Simulation:
-    """N sequences in one engine: one shared cost model, one Acceptance each."""
+    """N sequences in one engine: one shared planner (costs included), one Acceptance each."""
 
     def __init__(self, profile: Profile, n_seq: int, seed: int, fixed_k: int | None = None,
-                 costs: StepCosts | None = None) -> None:
+                 planner: Planner | None = None) -> None:
         self.profile, self.n_seq, self.fixed_k = profile, n_seq, fixed_k
         self.rng = random.Random(seed)
-        # as core.step_costs: one per target, so a later run on it starts from what this one learnt
-        self.costs = StepCosts(profile.split) if costs is None else costs
-        self.acc = [Acceptance(K_MAX, self.costs.accepted) for _ in range(n_seq)]
+        # as core.auto_planner: one per target, so a later run on it starts from what this one learnt
+        self.planner = Planner(StepCosts(profile.split)) if planner is None else planner
+        self.acc = [Acceptance(K_MAX, self.planner.accepted) for _ in range(n_seq)]
         self.pending = [1] * n_seq
         self.elapsed = 0.0
         self.produced = [0] * n_seq
@@ -85,7 +86,7 @@ class Simulation:
 
     def step(self, accept_at: Callable[[int], float]) -> None:
         if self.fixed_k is None:
-            ks = plan([DraftChoice(a, 10**6) for a in self.acc], self.costs, K_MAX)
+            ks = self.planner.plan([DraftChoice(a, 10**6) for a in self.acc], K_MAX)
         else:
             ks = [self.fixed_k] * self.n_seq
         self.choices.append((self.produced[0], tuple(ks)))
@@ -94,7 +95,7 @@ class Simulation:
         runs = tuple((i, k + 1) for i, k in enumerate(ks))
         t_draft = positions * self.profile.pos_ms + draft_rows * self.profile.row_ms if positions else 0.0
         t_step = self.profile.verify_ms(runs) + t_draft
-        self.costs.observe(runs, (t_step - t_draft) / 1e3, positions, draft_rows, t_draft / 1e3)
+        self.planner.observe(runs, (t_step - t_draft) / 1e3, positions, draft_rows, t_draft / 1e3)
         for i, k in enumerate(ks):
             n_acc = sample_accepted(self.rng, accept_at(self.produced[i]), k)
             self.acc[i].observe(k, n_acc)
@@ -228,11 +229,11 @@ def test_auto_adapts_when_the_text_changes() -> None:
 
 def test_probes_back_off_while_they_miss_and_reset_after_hits() -> None:
     acc = Acceptance(K_MAX)
-    costs = StepCosts()
+    planner = Planner()
     gaps, since = [], 0
     for _ in range(600):
-        k = plan([DraftChoice(acc, 10**6)], costs, K_MAX)[0]
-        costs.observe(k + 1, 0.01 + 0.004 * k, k, k, 0.005 * k)
+        k = planner.plan([DraftChoice(acc, 10**6)], K_MAX)[0]
+        planner.observe(k + 1, 0.01 + 0.004 * k, k, k, 0.005 * k)
         if k:
             gaps.append(since)
             since = 0
@@ -243,12 +244,12 @@ def test_probes_back_off_while_they_miss_and_reset_after_hits() -> None:
     assert tail == [adaptive.PROBE_MAX - 1] * 4, gaps  # a probe every PROBE_MAX steps
     assert gaps[3:6] == sorted(gaps[3:6]), gaps  # doubling on the way up
     # two hits in a row bring probing back to the shortest gap
-    acc.probing, acc.follow_up = True, False
+    acc.probes.start()
     acc.observe(1, 1)
-    assert acc.follow_up
-    acc.probing = True
+    assert acc.probes.follow_up
+    acc.probes.start()
     acc.observe(1, 1)
-    assert acc.probe_gap == adaptive.PROBE_MIN
+    assert acc.probes.gap == adaptive.PROBE_MIN
 
 
 def test_an_outlier_cannot_lock_out_plain_steps() -> None:
@@ -276,8 +277,8 @@ def test_a_stale_near_best_option_is_remeasured() -> None:
     the refresh rule re-runs plain within STALE_STEPS choices and the policy switches to it."""
     policy = DraftPolicy(K_MAX)
     prof = PROFILES["fast"]
-    policy.costs.step.observe(1, 1.6 * prof.step_ms(1) / 1e3)
-    policy.costs.step.observe(1, 1.6 * prof.step_ms(1) / 1e3)
+    policy.planner.costs.step.observe(1, 1.6 * prof.step_ms(1) / 1e3)
+    policy.planner.costs.step.observe(1, 1.6 * prof.step_ms(1) / 1e3)
     rng = random.Random(0)
     ks = []
     for _ in range(200):
@@ -318,7 +319,7 @@ def test_linear_cost_separates_positions_from_rows() -> None:
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_a_later_run_starts_from_what_earlier_runs_on_the_target_accepted(profile: str) -> None:
-    """core.step_costs keeps one StepCosts per target, acceptance included: a second run of the
+    """core.auto_planner keeps one Planner per target, costs and acceptance included: a second run of the
     same kind of text reaches the best fixed choice (no re-learning from the generic prior; the
     q4km cell at a=0 keeps its catch-up-debt floor), and a run whose text differs from the last
     one's still adapts (within 5%)."""
@@ -326,16 +327,16 @@ def test_a_later_run_starts_from_what_earlier_runs_on_the_target_accepted(profil
     for a1, a2 in ((0.8, 0.8), (0.0, 0.0), (1.0, 1.0), (0.8, 0.0), (0.0, 0.8)):
         got = 0.0
         for seed in seeds:
-            costs = StepCosts(PROFILES[profile].split)
-            Simulation(PROFILES[profile], 1, seed, costs=costs).run(lambda _: a1, 256)
-            later = Simulation(PROFILES[profile], 1, seed + 100, costs=costs)
+            planner = Planner(StepCosts(PROFILES[profile].split))
+            Simulation(PROFILES[profile], 1, seed, planner=planner).run(lambda _: a1, 256)
+            later = Simulation(PROFILES[profile], 1, seed + 100, planner=planner)
             got += later.run(lambda _: a2, 256) / len(seeds)
             if a1 == a2 == 0.0:
                 assert later.choices[0][1] == (0,), (profile, seed)  # no first-step loss
         _, best = best_fixed(profile, a2, 256, seeds)
         floor = 0.95 if a1 != a2 else FLOOR_ALONE.get((profile, a2), 0.97)
         assert got >= floor * best, (profile, a1, a2, got / best)
-    fresh = Acceptance(K_MAX, StepCosts().accepted)
+    fresh = Acceptance(K_MAX, Planner().accepted)
     assert fresh.rate(0) == Acceptance.PRIOR_ACCEPT  # nothing learnt yet: the generic prior
 
 
@@ -393,13 +394,13 @@ def test_a_batch_on_a_hybrid_target_drafts_in_lockstep(profile: str) -> None:
 @pytest.mark.parametrize("profile,n_seq", [("fast", 1), ("q4km", 1), ("bench", 4)])
 def test_holding_plain_skips_the_search_and_changes_no_choice(profile: str, n_seq: int,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """In a long plain run most choices skip the search (StepCosts.hold) and the policy chooses
+    """In a long plain run most choices skip the search (Planner's hold) and the policy chooses
     exactly what it chooses without holding, probes included."""
     def choices(hold_steps: int) -> Tuple[List, int]:
-        monkeypatch.setattr(adaptive, "HOLD_STEPS", hold_steps)
+        monkeypatch.setattr(adaptive.planner, "HOLD_STEPS", hold_steps)
         sim = Simulation(PROFILES[profile], n_seq, seed=2)
         sim.run(lambda i: 0.0 if i < 300 else 0.9, 400)
-        return sim.choices, sim.costs.n_held
+        return sim.choices, sim.planner.n_held
     held, n_held = choices(8)
     plain, n_none = choices(-1)
     assert n_none == 0 and n_held >= 0.5 * len(held)
@@ -414,5 +415,5 @@ def test_the_longest_draft_is_measured_where_only_probes_would_run() -> None:
     for a, want in ((1.0, True), (0.0, False)):
         sim = Simulation(PROFILES["q4km-kink"], 1, seed=1)
         sim.run(lambda _: a, 256)
-        assert sim.costs.step.measured(K_MAX + 1) == want, a
-        assert sim.costs.tried.get(K_MAX + 1, 0) <= 2
+        assert sim.planner.costs.step.measured(K_MAX + 1) == want, a
+        assert sim.planner.tried.get(K_MAX + 1, 0) <= 2

@@ -266,7 +266,7 @@ def test_rollback_capacity_is_llama_cpps(arch: str) -> None:
     """Hybrid targets keep n_draft_max recurrent snapshots where llama.cpp can roll the state
     back (our mirror of its arch list, RS_ROLLBACK_ARCHS) and none elsewhere (qwen3next: every
     partial rejection restores a checkpoint); attention-only targets trim their KV freely."""
-    from llama_mtp._compat import RS_ROLLBACK_ARCHS
+    from llama_mtp.llama_rules import RS_ROLLBACK_ARCHS
     from llama_mtp.checkpoint import rollback_capacity
 
     path, info = T.cached_test_model_info(size="tiny", arch=arch, accept=0.5)

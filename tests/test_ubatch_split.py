@@ -1,4 +1,4 @@
-"""adaptive.UbatchSplit against llama.cpp itself: how llama_decode cuts a batch into ubatches.
+"""llama_rules.UbatchSplit against llama.cpp itself: how llama_decode cuts a batch into ubatches.
 
 auto prices a multi-sequence step by its passes over the model, so the mirror of
 ``llama_batch_allocr::split_equal`` must agree with what llama.cpp runs. The graph-eval
@@ -21,8 +21,8 @@ import llama_cpp
 import pytest
 
 import _helpers
-from llama_mtp import _compat, testing
-from llama_mtp.adaptive import UbatchSplit
+from llama_mtp import _compat, llama_rules, testing
+from llama_mtp.llama_rules import UbatchSplit
 
 N_SEQ = 4
 N_RS = 3
@@ -87,7 +87,7 @@ def arch_model(request, model_dir) -> pathlib.Path:
 @pytest.fixture(scope="module", params=[False, True], ids=["stream-per-seq", "unified"])
 def counting(request, arch_model) -> Iterator[Tuple[CountingContext, UbatchSplit]]:
     ctx = CountingContext(arch_model, kv_unified=request.param)
-    split = _compat.context_ubatch_split(ctx.ctx, kv_unified=request.param)  # the rule auto prices steps by
+    split = llama_rules.context_ubatch_split(ctx.ctx, kv_unified=request.param)  # the rule auto prices steps by
     yield ctx, split
     ctx.close()
 
