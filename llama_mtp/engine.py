@@ -28,8 +28,8 @@ from typing import Any, Deque, Iterator, List, Optional
 
 import llama_cpp
 
-from .core import (NDraft, Prompt, Sequence, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params,
-                   tokenize_prompt)
+from .checks import NDraft, choice, integer, n_draft as check_n_draft
+from .core import Prompt, Sequence, SequenceParams, StepEngine, check_pair, sequence_params, tokenize_prompt
 from .errors import EngineClosedError, MtpArgumentError, QueueFullError
 from .results import GenerationResult, GenerationStats
 from .session import draft_mode_of, own_loop_or_upstream
@@ -107,10 +107,8 @@ class Engine:
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
                  verify: str = "match", max_waiting: int = 64, prefill: str = "shared") -> None:
         self.n_draft = check_n_draft(n_draft)
-        if verify not in ("match", "rejection"):
-            raise MtpArgumentError(f"verify must be 'match' or 'rejection', got {verify!r}")
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise MtpArgumentError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
+        choice("verify", verify, ("match", "rejection"))
+        integer("max_waiting", max_waiting, 0)
         self.verify = verify
         self.max_waiting = max_waiting
         self.target = target

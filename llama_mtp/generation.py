@@ -20,7 +20,8 @@ from typing import Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 
-from .core import NDraft, Prompt, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params, tokenize_prompt
+from .checks import NDraft, n_draft as check_n_draft
+from .core import Prompt, SequenceParams, StepEngine, check_pair, sequence_params, tokenize_prompt
 from .errors import MtpArgumentError
 from .results import GenerationResult, GenerationStats
 from .session import MtpSession, own_loop_or_upstream

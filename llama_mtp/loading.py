@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import llama_cpp
 
 from . import _compat
+from .checks import integer
 from .errors import MtpArgumentError, MtpError, MtpInitError
 
 # Llama kwargs that would break the MTP setup
@@ -163,7 +164,7 @@ DRAFT_N_UBATCH = 32
 
 
 def _draft_path(draft_model_path: Any) -> str:
-    if isinstance(draft_model_path, bool) or not isinstance(draft_model_path, (str, os.PathLike)):
+    if not isinstance(draft_model_path, (str, os.PathLike)):
         raise MtpArgumentError(f"draft_model_path must be a path, got {type(draft_model_path).__name__}")
     path = os.fspath(draft_model_path)
     if not os.path.isfile(path):
@@ -173,8 +174,7 @@ def _draft_path(draft_model_path: Any) -> str:
 
 def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, Any]) -> None:
     for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MtpArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        integer(name, value, 1)
     bad = [k for k in _RESERVED if llama_kwargs.get(k)]
     if bad:
         raise MtpArgumentError(f"MTP loading does not support {', '.join(bad)}")

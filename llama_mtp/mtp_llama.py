@@ -15,7 +15,8 @@ import llama_cpp
 
 from . import _compat
 from .checkpoint import rollback_capacity
-from .core import check_n_draft, sequence_params
+from .checks import n_draft as check_n_draft
+from .core import sequence_params
 from .errors import MtpArgumentError, MtpError, MtpInitError
 from .generation import OneSequenceRun
 from .loading import MtpTargetLlama, _draft_path, _open_draft, _validate

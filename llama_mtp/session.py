@@ -13,6 +13,7 @@ import llama_cpp
 
 from . import _loader
 from ._compat import BatchLike, ContextLike, context_of, context_type, guard_of, loaded_with_mtp, raw_batch, raw_context
+from .checks import integer, number
 from .errors import (
     BadSeqIdError,
     MtpArgumentError,
@@ -156,10 +157,8 @@ class MtpSession:
                  defer_catchup: bool = False) -> None:
         self._native: Optional[_Native] = None
         for name, value in (("n_seq", n_seq), ("n_draft_max", n_draft_max), ("n_min", n_min)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise MtpArgumentError(f"{name} must be an int, got {type(value).__name__}")
-        if isinstance(p_min, bool) or not isinstance(p_min, (int, float)):
-            raise MtpArgumentError(f"p_min must be a float, got {type(p_min).__name__}")
+            integer(name, value)  # ranges are the shim's to check (it names them)
+        number("p_min", p_min)
         # keep the Llama objects alive as long as the session
         self._target_obj, self._draft_obj = target, draft
         self._ctx_tgt = context_of(target, "target")
@@ -427,8 +426,7 @@ class MtpSession:
             yield native.handle
 
     def _check_seq(self, seq_id: Any) -> None:
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
-            raise MtpArgumentError(f"seq_id must be an int, got {type(seq_id).__name__}")
+        integer("seq_id", seq_id)
         if not 0 <= seq_id < self._n_seq:
             raise BadSeqIdError(f"seq_id {seq_id} is out of range: this session drafts for seq ids "
                                 f"0..{self._n_seq - 1} (n_seq={self._n_seq})", seq_id, self._n_seq)
