@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional, Union
 
+import llama_cpp
+
 from .errors import MtpArgumentError
 
 NDraft = Union[int, str]  # a fixed draft length (0: plain decoding) or "auto"
@@ -48,6 +50,12 @@ def n_draft(value: Any, name: str = "n_draft") -> NDraft:
     if not is_int(value) or value < 0:
         raise MtpArgumentError(f"{name} must be an int >= 0 or 'auto', got {value!r}")
     return value
+
+
+def check_pair(target: Any, draft: Any) -> None:
+    """A (target, draft) pair of Llama objects (what llama_mtp.load returns)."""
+    if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
+        raise MtpArgumentError("the target and draft must be llama_cpp.Llama objects (see llama_mtp.load)")
 
 
 def choice(name: str, value: Any, options: Iterable[str]) -> str:

@@ -38,7 +38,8 @@ import llama_cpp
 from . import _compat
 from .adaptive import FORGET_AT, FORGET_KEEP, Acceptance, DraftChoice, StepCosts, plan
 from .checkpoint import TargetCheckpoint, rollback_capacity
-from .checks import NDraft, choice, integer, is_int, n_draft as check_n_draft, number
+from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as check_n_draft, number
+from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
 from .results import GenerationResult, GenerationStats
@@ -107,9 +108,6 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                           verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw)
 
 
-def check_pair(target: Any, draft: Any) -> None:
-    if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
-        raise MtpArgumentError("the target and draft must be llama_cpp.Llama objects (see llama_mtp.load)")
 
 
 def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
@@ -333,31 +331,29 @@ class StepEngine:
     leave the target Llama usable); they are cleared when its slot is reused.
     """
 
-    def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
-                 drafter: str = "own", prefill: str = "shared", session: Optional[MtpSession] = None,
-                 k_max: Optional[int] = None, keep_memory: bool = False) -> None:
+    def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, drafter: Optional[Drafter] = None,
+                 n_draft: Optional[NDraft] = None, prefill: str = "shared", session: Optional[MtpSession] = None,
+                 keep_memory: bool = False) -> None:
         check_pair(target, draft)
-        self.n_draft = check_n_draft(n_draft)
-        if drafter not in ("own", "upstream"):
-            raise MtpArgumentError(f"drafter must be 'own' or 'upstream', got {drafter!r}")
-        if prefill not in ("shared", "separate"):
-            raise MtpArgumentError(f"prefill must be 'shared' or 'separate', got {prefill!r}")
+        if drafter is None:  # a direct caller: the one rule, for the default verification
+            drafter = resolve_drafter(target, draft, "auto" if n_draft is None else n_draft, session=session)
+        elif n_draft is not None and check_n_draft(n_draft) != drafter.n_draft:
+            raise MtpArgumentError(f"n_draft={n_draft!r} disagrees with the drafter's n_draft={drafter.n_draft!r}")
+        choice("prefill", prefill, ("shared", "separate"))
         self.target, self.draft = target, draft
-        self.own_drafts = drafter == "own"
+        self.drafter = drafter
+        self.n_draft = drafter.n_draft
+        self.own_drafts = drafter.own_loop
         self.prefill = prefill
         self.keep_memory = keep_memory
+        self.k_max = drafter.k_max
+        n_slots = drafter.n_seq
         if session is not None:
             if session.target is not target:
                 raise MtpArgumentError("the session was created for another target Llama")
             if self.own_drafts != session.defer_catchup:
                 raise MtpArgumentError("the session's defer_catchup must match the drafter "
                                        "(own: defer_catchup=True, backend_sampling=False; upstream: the defaults)")
-            self.k_max = session.n_draft_max
-        else:
-            self.k_max = int(k_max or getattr(target, "mtp_n_draft_max", 3))
-        if self.n_draft != "auto" and self.n_draft > self.k_max:
-            raise MtpArgumentError(f"n_draft={self.n_draft} exceeds the session's n_draft_max={self.k_max}")
-        n_slots = session.n_seq if session is not None else int(getattr(target, "mtp_n_seq", 1))
         self.owns_session = session is None
         self.session = session or MtpSession(target, draft, n_seq=n_slots, n_draft_max=self.k_max,
                                              backend_sampling=not self.own_drafts, defer_catchup=self.own_drafts)

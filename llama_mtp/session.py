@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -63,29 +62,6 @@ def draft_mode_of(target: ContextLike, draft: ContextLike) -> DraftMode:
     if status != 0:
         raise MtpInitError(ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
     return DraftMode(DRAFT_MODES[mode[0]], int(heads[0]))
-
-
-def own_loop_or_upstream(target: ContextLike, draft: ContextLike, *, wanted: bool, required: bool) -> bool:
-    """Whether a run that ``wanted`` the own draft loop gets it: a mode the loop does not
-    implement goes to upstream's drafter with a logged warning naming the mode, or raises
-    MtpArgumentError when the run ``required`` the own loop (sampled drafts)."""
-    if not wanted:
-        return False
-    dm = draft_mode_of(target, draft)
-    if dm.own_loop:
-        return True
-    if required:
-        raise MtpArgumentError(f"the draft mode {dm.mode!r} is not implemented by the session's own draft loop, "
-                               "which verify='rejection' needs; use verify='match'")
-    # once per draft context: a server or a chat loop would otherwise repeat it on every request
-    if draft not in _ROUTED:
-        _ROUTED.add(draft)
-        log.warning("llama_mtp: draft mode %r is not implemented by the own draft loop: drafting with upstream's "
-                    "drafter (fixed length, sample-and-match) instead", dm.mode)
-    return False
-
-
-_ROUTED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # draft contexts whose routing was logged
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,8 @@ def test_generate_per_head_acceptance(step35_model):
     plain = greedy_reference(step35_model, prompt, N_GEN)
     tokens, drafted, accepted = _expected_fixed_k(prompt, N_GEN, 3)
     assert tokens == plain
-    runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0)}
+    runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0,
+                                           drafter="upstream")}
     with MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
         runs["own"] = llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0,
                                          session=s)
