@@ -321,10 +321,11 @@ class _Batch:
 class StepEngine:
     """Speculative steps over the slots of one (target, draft) pair; not thread-safe.
 
-    ``n_draft``: the default draft length ("auto" or an int); ``drafter``:
-    "own" (the session's own draft loop, batched across sequences, with deferred
-    MTP catch-up) or "upstream" (upstream's drafter with backend sampling, as the
-    native loop runs it; fixed lengths and sample-and-match only). ``prefill``:
+    ``drafter``: the run's :class:`llama_mtp.drafter.Drafter` (its default draft length,
+    the own draft loop, batched across sequences with deferred MTP catch-up, or upstream's
+    drafter with backend sampling, and the draft length and slots its session is sized for);
+    left out, :func:`llama_mtp.drafter.resolve_drafter` picks it for ``n_draft`` (default
+    "auto") and ``session``. ``prefill``:
     "shared" (a joining sequence's prompt chunks ride in the step's decode) or
     "separate" (its whole prompt is decoded before the step). ``keep_memory``:
     a finished sequence leaves its tokens in the contexts (one-shot runs that

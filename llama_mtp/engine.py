@@ -28,9 +28,9 @@ from typing import Any, Deque, Iterator, List, Optional, Union
 
 import llama_cpp
 
-from .checks import NDraft, choice, integer, n_draft as check_n_draft
+from .checks import NDraft, integer
 from .core import Prompt, Sequence, SequenceParams, StepEngine, sequence_params, tokenize_prompt
-from .drafter import VERIFY_MODES, resolve_drafter
+from .drafter import resolve_drafter
 from .errors import EngineClosedError, QueueFullError
 from .results import GenerationResult, GenerationStats
 
@@ -106,8 +106,7 @@ class Engine:
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
                  verify: str = "match", max_waiting: int = 64, prefill: str = "shared") -> None:
-        check_n_draft(n_draft)  # refused before a thread starts; the worker's drafter keeps the value
-        choice("verify", verify, VERIFY_MODES)
+        # n_draft and verify are validated where the drafter is resolved (the worker; its error is raised here)
         integer("max_waiting", max_waiting, 0)
         self.verify = verify
         self.max_waiting = max_waiting
