@@ -38,6 +38,8 @@ import llama_cpp
 from . import _compat
 from .adaptive import FORGET_AT, FORGET_KEEP, Acceptance, DraftChoice, Planner, StepCosts
 from .checkpoint import TargetCheckpoint, rollback_capacity
+from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as check_n_draft, number
+from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
 from .results import GenerationResult, GenerationStats
@@ -45,7 +47,6 @@ from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
 
 Prompt = Union[str, bytes, Seq[int]]
-NDraft = Union[int, str]
 
 
 # ----------------------------------------------------------------------- parameters
@@ -66,32 +67,6 @@ class SequenceParams:
     raw: bool = False                   # commit every token (no EOG/stop/max_tokens): Llama.generate's contract
 
 
-def _number(name: str, value: Any, lo: float, hi: float = float("inf"), *, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise MtpArgumentError(f"{name} must be a number, got {type(value).__name__}")
-    v = float(value)
-    if v != v or (v <= lo if lo_open else v < lo) or v > hi:
-        bound = f"{'>' if lo_open else '>='} {lo:g}" + (f" and <= {hi:g}" if hi != float("inf") else "")
-        raise MtpArgumentError(f"{name} must be {bound}, got {value!r}")
-    return v
-
-
-def _int(name: str, value: Any, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise MtpArgumentError(f"{name} must be an int >= {lo}, got {value!r}")
-    if value < lo:
-        raise MtpArgumentError(f"{name} must be an int >= {lo}, got {value!r}")
-    return value
-
-
-def check_n_draft(n_draft: Any, name: str = "n_draft") -> NDraft:
-    if n_draft == "auto":
-        return "auto"
-    if isinstance(n_draft, bool) or not isinstance(n_draft, int) or n_draft < 0:
-        raise MtpArgumentError(f"{name} must be an int >= 0 or 'auto', got {n_draft!r}")
-    return n_draft
-
-
 def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                     min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
                     frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: Optional[int] = None,
@@ -101,32 +76,30 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                     mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, tfs_z: float = 1.0,
                     penalize_nl: bool = True, raw: bool = False) -> SequenceParams:
     """Validate one sequence's settings (llama-cpp-python's names and defaults for sampling)."""
-    _int("max_tokens", max_tokens, 1)
-    temp = _number("temperature", temperature, 0.0)
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
-        raise MtpArgumentError(f"top_k must be an int (<= 0: the whole vocabulary), got {top_k!r}")
-    _number("top_p", top_p, 0.0, 1.0)
-    _number("min_p", min_p, 0.0, 1.0)
-    _number("typical_p", typical_p, 0.0, 1.0, lo_open=True)
-    _number("repeat_penalty", repeat_penalty, 0.0, lo_open=True)
-    _number("frequency_penalty", frequency_penalty, -2.0, 2.0)
-    _number("presence_penalty", presence_penalty, -2.0, 2.0)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise MtpArgumentError(f"seed must be an int or None, got {seed!r}")
+    integer("max_tokens", max_tokens, 1)
+    temp = number("temperature", temperature, 0.0)
+    integer("top_k", top_k)  # <= 0: the whole vocabulary
+    number("top_p", top_p, 0.0, 1.0)
+    number("min_p", min_p, 0.0, 1.0)
+    number("typical_p", typical_p, 0.0, 1.0, lo_open=True)
+    number("repeat_penalty", repeat_penalty, 0.0, lo_open=True)
+    number("frequency_penalty", frequency_penalty, -2.0, 2.0)
+    number("presence_penalty", presence_penalty, -2.0, 2.0)
+    if seed is not None:
+        integer("seed", seed)
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if not all(isinstance(s, str) for s in stops):
         raise MtpArgumentError("stop must be a string or a list of strings")
     if logprobs is not None:
-        _int("logprobs", logprobs, 0)
+        integer("logprobs", logprobs, 0)
     if logit_bias is not None:
         if not isinstance(logit_bias, dict):
             raise MtpArgumentError("logit_bias must map token ids to numbers")
-        logit_bias = {_int("logit_bias token id", int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, 0):
-                      _number("logit_bias value", v, float("-inf")) for k, v in logit_bias.items()}
+        logit_bias = {integer("logit_bias token id", int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k, 0):
+                      number("logit_bias value", v) for k, v in logit_bias.items()}
     if n_draft is not None:
         n_draft = check_n_draft(n_draft)
-    if verify not in ("match", "rejection"):
-        raise MtpArgumentError(f"verify must be 'match' or 'rejection', got {verify!r}")
+    choice("verify", verify, ("match", "rejection"))
     sampling = dict(top_k=top_k, top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p), temp=temp,
                     repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
                     presence_penalty=float(presence_penalty), tfs_z=tfs_z, mirostat_mode=mirostat_mode,
@@ -135,9 +108,6 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                           verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw)
 
 
-def check_pair(target: Any, draft: Any) -> None:
-    if not isinstance(target, llama_cpp.Llama) or not isinstance(draft, llama_cpp.Llama):
-        raise MtpArgumentError("the target and draft must be llama_cpp.Llama objects (see llama_mtp.load)")
 
 
 def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
@@ -354,41 +324,40 @@ class _Batch:
 class StepEngine:
     """Speculative steps over the slots of one (target, draft) pair; not thread-safe.
 
-    ``n_draft``: the default draft length ("auto" or an int); ``drafter``:
-    "own" (the session's own draft loop, batched across sequences, with deferred
-    MTP catch-up) or "upstream" (upstream's drafter with backend sampling, as the
-    native loop runs it; fixed lengths and sample-and-match only). ``prefill``:
+    ``drafter``: the run's :class:`llama_mtp.drafter.Drafter` (its default draft length,
+    the own draft loop, batched across sequences with deferred MTP catch-up, or upstream's
+    drafter with backend sampling, and the draft length and slots its session is sized for);
+    left out, :func:`llama_mtp.drafter.resolve_drafter` picks it for ``n_draft`` (default
+    "auto") and ``session``. ``prefill``:
     "shared" (a joining sequence's prompt chunks ride in the step's decode) or
     "separate" (its whole prompt is decoded before the step). ``keep_memory``:
     a finished sequence leaves its tokens in the contexts (one-shot runs that
     leave the target Llama usable); they are cleared when its slot is reused.
     """
 
-    def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
-                 drafter: str = "own", prefill: str = "shared", session: Optional[MtpSession] = None,
-                 k_max: Optional[int] = None, keep_memory: bool = False) -> None:
+    def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, drafter: Optional[Drafter] = None,
+                 n_draft: Optional[NDraft] = None, prefill: str = "shared", session: Optional[MtpSession] = None,
+                 keep_memory: bool = False) -> None:
         check_pair(target, draft)
-        self.n_draft = check_n_draft(n_draft)
-        if drafter not in ("own", "upstream"):
-            raise MtpArgumentError(f"drafter must be 'own' or 'upstream', got {drafter!r}")
-        if prefill not in ("shared", "separate"):
-            raise MtpArgumentError(f"prefill must be 'shared' or 'separate', got {prefill!r}")
+        if drafter is None:  # a direct caller: the one rule, for the default verification
+            drafter = resolve_drafter(target, draft, "auto" if n_draft is None else n_draft, session=session)
+        elif n_draft is not None and check_n_draft(n_draft) != drafter.n_draft:
+            raise MtpArgumentError(f"n_draft={n_draft!r} disagrees with the drafter's n_draft={drafter.n_draft!r}")
+        choice("prefill", prefill, ("shared", "separate"))
         self.target, self.draft = target, draft
-        self.own_drafts = drafter == "own"
+        self.drafter = drafter
+        self.n_draft = drafter.n_draft
+        self.own_drafts = drafter.own_loop
         self.prefill = prefill
         self.keep_memory = keep_memory
+        self.k_max = drafter.k_max
+        n_slots = drafter.n_seq
         if session is not None:
             if session.target is not target:
                 raise MtpArgumentError("the session was created for another target Llama")
             if self.own_drafts != session.defer_catchup:
                 raise MtpArgumentError("the session's defer_catchup must match the drafter "
                                        "(own: defer_catchup=True, backend_sampling=False; upstream: the defaults)")
-            self.k_max = session.n_draft_max
-        else:
-            self.k_max = int(k_max or getattr(target, "mtp_n_draft_max", 3))
-        if self.n_draft != "auto" and self.n_draft > self.k_max:
-            raise MtpArgumentError(f"n_draft={self.n_draft} exceeds the session's n_draft_max={self.k_max}")
-        n_slots = session.n_seq if session is not None else int(getattr(target, "mtp_n_seq", 1))
         self.owns_session = session is None
         self.session = session or MtpSession(target, draft, n_seq=n_slots, n_draft_max=self.k_max,
                                              backend_sampling=not self.own_drafts, defer_catchup=self.own_drafts)
@@ -445,7 +414,7 @@ class StepEngine:
         """
         self._check_open()
         self.check_request(prompt_tokens, params)
-        if isinstance(n_reuse, bool) or not isinstance(n_reuse, int) or not 0 <= n_reuse < len(prompt_tokens):
+        if not is_int(n_reuse) or not 0 <= n_reuse < len(prompt_tokens):
             raise MtpArgumentError(f"n_reuse must be an int in [0, len(prompt) - 1], got {n_reuse!r}")
         sid = next((i for i, s in enumerate(self.slots) if s is None), None)
         if sid is None:

@@ -24,15 +24,15 @@ import queue
 import random
 import threading
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional
+from typing import Any, Deque, Iterator, List, Optional, Union
 
 import llama_cpp
 
-from .core import (NDraft, Prompt, Sequence, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params,
-                   tokenize_prompt)
-from .errors import EngineClosedError, MtpArgumentError, QueueFullError
+from .checks import NDraft, integer
+from .core import Prompt, Sequence, SequenceParams, StepEngine, sequence_params, tokenize_prompt
+from .drafter import resolve_drafter
+from .errors import EngineClosedError, QueueFullError
 from .results import GenerationResult, GenerationStats
-from .session import draft_mode_of, own_loop_or_upstream
 
 log = logging.getLogger("llama_mtp.engine")
 
@@ -106,11 +106,8 @@ class Engine:
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
                  verify: str = "match", max_waiting: int = 64, prefill: str = "shared") -> None:
-        self.n_draft = check_n_draft(n_draft)
-        if verify not in ("match", "rejection"):
-            raise MtpArgumentError(f"verify must be 'match' or 'rejection', got {verify!r}")
-        if isinstance(max_waiting, bool) or not isinstance(max_waiting, int) or max_waiting < 0:
-            raise MtpArgumentError(f"max_waiting must be an int >= 0, got {max_waiting!r}")
+        # n_draft and verify are validated where the drafter is resolved (the worker; its error is raised here)
+        integer("max_waiting", max_waiting, 0)
         self.verify = verify
         self.max_waiting = max_waiting
         self.target = target
@@ -119,16 +116,20 @@ class Engine:
         self._running: List[RequestHandle] = []
         self._closed = False
         self._seed_rng = random.Random()
-        # the StepEngine (and its MtpSession) is made by the worker: only it touches the contexts
-        ready: "queue.Queue[Optional[BaseException]]" = queue.Queue()
-        self._core: Optional[StepEngine] = None
-        self._thread = threading.Thread(target=self._worker, args=(target, draft, prefill, ready),
+        # the StepEngine (and its MtpSession) is made by the worker: only it touches the contexts.
+        # It hands the core back (or its error), so the engine is whole when __init__ returns
+        ready: "queue.Queue[Union[StepEngine, BaseException]]" = queue.Queue()
+        self._thread = threading.Thread(target=self._worker, args=(target, draft, n_draft, prefill, ready),
                                         name="llama-mtp-engine", daemon=True)
         self._thread.start()
-        error = ready.get()
-        if error is not None:
+        built = ready.get()
+        if isinstance(built, BaseException):
             self._thread.join()
-            raise error
+            raise built
+        # read-only from here on: submit() checks requests against them on any thread
+        self._core: StepEngine = built
+        self.n_draft: NDraft = built.n_draft
+        self._n_slots, self._n_ctx_slot = built.n_slots, built.n_ctx_slot
 
     # -- public -----------------------------------------------------------------------
 
@@ -176,11 +177,8 @@ class Engine:
                                  stop=stop, grammar=grammar, logit_bias=logit_bias, logprobs=logprobs,
                                  n_draft=n_draft, verify=verify or self.verify)
         tokens = tokenize_prompt(self.target, prompt)  # the vocabulary is read-only: any thread may
-        assert self._core is not None
         self._core.check_request(tokens, params)  # touches no context: safe off the worker thread
-        if params.verify == "rejection" and not self._core.own_drafts:
-            raise MtpArgumentError(f"the draft mode {self._draft_mode!r} is not implemented by the session's own "
-                                   "draft loop, which verify='rejection' needs; use verify='match'")
+        self._core.drafter.check_verify(params.verify)
         handle = RequestHandle(self, tokens, params)
         with self._cond:
             if self._closed:
@@ -214,21 +212,15 @@ class Engine:
 
     # -- worker -----------------------------------------------------------------------
 
-    def _worker(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, prefill: str,
-                ready: "queue.Queue[Optional[BaseException]]") -> None:
+    def _worker(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, n_draft: NDraft, prefill: str,
+                ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
         try:
-            check_pair(target, draft)
-            self._draft_mode = draft_mode_of(target, draft).mode
-            # a draft mode the own loop lacks goes to upstream's drafter, logged (rejection: raises)
-            own = own_loop_or_upstream(target, draft, wanted=True, required=self.verify == "rejection")
-            core = StepEngine(target, draft, n_draft=self.n_draft, drafter="own" if own else "upstream",
+            core = StepEngine(target, draft, drafter=resolve_drafter(target, draft, n_draft, self.verify),
                               prefill=prefill)
         except BaseException as e:
             ready.put(e)
             return
-        self._core = core
-        self._n_slots, self._n_ctx_slot = core.n_slots, core.n_ctx_slot
-        ready.put(None)
+        ready.put(core)
         try:
             while True:
                 with self._cond:

@@ -20,10 +20,11 @@ from typing import Deque, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 
-from .core import NDraft, Prompt, SequenceParams, StepEngine, check_n_draft, check_pair, sequence_params, tokenize_prompt
+from .core import Prompt, SequenceParams, StepEngine, sequence_params, tokenize_prompt
+from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError
 from .results import GenerationResult, GenerationStats
-from .session import MtpSession, own_loop_or_upstream
+from .session import MtpSession
 
 __all__ = ["GenerationResult", "GenerationStats", "GenerationStream", "OneSequenceRun", "generate",
            "generate_many", "tokenize_prompt"]
@@ -37,22 +38,12 @@ class OneSequenceRun:
     """
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt_tokens: List[int],
-                 params: SequenceParams, *, n_draft: NDraft, session: Optional[MtpSession] = None,
+                 params: SequenceParams, drafter: Drafter, *, session: Optional[MtpSession] = None,
                  n_reuse: int = 0) -> None:
-        # fixed k with sample-and-match runs upstream's drafter exactly as the native loop does;
-        # auto and rejection sampling need the own draft loop (exact n_max, sampled drafts, deferred catch-up)
-        if session is not None:
-            # the session's drafter: the own loop iff it defers catch-up (MtpLlama routes a draft
-            # mode the own loop lacks to an upstream session itself)
-            own = session.defer_catchup
-        else:  # a draft mode the own loop lacks goes upstream, logged (or raises for rejection)
-            own = own_loop_or_upstream(target, draft, wanted=n_draft == "auto" or params.verify == "rejection",
-                                       required=params.verify == "rejection")
-        k_max = None if n_draft == "auto" else max(1, int(n_draft))
         # one sequence shares its decodes with nobody: its prompt is decoded up front, and the
         # stats split prompt time from generation time as plain llama-cpp-python's timings do
-        self.engine = StepEngine(target, draft, n_draft=n_draft, drafter="own" if own else "upstream",
-                                 prefill="separate", session=session, k_max=k_max, keep_memory=True)
+        self.engine = StepEngine(target, draft, drafter=drafter, prefill="separate", session=session,
+                                 keep_memory=True)
         try:
             if self.engine.n_slots < 1:
                 raise MtpArgumentError("the session has no sequence slots")
@@ -114,7 +105,8 @@ def generate(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt: Prompt, *,
              n_draft: Union[int, str] = "auto", temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
              min_p: float = 0.05, repeat_penalty: float = 1.0, seed: Optional[int] = None,
              stop: Union[None, str, Sequence[str]] = None, stream: bool = False,
-             session: Optional[MtpSession] = None, verify: str = "match") -> Union[GenerationResult, GenerationStream]:
+             session: Optional[MtpSession] = None, verify: str = "match",
+             drafter: str = "auto") -> Union[GenerationResult, GenerationStream]:
     """Generate from ``prompt`` with MTP speculative decoding.
 
     ``target``/``draft``: from :func:`llama_mtp.load` (or an MtpLlama and its draft).
@@ -122,14 +114,17 @@ def generate(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompt: Prompt, *,
     length (0 = a plain step) from the observed acceptance and costs.
     ``verify`` (temperature > 0): ``"match"`` (upstream's sample-and-match) or
     ``"rejection"`` (speculative sampling with drafts sampled from the MTP head).
+    ``drafter``: "auto" (the session's own draft loop where the pair's draft mode has it, else
+    upstream's drafter; see :mod:`llama_mtp.drafter`), "own" or "upstream" (upstream's
+    drafter, fixed length, as llama.cpp's own loop runs it). A ``session`` fixes the drafter
+    it was made for.
     Returns a :class:`GenerationResult`, or with ``stream=True`` a
     :class:`GenerationStream` yielding text pieces as tokens are committed.
     """
     params = sequence_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, verify=verify)
-    check_pair(target, draft)
-    run = OneSequenceRun(target, draft, tokenize_prompt(target, prompt), params, n_draft=check_n_draft(n_draft),
-                         session=session)
+    chosen = resolve_drafter(target, draft, n_draft, verify, prefer=drafter, size_to_n_draft=True, session=session)
+    run = OneSequenceRun(target, draft, tokenize_prompt(target, prompt), params, chosen, session=session)
     if stream:
         return GenerationStream(run)
     for _ in run.steps():
@@ -156,15 +151,12 @@ def generate_many(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompts: Sequ
         raise MtpArgumentError("generate_many takes a list of prompts (use generate() for one)")
     params = sequence_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                              min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, verify=verify)
-    check_pair(target, draft)
+    chosen = resolve_drafter(target, draft, n_draft, verify)  # bad input raises even with nothing to run
     tokenized = [tokenize_prompt(target, p) for p in prompts]
     results: List[Optional[GenerationResult]] = [None] * len(tokenized)
-    n_draft = check_n_draft(n_draft)
     if not tokenized:
         return []
-    # the own loop batches every sequence's drafts; a draft mode it lacks goes upstream, logged
-    own = own_loop_or_upstream(target, draft, wanted=True, required=verify == "rejection")
-    with StepEngine(target, draft, n_draft=n_draft, drafter="own" if own else "upstream", prefill=prefill) as engine:
+    with StepEngine(target, draft, drafter=chosen, prefill=prefill) as engine:
         for toks in tokenized:
             engine.check_prompt(toks)  # every prompt is checked before anything runs
         queue: Deque[Tuple[int, List[int]]] = deque(enumerate(tokenized))

@@ -19,11 +19,13 @@ target's context (``ctx_other``) and attends over the target's KV cache.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import llama_cpp
 
 from . import _compat
+from .checks import integer
 from .errors import MtpArgumentError, MtpError, MtpInitError
 from .session import draft_mode_of
 
@@ -45,8 +47,31 @@ class PlainLlama(_compat.HookedLlama):
                          **kwargs)
 
 
+@dataclass(frozen=True)
+class PairLimits:
+    """What a target was loaded for, fixed when its context is made: ``n_draft_max`` (the
+    recurrent rollback depth and verify rows per sequence: the longest draft) and ``n_seq``
+    (the sequence slots, the draft context's too)."""
+
+    n_draft_max: int
+    n_seq: int
+
+
+def limits_of(target: Any) -> PairLimits:
+    """The limits ``target`` was loaded with; raises MtpArgumentError for a Llama that is no
+    MTP target (its context has no rollback depth or verify rows to draft into)."""
+    if not isinstance(target, MtpTargetLlama):
+        raise MtpArgumentError("the target must be an MTP target Llama (llama_mtp.load or MtpLlama make one), "
+                               f"got {type(target).__name__}; or pass an MtpSession made for it")
+    return target.mtp_limits
+
+
 class MtpTargetLlama(_compat.HookedLlama):
-    """A ``llama_cpp.Llama`` loaded with its MTP layers and rollback-capable context."""
+    """A ``llama_cpp.Llama`` loaded with its MTP layers and rollback-capable context.
+
+    ``mtp_limits``: the :class:`PairLimits` it was loaded with (also ``mtp_n_draft_max`` and
+    ``mtp_n_seq``).
+    """
 
     def __init__(self, model_path: str, *, n_draft_max: int = 3, n_seq: int = 1,
                  use_extra_bufts: bool | None = None, **kwargs: Any) -> None:
@@ -59,14 +84,21 @@ class MtpTargetLlama(_compat.HookedLlama):
         hook = _compat.ParamsHook({"load_mtp": True, **_model_overrides(use_extra_bufts)}, ctx,
                                   check_model=_compat.refuse_external_drafter(model_path))
         super().__init__(model_path=model_path, llama_mtp_hook=hook, **kwargs)
-        self.mtp_n_draft_max = n_draft_max
-        self.mtp_n_seq = n_seq
+        self.mtp_limits = PairLimits(n_draft_max=n_draft_max, n_seq=n_seq)
         self.mtp_n_layer_nextn = int(llama_cpp.llama_model_n_layer_nextn(_compat.model_ptr(self)))
         try:
             _compat.verify_mtp_pair(self, None, n_rs_seq=n_draft_max, n_seq=n_seq)
         except MtpInitError:
             self.close()
             raise
+
+    @property
+    def mtp_n_draft_max(self) -> int:
+        return self.mtp_limits.n_draft_max
+
+    @property
+    def mtp_n_seq(self) -> int:
+        return self.mtp_limits.n_seq
 
 
 def _draft_context_params(target: MtpTargetLlama) -> Dict[str, Any]:
@@ -77,8 +109,8 @@ def _draft_context_params(target: MtpTargetLlama) -> Dict[str, Any]:
         "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
         "ctx_other": _compat.ctx_ptr(target),
         "n_rs_seq": 0,
-        "n_seq_max": target.mtp_n_seq,
-        "n_outputs_max": target.mtp_n_seq,
+        "n_seq_max": target.mtp_limits.n_seq,
+        "n_outputs_max": target.mtp_limits.n_seq,
         "n_outputs_max_per_seq": 1,
     }
 
@@ -104,7 +136,7 @@ class MtpDraftLlama(_compat.HookedLlama):
             raise MtpInitError(f"llama.cpp could not create the MTP draft context for {target.model_path}: {e}") from None
         self.mtp_target = target
         try:
-            _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_n_draft_max, n_seq=target.mtp_n_seq)
+            _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_limits.n_draft_max, n_seq=target.mtp_limits.n_seq)
         except MtpInitError:
             self.close()
             raise
@@ -151,8 +183,9 @@ class MtpAssistantLlama(_compat.HookedLlama):
         self.mtp_target = target
         _compat.close_before(target, self)
         try:
-            _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_n_draft_max, n_seq=target.mtp_n_seq,
-                                    external=True, draft_mode=draft_mode_of(target, self).mode)
+            _compat.verify_mtp_pair(target, self, n_rs_seq=target.mtp_limits.n_draft_max,
+                                    n_seq=target.mtp_limits.n_seq, external=True,
+                                    draft_mode=draft_mode_of(target, self).mode)
         except MtpInitError:
             self.close()
             raise
@@ -164,7 +197,7 @@ DRAFT_N_UBATCH = 32
 
 
 def _draft_path(draft_model_path: Any) -> str:
-    if isinstance(draft_model_path, bool) or not isinstance(draft_model_path, (str, os.PathLike)):
+    if not isinstance(draft_model_path, (str, os.PathLike)):
         raise MtpArgumentError(f"draft_model_path must be a path, got {type(draft_model_path).__name__}")
     path = os.fspath(draft_model_path)
     if not os.path.isfile(path):
@@ -174,8 +207,7 @@ def _draft_path(draft_model_path: Any) -> str:
 
 def _validate(path: str, n_draft_max: int, n_seq: int, llama_kwargs: Dict[str, Any]) -> None:
     for name, value in (("n_draft_max", n_draft_max), ("n_seq", n_seq)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MtpArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        integer(name, value, 1)
     bad = [k for k in _RESERVED if llama_kwargs.get(k)]
     if bad:
         raise MtpArgumentError(f"MTP loading does not support {', '.join(bad)}")
@@ -231,12 +263,26 @@ def load(model_path: str | os.PathLike[str], *, n_draft_max: int = 3, n_seq: int
     vocabulary or head sizes are not the target's raises MtpInitError before its context exists.
     Other keyword arguments go to both ``llama_cpp.Llama`` constructors.
     """
+    llama_kwargs.setdefault("verbose", False)
+    return open_pair(MtpTargetLlama, model_path, n_draft_max=n_draft_max, n_seq=n_seq,
+                     draft_model_path=draft_model_path, llama_kwargs=llama_kwargs)
+
+
+TargetFactory = Callable[..., MtpTargetLlama]
+
+
+def open_pair(make_target: TargetFactory, model_path: str | os.PathLike[str], *, n_draft_max: int, n_seq: int,
+              draft_model_path: Optional[str | os.PathLike[str]],
+              llama_kwargs: Dict[str, Any]) -> Tuple[MtpTargetLlama, DraftLlama]:
+    """load()'s path, for any way of making the target: validate, make the target with
+    ``make_target(path, n_draft_max=..., n_seq=..., **llama_kwargs)`` (an MtpTargetLlama, or
+    a subclass initialising itself: MtpLlama), then open its draft (the target is closed if
+    that fails)."""
     path = os.fspath(model_path)
     _validate(path, n_draft_max, n_seq, llama_kwargs)
     draft_path = None if draft_model_path is None else _draft_path(draft_model_path)
-    llama_kwargs.setdefault("verbose", False)
     try:
-        target = MtpTargetLlama(path, n_draft_max=n_draft_max, n_seq=n_seq, **llama_kwargs)
+        target = make_target(path, n_draft_max=n_draft_max, n_seq=n_seq, **llama_kwargs)
     except MtpError:
         raise
     except ValueError as e:

@@ -15,13 +15,15 @@ import llama_cpp
 
 from . import _compat
 from .checkpoint import rollback_capacity
-from .core import check_n_draft, sequence_params
-from .errors import MtpArgumentError, MtpError, MtpInitError
+from .checks import NDraft, n_draft as check_n_draft
+from .core import sequence_params
+from .drafter import resolve_drafter
+from .errors import MtpArgumentError
 from .generation import OneSequenceRun
-from .loading import MtpTargetLlama, _draft_path, _open_draft, _validate
+from .loading import MtpTargetLlama, open_pair
 from .prompt_cache import PromptCheckpoints, common_prefix
 from .results import GenerationStats
-from .session import MtpSession, draft_mode_of, own_loop_or_upstream
+from .session import DraftMode, MtpSession
 
 
 class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
@@ -53,34 +55,28 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
     def __init__(self, model_path: str | os.PathLike[str], *, n_draft: Union[int, str] = "auto",
                  n_draft_max: int = 3, verify: str = "match", ctx_checkpoints: int = 4,
                  draft_model_path: Optional[str | os.PathLike[str]] = None, **llama_kwargs: Any) -> None:
-        path = os.fspath(model_path)
         n_draft = check_n_draft(n_draft)
-        if n_draft != "auto":
-            n_draft_max = max(1, int(n_draft))
-        _validate(path, n_draft_max, 1, llama_kwargs)
-        draft_path = None if draft_model_path is None else _draft_path(draft_model_path)
-        try:
-            super().__init__(path, n_draft_max=n_draft_max, n_seq=1, **llama_kwargs)
-        except MtpError:
-            raise
-        except ValueError as e:
-            raise MtpInitError(f"llama.cpp could not load {path}: {e}") from None
-        self.mtp_draft = _open_draft(self, path, llama_kwargs, draft_path)
+        if n_draft != "auto":  # a fixed length needs no deeper rollback or more verify rows than itself
+            n_draft_max = max(1, n_draft)
+
+        def init_target(path: str, **kwargs: Any) -> MtpTargetLlama:
+            super(MtpLlama, self).__init__(path, **kwargs)
+            return self
+
+        _, self.mtp_draft = open_pair(init_target, model_path, n_draft_max=n_draft_max, n_seq=1,
+                                      draft_model_path=draft_model_path, llama_kwargs=llama_kwargs)
         self._mtp_session: Optional[MtpSession] = None
         # Llama.close() unwinds its ExitStack last-in first-out: MTP parts go before the target
         _compat.on_close(self, self._close_mtp)
         try:
-            self.mtp_draft_mode = draft_mode_of(self, self.mtp_draft)
-            # the own draft loop for every n_draft (deferred MTP decodes, exact draft lengths); a
-            # mode it lacks goes to upstream's drafter, logged, or raises for verify="rejection"
-            self._mtp_own_loop = own_loop_or_upstream(self, self.mtp_draft, wanted=True,
-                                                      required=verify == "rejection")
+            # llama_mtp.drafter's one rule: the own draft loop where the mode has it, else
+            # upstream's drafter (logged), and verify="rejection" raises without the own loop
+            self.mtp_drafter = resolve_drafter(self, self.mtp_draft, n_draft, verify)
         except BaseException:
             self.close()
             raise
         # a drafter on the target's own KV (is_mem_shared) has no memory of its own to catch up
-        self._mtp_shared_kv = self.mtp_draft_mode.mode == "mem_shared"
-        self.mtp_n_draft = n_draft
+        self._mtp_shared_kv = self.mtp_drafter.mode.mode == "mem_shared"
         self.mtp_verify = verify
         self.last_mtp_stats: Optional[GenerationStats] = None
         self.mtp_checkpoints = PromptCheckpoints(self, ctx_checkpoints)
@@ -89,6 +85,20 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         # fallbacks and load_state() change the target only
         self._mtp_tokens: List[int] = []
         self._recurrent = rollback_capacity(self) is not None
+
+    @property
+    def mtp_draft_mode(self) -> DraftMode:
+        """The pair's draft mode (see :class:`llama_mtp.session.DraftMode`)."""
+        return self.mtp_drafter.mode
+
+    @property
+    def mtp_n_draft(self) -> NDraft:
+        """The draft length of the next generations ("auto" or an int <= n_draft_max); settable."""
+        return self.mtp_drafter.n_draft
+
+    @mtp_n_draft.setter
+    def mtp_n_draft(self, n_draft: NDraft) -> None:
+        self.mtp_drafter = self.mtp_drafter.with_n_draft(n_draft)
 
     def _close_mtp(self) -> None:
         if self._mtp_session is not None:
@@ -101,9 +111,9 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
     def _session(self) -> MtpSession:
         if self._mtp_session is None or self._mtp_session.closed:
             # the own draft loop: deferred MTP decodes, exact draft lengths; or upstream's drafter
-            # (backend sampling, as generate() runs it) for a mode the own loop lacks
-            own = self._mtp_own_loop
-            self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=self.mtp_n_draft_max,
+            # (backend sampling, as llama.cpp runs it) for a mode the own loop lacks
+            own = self.mtp_drafter.own_loop
+            self._mtp_session = MtpSession(self, self.mtp_draft, n_draft_max=self.mtp_drafter.k_max,
                                            backend_sampling=not own, defer_catchup=own)
         return self._mtp_session
 
@@ -150,8 +160,8 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         session = self._session()
         run: Optional[OneSequenceRun] = None
         try:
-            run = OneSequenceRun(self, self.mtp_draft, prompt, params, n_draft=self.mtp_n_draft,
-                                 session=session, n_reuse=self._reuse(prompt))
+            run = OneSequenceRun(self, self.mtp_draft, prompt, params, self.mtp_drafter, session=session,
+                                 n_reuse=self._reuse(prompt))
             if self._recurrent:
                 self.mtp_checkpoints.save(prompt[:-1])  # the end of the prefill
             self.last_mtp_stats = run.stats

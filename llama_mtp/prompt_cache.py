@@ -20,7 +20,7 @@ from typing import List, Sequence, Tuple
 import llama_cpp
 
 from .checkpoint import restore_partial_state, save_partial_state
-from .errors import MtpArgumentError
+from .checks import integer
 
 
 # the length of the longest common prefix of two token sequences: llama-cpp-python's own
@@ -31,8 +31,7 @@ class PromptCheckpoints:
     """Up to ``capacity`` recurrent-state checkpoints of seq 0, least recently used evicted."""
 
     def __init__(self, llm: llama_cpp.Llama, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise MtpArgumentError(f"ctx_checkpoints must be an int >= 0, got {capacity!r}")
+        integer("ctx_checkpoints", capacity, 0)
         self._llm = llm
         self.capacity = capacity
         # key: the tokens the context held when the state was saved (its position = len(key))

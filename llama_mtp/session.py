@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -13,6 +12,7 @@ import llama_cpp
 
 from . import _loader
 from ._compat import BatchLike, ContextLike, context_of, context_type, guard_of, loaded_with_mtp, raw_batch, raw_context
+from .checks import integer, number
 from .errors import (
     BadSeqIdError,
     MtpArgumentError,
@@ -62,29 +62,6 @@ def draft_mode_of(target: ContextLike, draft: ContextLike) -> DraftMode:
     if status != 0:
         raise MtpInitError(ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
     return DraftMode(DRAFT_MODES[mode[0]], int(heads[0]))
-
-
-def own_loop_or_upstream(target: ContextLike, draft: ContextLike, *, wanted: bool, required: bool) -> bool:
-    """Whether a run that ``wanted`` the own draft loop gets it: a mode the loop does not
-    implement goes to upstream's drafter with a logged warning naming the mode, or raises
-    MtpArgumentError when the run ``required`` the own loop (sampled drafts)."""
-    if not wanted:
-        return False
-    dm = draft_mode_of(target, draft)
-    if dm.own_loop:
-        return True
-    if required:
-        raise MtpArgumentError(f"the draft mode {dm.mode!r} is not implemented by the session's own draft loop, "
-                               "which verify='rejection' needs; use verify='match'")
-    # once per draft context: a server or a chat loop would otherwise repeat it on every request
-    if draft not in _ROUTED:
-        _ROUTED.add(draft)
-        log.warning("llama_mtp: draft mode %r is not implemented by the own draft loop: drafting with upstream's "
-                    "drafter (fixed length, sample-and-match) instead", dm.mode)
-    return False
-
-
-_ROUTED: "weakref.WeakSet[Any]" = weakref.WeakSet()  # draft contexts whose routing was logged
 
 
 @dataclass(frozen=True)
@@ -156,10 +133,8 @@ class MtpSession:
                  defer_catchup: bool = False) -> None:
         self._native: Optional[_Native] = None
         for name, value in (("n_seq", n_seq), ("n_draft_max", n_draft_max), ("n_min", n_min)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise MtpArgumentError(f"{name} must be an int, got {type(value).__name__}")
-        if isinstance(p_min, bool) or not isinstance(p_min, (int, float)):
-            raise MtpArgumentError(f"p_min must be a float, got {type(p_min).__name__}")
+            integer(name, value)  # ranges are the shim's to check (it names them)
+        number("p_min", p_min)
         # keep the Llama objects alive as long as the session
         self._target_obj, self._draft_obj = target, draft
         self._ctx_tgt = context_of(target, "target")
@@ -422,8 +397,7 @@ class MtpSession:
             yield native.handle
 
     def _check_seq(self, seq_id: Any) -> None:
-        if isinstance(seq_id, bool) or not isinstance(seq_id, int):
-            raise MtpArgumentError(f"seq_id must be an int, got {type(seq_id).__name__}")
+        integer("seq_id", seq_id)
         if not 0 <= seq_id < self._n_seq:
             raise BadSeqIdError(f"seq_id {seq_id} is out of range: this session drafts for seq ids "
                                 f"0..{self._n_seq - 1} (n_seq={self._n_seq})", seq_id, self._n_seq)

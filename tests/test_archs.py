@@ -234,7 +234,7 @@ def test_oracle_acceptance_per_position(arch: str) -> None:
         tokens, drafted, accepted = _helpers.oracle_fixed_k(
             lambda last, n: layout.draft_chain(info.spec, info, last, n), info.successor, prompt, 96, k)
         assert tokens == info.greedy_continuation(prompt[-1], 96)
-        runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=96, n_draft=k)}
+        runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=96, n_draft=k, drafter="upstream")}
         with llama_mtp.MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
             runs["own"] = llama_mtp.generate(target, draft, prompt, max_tokens=96, n_draft=k, session=s)
         for name, r in runs.items():

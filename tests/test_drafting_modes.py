@@ -124,7 +124,8 @@ def test_generate_per_head_acceptance(step35_model):
     plain = greedy_reference(step35_model, prompt, N_GEN)
     tokens, drafted, accepted = _expected_fixed_k(prompt, N_GEN, 3)
     assert tokens == plain
-    runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0)}
+    runs = {"upstream": llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0,
+                                           drafter="upstream")}
     with MtpSession(target, draft, backend_sampling=False, defer_catchup=True) as s:
         runs["own"] = llama_mtp.generate(target, draft, prompt, max_tokens=N_GEN, n_draft=3, temperature=0.0,
                                          session=s)
@@ -164,3 +165,58 @@ def test_unimplemented_mode_is_routed_with_a_logged_reason(oracle_model, monkeyp
     assert any("mem_shared" in rec.getMessage() for rec in caplog.records if rec.name == "llama_mtp")
     draft.close()
     target.close()
+
+
+def test_resolve_drafter_one_rule(oracle_model, monkeypatch, caplog):
+    """resolve_drafter: the own loop wherever the mode has it (any n_draft), upstream's only when
+    asked for or when the mode lacks the own loop; a caller's session fixes its drafter and
+    size; a fixed n_draft sizes a one-sequence run; bad input raises typed errors."""
+    from llama_mtp.drafter import resolve_drafter
+
+    target, draft = load_pair(oracle_model, n_draft_max=3)
+    try:
+        for n in (0, 2, 3, "auto"):
+            d = resolve_drafter(target, draft, n, "match")
+            assert (d.own_loop, d.n_draft, d.k_max, d.n_seq, d.mode.mode) == (True, n, 3, 1, "single"), n
+        up = resolve_drafter(target, draft, 2, "match", prefer="upstream")
+        assert not up.own_loop and up.name == "upstream"
+        assert resolve_drafter(target, draft, 2, size_to_n_draft=True).k_max == 2
+        assert resolve_drafter(target, draft, 0, size_to_n_draft=True).k_max == 1
+        assert resolve_drafter(target, draft, "auto", size_to_n_draft=True).k_max == 3
+        with pytest.raises(MtpArgumentError, match="rejection"):
+            resolve_drafter(target, draft, 2, "rejection", prefer="upstream")
+        for bad in (dict(n_draft=4), dict(n_draft=-1), dict(n_draft=True), dict(verify="maybe"),
+                    dict(prefer="fast")):
+            with pytest.raises(MtpArgumentError):
+                resolve_drafter(target, draft, **bad)
+        with pytest.raises(MtpArgumentError, match="llama_cpp.Llama"):
+            resolve_drafter(target, None)
+        with MtpSession(target, draft, n_draft_max=2) as s:  # an upstream session: its drafter, its size
+            d = resolve_drafter(target, draft, "auto", session=s)
+            assert (d.own_loop, d.k_max) == (False, 2)
+            with pytest.raises(MtpArgumentError, match="session was made for the upstream"):
+                resolve_drafter(target, draft, session=s, prefer="own")
+        assert d.with_n_draft(2).n_draft == 2
+        with pytest.raises(MtpArgumentError, match="exceeds"):
+            d.with_n_draft(3)
+        monkeypatch.setattr(session_mod, "draft_mode_of", lambda target, draft: DraftMode("mem_shared", 1))
+        with pytest.raises(MtpArgumentError, match="mem_shared"):
+            resolve_drafter(target, draft, 2, prefer="own")
+        assert not resolve_drafter(target, draft, 2).own_loop  # fixed k: routed like auto
+    finally:
+        draft.close()
+        target.close()
+
+
+def test_checks_refuse_bools_and_bounds():
+    from llama_mtp import checks
+
+    assert checks.integer("x", 5, 1, 9) == 5 and checks.n_draft(0) == 0 and checks.n_draft("auto") == "auto"
+    assert checks.number("p", 1, 0.0, 1.0) == 1.0 and checks.choice("v", "a", ("a", "b")) == "a"
+    for call in (lambda: checks.integer("x", True), lambda: checks.integer("x", 0, 1), lambda: checks.integer("x", 10, hi=9),
+                 lambda: checks.integer("x", 1.0), lambda: checks.number("p", float("nan")),
+                 lambda: checks.number("p", 0.0, 0.0, lo_open=True), lambda: checks.number("p", False),
+                 lambda: checks.n_draft(False), lambda: checks.n_draft(-1), lambda: checks.n_draft("AUTO"),
+                 lambda: checks.choice("v", "c", ("a", "b")), lambda: checks.choice("v", ["a"], ("a",))):
+        with pytest.raises(MtpArgumentError):
+            call()

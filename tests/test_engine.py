@@ -139,6 +139,21 @@ def test_engine_streams_each_request_exactly(pair4, references) -> None:
         assert text == r.text == target.detokenize(references[p]).decode("utf-8", "ignore")
 
 
+def test_engine_is_built_when_its_constructor_returns(pair4) -> None:
+    """The worker hands its core back before __init__ returns: the engine's facts are the
+    core's, and a bad setting raises from the constructor with no thread left behind."""
+    target, draft = pair4
+    before = threading.active_count()
+    for bad in (dict(n_draft=-1), dict(n_draft=True), dict(n_draft=9), dict(verify="maybe")):
+        with pytest.raises(llama_mtp.MtpArgumentError):
+            llama_mtp.Engine(target, draft, **bad)
+    assert threading.active_count() == before
+    with llama_mtp.Engine(target, draft, n_draft=2) as engine:
+        assert (engine.n_slots, engine.n_draft) == (4, 2)
+        assert 0 < engine.n_ctx_slot <= target.n_ctx()
+        assert engine._core.drafter.own_loop and engine._core.drafter.k_max == target.mtp_limits.n_draft_max
+
+
 def test_engine_requests_from_many_threads(pair4, references) -> None:
     target, draft = pair4
     prompts = list(references)[:6]

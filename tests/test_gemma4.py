@@ -275,8 +275,13 @@ def test_routing_to_upstream_is_logged_and_rejection_names_mem_shared(context_pa
         prompt = _prompt_tokens(target, "Hello world")
         caplog.clear()
         with caplog.at_level("WARNING", logger="llama_mtp"):
-            llama_mtp.generate(target, draft, prompt, max_tokens=4, n_draft=2)  # fixed k: upstream's anyway
+            # upstream's drafter asked for: nothing is routed, nothing logged
+            llama_mtp.generate(target, draft, prompt, max_tokens=4, n_draft=2, drafter="upstream")
         assert not [r for r in caplog.records if ROUTED in r.getMessage()]
+        with caplog.at_level("WARNING", logger="llama_mtp"):
+            # one rule for every n_draft: a fixed k wants the own loop too, so it is routed (and logged)
+            llama_mtp.generate(target, draft, prompt, max_tokens=4, n_draft=2)
+        assert len([r for r in caplog.records if ROUTED in r.getMessage()]) == 1
         with pytest.raises(llama_mtp.MtpArgumentError, match="mem_shared"):
             llama_mtp.generate(target, draft, prompt, max_tokens=4, temperature=0.8, verify="rejection")
         with pytest.raises(llama_mtp.MtpArgumentError, match="mem_shared"):
