@@ -518,7 +518,7 @@ def describe(proc: subprocess.CompletedProcess) -> str:
 def assert_capped_like_plain(got: dict, want: dict, max_tokens: int) -> None:
     """MtpLlama's completion is plain llama-cpp-python's, except that max_tokens is a hard cap:
     where plain generated past it to finish a UTF-8 character, ours is a prefix of plain's text."""
-    text, ref = got["choices"][0]["text"], want["choices"][0]["text"]
+    text, ref = _choice_text(got), _choice_text(want)
     if want["choices"][0]["finish_reason"] == "length" and want["usage"]["completion_tokens"] > max_tokens:
         assert got["choices"][0]["finish_reason"] == "length" and got["usage"]["completion_tokens"] == max_tokens
         assert ref.startswith(text)
@@ -526,3 +526,9 @@ def assert_capped_like_plain(got: dict, want: dict, max_tokens: int) -> None:
         assert text == ref
         assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
         assert got["usage"]["completion_tokens"] == want["usage"]["completion_tokens"]
+
+
+def _choice_text(result: dict) -> str:
+    """A completion's text, or a chat completion's message content."""
+    choice = result["choices"][0]
+    return choice["text"] if "text" in choice else choice["message"]["content"]

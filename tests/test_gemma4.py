@@ -323,8 +323,7 @@ def test_mtp_llama_completion_and_stream_equal_plain(mtp_llama, kwargs) -> None:
     assert llm.mtp_draft_mode.mode == "mem_shared" and isinstance(llm.mtp_draft, llama_mtp.MtpAssistantLlama)
     want = plain.create_completion(T.CONTEXT_TEST_PROMPT, max_tokens=40, **kwargs)
     got = llm.create_completion(T.CONTEXT_TEST_PROMPT, max_tokens=40, **kwargs)
-    assert got["choices"][0]["text"] == want["choices"][0]["text"]
-    assert got["choices"][0]["finish_reason"] == want["choices"][0]["finish_reason"]
+    _helpers.assert_capped_like_plain(got, want, 40)  # max_tokens a hard cap, llama-cpp-python's text
     stats = llm.last_mtp_stats
     assert stats is not None and stats.drafted > 0 and stats.accepted > 0
     assert got["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] == stats.accepted
@@ -332,7 +331,8 @@ def test_mtp_llama_completion_and_stream_equal_plain(mtp_llama, kwargs) -> None:
     # non-streamed text: compare with its own stream
     streamed = ["".join(c["choices"][0]["text"] for c in llm_.create_completion(
         T.CONTEXT_TEST_PROMPT, max_tokens=40, stream=True, **kwargs)) for llm_ in (llm, plain)]
-    assert streamed[0] == streamed[1]
+    overshot = want["usage"]["completion_tokens"] > 40  # plain went on to finish a character
+    assert streamed[1].startswith(streamed[0]) if overshot else streamed[0] == streamed[1]
 
 
 def test_mtp_llama_chat_equals_plain(mtp_llama) -> None:
@@ -340,7 +340,8 @@ def test_mtp_llama_chat_equals_plain(mtp_llama) -> None:
     msgs = [{"role": "user", "content": "The quick brown fox"}]
     got = llm.create_chat_completion(msgs, max_tokens=24, temperature=0.0)
     want = plain.create_chat_completion(msgs, max_tokens=24, temperature=0.0)
-    assert got["choices"][0]["message"] == want["choices"][0]["message"]
+    assert got["choices"][0]["message"]["role"] == want["choices"][0]["message"]["role"]
+    _helpers.assert_capped_like_plain(got, want, 24)
     assert llm.last_mtp_stats is not None and llm.last_mtp_stats.drafted > 0
 
 
@@ -371,8 +372,8 @@ def test_mtp_llama_prompt_cache_with_a_shared_kv_drafter(mtp_llama, monkeypatch)
     spy = _ReuseSpy(monkeypatch)
 
     def both(prompt, **kw) -> str:
-        got = llm.create_completion(prompt, max_tokens=16, temperature=0.0, **kw)["choices"][0]["text"]
-        assert got == plain.create_completion(prompt, max_tokens=16, temperature=0.0)["choices"][0]["text"]
+        got = llm.create_completion(prompt, max_tokens=16, temperature=0.0, **kw)
+        _helpers.assert_capped_like_plain(got, plain.create_completion(prompt, max_tokens=16, temperature=0.0), 16)
         return got
 
     def held() -> list:

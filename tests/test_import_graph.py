@@ -19,8 +19,8 @@ PACKAGE = pathlib.Path(llama_mtp.__file__).parent
 LAYERS: List[Set[str]] = [
     {"version", "errors", "results", "stats", "pieces", "checks", "llama_rules"},  # data, rules, pieces
     {"_loader", "_compat"},                                               # the shim's loader; the seam
-    {"session", "checkpoint", "text", "verify", "adaptive", "prompt_cache", "drafter"},
-    {"core", "loading"},                                                  # the step loop; the pair
+    {"session", "checkpoint", "text", "verify", "adaptive", "prompt_cache"},
+    {"loading", "drafter", "core"},                    # the pair load() makes; which drafter; the step loop
     {"generation", "engine"},
     {"mtp_llama"},
     {"testing"},
