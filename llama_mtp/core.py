@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
 
 import llama_cpp
@@ -223,9 +223,13 @@ class Sequence:
 # --------------------------------------------------------------------------- records
 
 
-@dataclass
+@dataclass(frozen=True)
 class Part:
-    """One sequence's rows in a step's target decode."""
+    """One sequence's rows in a step's target decode.
+
+    Planned with its draft length ``k``; the draft phase returns it drafted (``proposal``, ``q``,
+    ``checkpoint``, ``tokens``), the decode phase placed (``row0``): each phase makes a new one.
+    """
 
     seq: Sequence
     tokens: List[int]
@@ -233,12 +237,19 @@ class Part:
     verify: bool                     # verify rows (all output logits) or a prompt chunk
     k: int = 0                       # the draft length chosen (the drafter may return fewer)
     n_prefix: int = 0                # leading prompt rows before the verify rows (a prompt's last chunk)
-    proposal: List[int] = field(default_factory=list)
+    proposal: Tuple[int, ...] = ()
     q: Any = None
-    checkpoint: bool = False
+    checkpoint: bool = False         # the target's recurrent state was saved before the decode
     row0: int = 0                    # batch index of its first row
-    n_acc: int = 0                   # filled by verify
-    new_tokens: List[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What verification made of a verify part: accepted drafts and the tokens it samples."""
+
+    part: Part
+    n_acc: int
+    new_tokens: List[int]
 
 
 @dataclass
@@ -256,10 +267,13 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class Commit:
-    """What settling kept of one verified part: ``n_keep`` of its new tokens and their final text."""
+    """What settling kept of one verified part: ``n_keep`` of its new tokens (``n_acc`` of its
+    drafts) and their final text."""
 
     part: Part
+    n_acc: int
     n_keep: int
+    new_tokens: List[int]
     text: str
 
 
@@ -471,8 +485,7 @@ class StepEngine:
         self._decode(rec)
         if not rec.decoded:
             return events + self._out_of_room(rec)
-        self._verify(rec)
-        return events + self._settle(rec)
+        return events + self._settle(rec, self._verify(rec))
 
     def _plan(self, rec: StepRecord) -> List[SeqEvent]:
         """Choose each running sequence's draft length; sequences out of context end here.
@@ -506,24 +519,27 @@ class StepEngine:
         return events
 
     def _draft(self, rec: StepRecord) -> None:
+        """Draft for the parts that chose k > 0; every planned part comes back drafted."""
         t0 = time.perf_counter()
         drafting = [p for p in rec.parts if p.k]
+        drafts: Dict[int, Tuple[List[int], Any]] = {}
         if self.own_drafts and drafting:
             reqs = [DraftRequest(p.seq.seq_id, p.pos0, p.seq.id_last, p.k, p.seq.draft_temp,
                                  p.seq.draft_top_k, p.seq.rng.getrandbits(32), p.seq.want_q) for p in drafting]
-            for p, (tokens, q) in zip(drafting, self.session.draft_many(reqs)):
-                p.proposal, p.q = tokens, q
+            drafts = {p.seq.seq_id: out for p, out in zip(drafting, self.session.draft_many(reqs))}
         else:
-            for p in drafting:
-                p.proposal = self.session.draft(p.seq.seq_id, p.pos0, p.seq.id_last, n_max=p.k)
+            drafts = {p.seq.seq_id: (self.session.draft(p.seq.seq_id, p.pos0, p.seq.id_last, n_max=p.k), None)
+                      for p in drafting}
         # the checkpoint saves below are verify-side costs (auto prices them with the rows that need them)
         rec.t_draft = time.perf_counter() - t0
-        for p in rec.parts:
-            p.tokens = [p.seq.id_last, *p.proposal]
-            # a draft longer than the recurrent state can roll back: checkpoint first (upstream's path)
-            p.checkpoint = bool(p.proposal) and self.rollback_cap is not None and len(p.proposal) > self.rollback_cap
-            if p.checkpoint:
-                p.seq.checkpoint.save(p.seq.seq_id)
+        rec.parts = [self._drafted(p, *drafts.get(p.seq.seq_id, ([], None))) for p in rec.parts]
+
+    def _drafted(self, p: Part, proposal: List[int], q: Any) -> Part:
+        # a draft longer than the recurrent state can roll back: checkpoint first (upstream's path)
+        checkpoint = bool(proposal) and self.rollback_cap is not None and len(proposal) > self.rollback_cap
+        if checkpoint:
+            p.seq.checkpoint.save(p.seq.seq_id)
+        return replace(p, tokens=[p.seq.id_last, *proposal], proposal=tuple(proposal), q=q, checkpoint=checkpoint)
 
     def _add_prefill(self, rec: StepRecord) -> None:
         """prefill="shared": joining sequences' next prompt chunks fill the rest of the batch.
@@ -568,9 +584,8 @@ class StepEngine:
         # rows in seq-id order: llama.cpp splits a hybrid model's batch into ubatches of consecutive,
         # increasing seq ids, and with sequences out of order (a joining prompt chunk after the
         # others' verify rows) a later partial rollback restored the wrong recurrent state (measured)
-        rec.parts.sort(key=lambda p: p.seq.seq_id)
-        for p in rec.parts:
-            p.row0 = b.add_run(p.seq.seq_id, p.tokens, p.pos0, logits=p.verify, n_prefix=p.n_prefix)
+        rec.parts = [replace(p, row0=b.add_run(p.seq.seq_id, p.tokens, p.pos0, logits=p.verify, n_prefix=p.n_prefix))
+                     for p in sorted(rec.parts, key=lambda p: p.seq.seq_id)]
         b.finish()
         rc = llama_cpp.llama_decode(self.ctx, b.batch)
         t1 = time.perf_counter()
@@ -583,20 +598,26 @@ class StepEngine:
         self.session.process(b.batch)
         rec.t_process = time.perf_counter() - t1
 
-    def _verify(self, rec: StepRecord) -> None:
+    def _verify(self, rec: StepRecord) -> List[Verdict]:
+        """Each verify part's rows through its sequence's verifier (a failing sampler ends that sequence)."""
         t0 = time.perf_counter()
+        verdicts = []
         for p in rec.parts:
             if p.verify:
                 try:
-                    p.n_acc, p.new_tokens = p.seq.verifier.verify(p.proposal, p.q, p.row0 + p.n_prefix)
+                    verdicts.append(Verdict(p, *p.seq.verifier.verify(list(p.proposal), p.q, p.row0 + p.n_prefix)))
                 except Exception as e:  # one sequence's sampler failing ends that sequence only
                     p.seq.error = e
         rec.t_sample = time.perf_counter() - t0
+        return verdicts
 
-    def _settle(self, rec: StepRecord) -> List[SeqEvent]:
+    def _settle(self, rec: StepRecord, verdicts: List[Verdict]) -> List[SeqEvent]:
         """Commit, roll back and account per sequence; one re-decode for checkpointed drafts."""
-        commits = self._commit(rec)
-        redo = [(c.part, c.part.n_acc) for c in commits if c.part.checkpoint and c.part.n_acc < len(c.part.proposal)]
+        for p in rec.parts:
+            if not p.verify:
+                self._prefilled(p)
+        commits = [self._commit(v) for v in verdicts]
+        redo = [(c.part, c.n_acc) for c in commits if c.part.checkpoint and c.n_acc < len(c.part.proposal)]
         if redo:
             self._redo(redo)
         t_end = time.perf_counter()
@@ -604,30 +625,23 @@ class StepEngine:
         events = [self._fail(p.seq, p.seq.error) for p in rec.parts if p.verify and p.seq.error is not None]
         return events + [self._advance(c, rec, t_end) for c in commits]
 
-    def _commit(self, rec: StepRecord) -> List["Commit"]:
-        """Each verified part's tokens through EOG, stop strings and max_tokens (prompt chunks: prefilled)."""
-        commits: List[Commit] = []
-        for p in rec.parts:
-            if not p.verify:
-                self._prefilled(p)
-            elif p.seq.error is None:
-                n_keep, piece = p.seq.commit(p.new_tokens, self.vocab)
-                p.n_acc = min(p.n_acc, n_keep - 1)
-                commits.append(Commit(p, n_keep, piece))
-        return commits
+    def _commit(self, v: Verdict) -> Commit:
+        """A verdict's tokens through EOG, stop strings and max_tokens."""
+        n_keep, piece = v.part.seq.commit(v.new_tokens, self.vocab)
+        return Commit(v.part, min(v.n_acc, n_keep - 1), n_keep, v.new_tokens, piece)
 
-    def _advance(self, c: "Commit", rec: StepRecord, t_end: float) -> SeqEvent:
+    def _advance(self, c: Commit, rec: StepRecord, t_end: float) -> SeqEvent:
         """Accept the kept drafts on both contexts and move the sequence past what it committed."""
         p, seq, piece = c.part, c.part.seq, c.text
         if p.proposal:
-            self.session.accept(seq.seq_id, p.n_acc)  # trims target and draft to n_past + 1 + n_acc
-        self._account(seq, p, c.n_keep, rec, t_end)
+            self.session.accept(seq.seq_id, c.n_acc)  # trims target and draft to n_past + 1 + n_acc
+        self._account(seq, c, rec, t_end)
         if seq.acceptance is not None:
-            seq.acceptance.observe(len(p.proposal), p.n_acc)
+            seq.acceptance.observe(len(p.proposal), c.n_acc)
         if p.proposal:
-            seq.idle = 1 + p.n_acc
-        seq.n_past += 1 + p.n_acc
-        seq.id_last = p.new_tokens[c.n_keep - 1]
+            seq.idle = 1 + c.n_acc
+        seq.n_past += 1 + c.n_acc
+        seq.id_last = c.new_tokens[c.n_keep - 1]
         done = seq.finished  # commit() ends it at EOG, a stop string or max_tokens
         if not done and not p.proposal:
             self._forget_idle(seq)
@@ -635,7 +649,7 @@ class StepEngine:
             if not seq.params.raw:
                 piece += seq.text.finish()
             self._release(seq)
-        return SeqEvent(seq, p.new_tokens[:c.n_keep], piece, done)
+        return SeqEvent(seq, c.new_tokens[:c.n_keep], piece, done)
 
     def _forget_idle(self, seq: Sequence) -> None:
         """After a plain step: a long run of them drops the draft context's history but the last
@@ -662,22 +676,11 @@ class StepEngine:
         self.planner.observe(tuple((p.seq.seq_id, len(p.tokens)) for p in rec.parts), t_end - rec.t_start - rec.t_draft,
                              max((len(p.proposal) for p in drafting), default=0), draft_rows, rec.t_draft)
 
-    def _account(self, seq: Sequence, p: Part, n_keep: int, rec: StepRecord, t_end: float) -> None:
-        st = seq.stats
-        st.steps += 1
-        st.n_generated += n_keep
-        st.drafted += len(p.proposal)
-        st.accepted += p.n_acc
-        st.draft_len_hist[len(p.proposal)] += 1
-        for i in range(len(p.proposal)):
-            st.drafted_per_pos[i] += 1
-        for i in range(p.n_acc):
-            st.accepted_per_pos[i] += 1
-        st.t_draft += rec.t_draft
-        st.t_decode += rec.t_decode
-        st.t_process += rec.t_process
-        st.t_sample += rec.t_sample
-        st.generation_seconds = t_end - seq.t_gen
+    @staticmethod
+    def _account(seq: Sequence, c: Commit, rec: StepRecord, t_end: float) -> None:
+        seq.stats.record_step(n_drafted=len(c.part.proposal), n_accepted=c.n_acc, n_kept=c.n_keep,
+                              times=(rec.t_draft, rec.t_decode, rec.t_process, rec.t_sample),
+                              generation_seconds=t_end - seq.t_gen)
 
     def _redo(self, redo: List[Tuple[Part, int]]) -> None:
         """Restore checkpoints and re-decode [id_last, accepted drafts] of each, in one decode."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 
 @dataclass
@@ -46,6 +46,26 @@ class GenerationStats:
     def t_python(self) -> float:
         """Generation time spent outside llama.cpp calls."""
         return max(0.0, self.generation_seconds - self.t_decode - self.t_draft - self.t_process - self.t_sample)
+
+    def record_step(self, *, n_drafted: int, n_accepted: int, n_kept: int, times: Tuple[float, float, float, float],
+                    generation_seconds: float) -> None:
+        """One verify step of this sequence: its draft, what was accepted and kept, and the step's
+        (draft, decode, process, sample) times."""
+        self.steps += 1
+        self.n_generated += n_kept
+        self.drafted += n_drafted
+        self.accepted += n_accepted
+        self.draft_len_hist[n_drafted] += 1
+        for i in range(n_drafted):
+            self.drafted_per_pos[i] += 1
+        for i in range(n_accepted):
+            self.accepted_per_pos[i] += 1
+        t_draft, t_decode, t_process, t_sample = times
+        self.t_draft += t_draft
+        self.t_decode += t_decode
+        self.t_process += t_process
+        self.t_sample += t_sample
+        self.generation_seconds = generation_seconds
 
     def as_dict(self) -> dict:
         keys = ("n_prompt_tokens", "n_generated", "steps", "drafted", "accepted", "drafted_per_pos",
