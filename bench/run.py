@@ -54,7 +54,7 @@ def rss_mb() -> float:
 def plain_run(plain: llama_cpp.Llama, prompt: List[int], n: int) -> float:
     """Tokens/s of plain greedy generation, timed like generate(): after all but the last prompt token."""
     plain.reset()
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(_compat.ctx_ptr(plain)), True)
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(_compat.native_context(plain)), True)
     plain.eval(prompt[:-1])
     t0 = time.perf_counter()
     got = 0
@@ -93,7 +93,7 @@ def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
     rss1 = rss_mb()
     draft = MtpDraftLlama(target, **{k: v for k, v in kw.items() if k != "n_ctx"})
     rss2 = rss_mb()
-    draft_state_mb = llama_cpp.llama_state_get_size(_compat.ctx_ptr(draft)) / 2**20
+    draft_state_mb = llama_cpp.llama_state_get_size(_compat.native_context(draft)) / 2**20
     plain = PlainLlama(path, **kw)
     prompt = tokenize_prompt(plain, PROMPT)
     contenders = ["plain", *[f"k{k}" for k in args.n_drafts], "auto"]
@@ -224,7 +224,7 @@ def rss_only(args: argparse.Namespace, accept: float) -> None:
     rss3 = rss_mb()
     out = {"model": os.path.basename(path), "rss_target_mb": round(rss1 - rss0, 1),
            "rss_draft_delta_mb": round(rss2 - rss1, 1), "rss_after_generate_delta_mb": round(rss3 - rss1, 1),
-           "draft_state_mb_after_generate": round(llama_cpp.llama_state_get_size(_compat.ctx_ptr(draft)) / 2**20, 2),
+           "draft_state_mb_after_generate": round(llama_cpp.llama_state_get_size(_compat.native_context(draft)) / 2**20, 2),
            "generated": len(res.tokens)}
     draft.close()
     target.close()

@@ -53,7 +53,12 @@ def llama_cpp_python_version() -> str:
 # ------------------------------------------------------------------------- raw handles
 
 
-def context_of(obj: Any, role: str) -> _internals.LlamaContext:
+# A Llama's context, by what the caller needs: llama-cpp-python's LlamaContext wrapper
+# (llama_context), the native llama_context as a ctypes pointer for llama_cpp's functions, None once
+# freed (native_context), or its address for the shim, raising once freed (context_address).
+
+
+def llama_context(obj: Any, role: str) -> _internals.LlamaContext:
     """The LlamaContext of a Llama (or the LlamaContext itself)."""
     if isinstance(obj, _internals.LlamaContext):
         return obj
@@ -65,17 +70,17 @@ def context_of(obj: Any, role: str) -> _internals.LlamaContext:
     raise MtpArgumentError(f"{role} must be a llama_cpp.Llama or llama_cpp._internals.LlamaContext, got {type(obj).__name__}")
 
 
-def raw_context(ctx: _internals.LlamaContext, role: str) -> int:
-    """Address of the native llama_context; raises if llama-cpp-python freed it."""
-    ptr = ctx.ctx
+def context_address(ctx: _internals.LlamaContext, role: str) -> int:
+    """Address of the native llama_context (:func:`native_context`); raises if llama-cpp-python freed it."""
+    ptr = native_context(ctx)
     if not ptr:
         raise SessionClosedError(f"the {role} context has been closed (Llama.close() or LlamaContext.close())")
     return int(ptr)
 
 
-def ctx_ptr(llm: llama_cpp.Llama) -> Any:
-    """The native llama_context of a Llama (a ctypes pointer; None once closed)."""
-    ctx = getattr(llm, "_ctx", None)
+def native_context(obj: Union[llama_cpp.Llama, _internals.LlamaContext]) -> Any:
+    """The native llama_context of a Llama or LlamaContext (a ctypes pointer; None once closed)."""
+    ctx = obj if isinstance(obj, _internals.LlamaContext) else getattr(obj, "_ctx", None)
     return None if ctx is None else ctx.ctx
 
 
@@ -168,7 +173,7 @@ def sync_llama_tokens(llm: llama_cpp.Llama, tokens: Sequence[int], n_past: int) 
     """Tell the Llama its context holds ``tokens[:n_past]`` (after we decoded on it ourselves),
     so its own eval/generate continue from there."""
     n_past = min(n_past, len(tokens))
-    if n_past and ctx_ptr(llm):
+    if n_past and native_context(llm):
         llm.input_ids[:n_past] = tokens[:n_past]
     llm.n_tokens = n_past
     llm._requires_eval = True
@@ -384,7 +389,7 @@ def arch_of(llm: llama_cpp.Llama) -> str:
 
 def ubatch_split(llm: llama_cpp.Llama) -> llama_rules.UbatchSplit:
     """How llama_decode on this Llama's context cuts a multi-sequence batch into ubatches."""
-    return llama_rules.context_ubatch_split(ctx_ptr(llm), kv_unified=bool(llm.context_params.kv_unified))
+    return llama_rules.context_ubatch_split(native_context(llm), kv_unified=bool(llm.context_params.kv_unified))
 
 
 def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *, n_rs_seq: int,
@@ -404,7 +409,7 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
         raise MtpInitError(f"llama_mtp could not set up MTP on llama-cpp-python {version} ({what}); "
                            f"supported: llama-cpp-python{SUPPORTED_RANGE}")
 
-    tctx = ctx_ptr(target)
+    tctx = native_context(target)
     if not tctx:
         fail("the target has no context")
     if n_rs_seq and llama_rules.keeps_rs_snapshots(model_ptr(target), arch_of(target)):
@@ -417,7 +422,7 @@ def verify_mtp_pair(target: llama_cpp.Llama, draft: Optional[llama_cpp.Llama], *
         fail("the target context is not a DEFAULT context")
     if draft is None:
         return
-    dctx = ctx_ptr(draft)
+    dctx = native_context(draft)
     if not dctx:
         fail("the draft has no context")
     if context_type(draft._ctx) != llama_cpp.LLAMA_CONTEXT_TYPE_MTP:
@@ -559,6 +564,6 @@ def context_tokens(llm: llama_cpp.Llama) -> List[int]:
 
 def n_decoded(llm: llama_cpp.Llama) -> int:
     """Tokens llama.cpp decoded on the Llama's context since it was created (prompt + eval counters)."""
-    data = llama_cpp.llama_perf_context(ctx_ptr(llm))
+    data = llama_cpp.llama_perf_context(native_context(llm))
     # llama_perf_context reports max(1, n) per counter: an idle context reads 1 + 1
     return int(data.n_p_eval) + int(data.n_eval)

@@ -376,7 +376,7 @@ class StepEngine:
         self.session = session or MtpSession(target, draft, n_seq=n_slots, n_draft_max=self.k_max,
                                              backend_sampling=not self.own_drafts, defer_catchup=self.own_drafts)
         self.k_max = min(self.k_max, self.session.n_max)  # chained heads draft at most one token per head
-        self.ctx = _compat.ctx_ptr(target)
+        self.ctx = _compat.native_context(target)
         self.vocab = _compat.vocab_ptr(target)
         self.n_batch = int(target.n_batch)
         if n_slots * (self.k_max + 1) > self.n_batch:
@@ -688,7 +688,7 @@ class StepEngine:
         for p, n_acc in redo:
             sid = p.seq.seq_id
             p.seq.checkpoint.restore(sid, p.pos0)
-            self._seq_rm(_compat.ctx_ptr(self.draft), sid, p.pos0)
+            self._seq_rm(_compat.native_context(self.draft), sid, p.pos0)
             rec.parts.append(Part(p.seq, [p.seq.id_last, *p.proposal[:n_acc]], p.pos0, verify=False))
         self._decode(rec)
         if not rec.decoded:
@@ -740,11 +740,11 @@ class StepEngine:
 
     def _clear_memory(self, sid: int, p0: int = 0) -> None:
         """Drop positions >= p0 of seq sid on both contexts (p0 = 0: all of them)."""
-        if _compat.ctx_ptr(self.target) and _compat.ctx_ptr(self.draft):
+        if _compat.native_context(self.target) and _compat.native_context(self.draft):
             p0 = p0 if p0 > 0 else -1
             if not self._seq_rm(self.ctx, sid, p0):
                 raise MtpError(f"the target context could not drop positions >= {p0} of seq {sid}")
-            self._seq_rm(_compat.ctx_ptr(self.draft), sid, p0)
+            self._seq_rm(_compat.native_context(self.draft), sid, p0)
 
     @staticmethod
     def _seq_rm(ctx: Any, sid: int, p0: int) -> bool:
@@ -760,5 +760,5 @@ class StepEngine:
 
     def sync_target(self, seq: Sequence) -> None:
         """Leave the target Llama consistent with seq's tokens in its context (seq 0 only)."""
-        if seq.seq_id == 0 and _compat.ctx_ptr(self.target):
+        if seq.seq_id == 0 and _compat.native_context(self.target):
             _compat.sync_llama_tokens(self.target, seq.tokens_prompt + seq.generated, seq.n_past)

@@ -107,7 +107,7 @@ def _draft_context_params(target: MtpTargetLlama) -> Dict[str, Any]:
     one output (the next draft token) per drafting sequence, as upstream."""
     return {
         "ctx_type": llama_cpp.LLAMA_CONTEXT_TYPE_MTP,
-        "ctx_other": _compat.ctx_ptr(target),
+        "ctx_other": _compat.native_context(target),
         "n_rs_seq": 0,
         "n_seq_max": target.mtp_limits.n_seq,
         "n_outputs_max": target.mtp_limits.n_seq,
@@ -158,7 +158,7 @@ class MtpAssistantLlama(_compat.HookedLlama):
             raise MtpArgumentError("an external MTP drafter runs on its target's context: pass the target, an "
                                    "MtpTargetLlama (llama_mtp.load(target_path, draft_model_path=...) builds both), "
                                    f"got {type(target).__name__}")
-        if not _compat.ctx_ptr(target):
+        if not _compat.native_context(target):
             raise MtpArgumentError("the target Llama is closed")
         path = _draft_path(model_path)
         if target.mtp_n_layer_nextn > 0:

@@ -197,13 +197,13 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
 
     def _settled(self, run: Optional[OneSequenceRun]) -> None:
         """After a run: record what both contexts hold; after a failure, hold nothing."""
-        if run is None or run.seq.error is not None or not _compat.ctx_ptr(self):
+        if run is None or run.seq.error is not None or not _compat.native_context(self):
             self._mtp_tokens = []
-            if _compat.ctx_ptr(self):
+            if _compat.native_context(self):
                 _compat.sync_llama_tokens(self, [], 0)
                 # a drafter on the target's KV has no memory of its own to clear
                 for llm in (self,) if self._mtp_shared_kv else (self, self.mtp_draft):
-                    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(_compat.ctx_ptr(llm)), -1, -1, -1)
+                    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(_compat.native_context(llm)), -1, -1, -1)
             return
         self._mtp_tokens = _compat.context_tokens(self)
         if self._recurrent:

@@ -11,7 +11,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import llama_cpp
 
 from . import _loader
-from ._compat import BatchLike, ContextLike, context_of, context_type, guard_of, loaded_with_mtp, raw_batch, raw_context
+from ._compat import BatchLike, ContextLike, llama_context, context_type, guard_of, loaded_with_mtp, raw_batch, context_address
 from .checks import integer, number
 from .errors import (
     BadSeqIdError,
@@ -54,8 +54,8 @@ class DraftMode:
 def draft_mode_of(target: ContextLike, draft: ContextLike) -> DraftMode:
     """The draft mode of a (target, draft) pair, without creating a session."""
     ffi, lib = _loader.load()
-    ptr_tgt = raw_context(context_of(target, "target"), "target")
-    ptr_dft = raw_context(context_of(draft, "draft"), "draft")
+    ptr_tgt = context_address(llama_context(target, "target"), "target")
+    ptr_dft = context_address(llama_context(draft, "draft"), "draft")
     mode, heads = ffi.new("int32_t *"), ffi.new("int32_t *")
     status = lib.mtp_probe_mode(ffi.cast("struct llama_context *", ptr_tgt),
                                 ffi.cast("struct llama_context *", ptr_dft), mode, heads)
@@ -137,13 +137,13 @@ class MtpSession:
         number("p_min", p_min)
         # keep the Llama objects alive as long as the session
         self._target_obj, self._draft_obj = target, draft
-        self._ctx_tgt = context_of(target, "target")
-        self._ctx_dft = context_of(draft, "draft")
+        self._ctx_tgt = llama_context(target, "target")
+        self._ctx_dft = llama_context(draft, "draft")
         if self._ctx_tgt is self._ctx_dft:
             raise MtpInitError("target and draft are the same context; the draft must be an MTP context (llama_mtp.load creates one)")
         self._check_model_loaded_with_mtp()
-        ptr_tgt = raw_context(self._ctx_tgt, "target")
-        ptr_dft = raw_context(self._ctx_dft, "draft")
+        ptr_tgt = context_address(self._ctx_tgt, "target")
+        ptr_dft = context_address(self._ctx_dft, "draft")
 
         ffi, lib = _loader.load()
         self._ffi, self._lib = ffi, lib

@@ -29,7 +29,7 @@ from .errors import MtpArgumentError, MtpError
 
 def row_logits(llm: llama_cpp.Llama, row: int, n_vocab: int) -> np.ndarray:
     """The logits of batch row ``row`` of the last decode (a writable view)."""
-    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(_compat.ctx_ptr(llm), row), shape=(n_vocab,))
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(_compat.native_context(llm), row), shape=(n_vocab,))
 
 
 def rows_logits(llm: llama_cpp.Llama, row0: int, n_rows: int, n_vocab: int) -> np.ndarray:
@@ -39,7 +39,7 @@ def rows_logits(llm: llama_cpp.Llama, row0: int, n_rows: int, n_vocab: int) -> n
     them when the first and last row's addresses say so (a greedy step's only numpy call),
     row by row otherwise.
     """
-    ctx = _compat.ctx_ptr(llm)
+    ctx = _compat.native_context(llm)
     first = ctypes.cast(llama_cpp.llama_get_logits_ith(ctx, row0), ctypes.c_void_p).value
     if not first:
         raise MtpError(f"internal: batch row {row0} of the last decode has no logits")
@@ -97,7 +97,7 @@ class MatchVerifier:
         # the exact sampler chain plain llama-cpp-python would build for these settings
         self.sampler = _compat.init_sampler(llm, sampling, seed)
         self.llm = llm
-        self.ctx = _compat.context_of(llm, "target")
+        self.ctx = _compat.llama_context(llm, "target")
         self.n_vocab = llm.n_vocab()
         self.bias = None
         if logit_bias:

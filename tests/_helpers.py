@@ -137,18 +137,18 @@ def tokenize(llm: llama_cpp.Llama, text: str) -> List[int]:
 # ------------------------------------------------------------------------ decoding
 
 
-def ctx_ptr(llm) -> int:
+def native_context(llm) -> int:
     """The raw llama_context of a Llama (or LlamaContext)."""
     ctx = llm._ctx if isinstance(llm, llama_cpp.Llama) else llm
     return ctx.ctx
 
 
 def pos_max(llm, seq_id: int) -> int:
-    return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(ctx_ptr(llm)), seq_id))
+    return int(llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(native_context(llm)), seq_id))
 
 
 def seq_rm(llm, seq_id: int, p0: int, p1: int = -1) -> bool:
-    return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx_ptr(llm)), seq_id, p0, p1))
+    return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(native_context(llm)), seq_id, p0, p1))
 
 
 class Decoder:
@@ -163,7 +163,7 @@ class Decoder:
         self.llm = llm
         self.capacity = capacity
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(
-            llama_cpp.llama_get_model(ctx_ptr(llm)))))
+            llama_cpp.llama_get_model(native_context(llm)))))
         self.batch = llama_cpp.llama_batch_init(capacity, 0, n_seq_max)
         self.batch.n_tokens = 0
 
@@ -195,13 +195,13 @@ class Decoder:
                     logits: Optional[Sequence[bool]] = None) -> np.ndarray:
         """Decode several runs in one batch; logits rows of the output tokens, in batch order."""
         self.fill_runs(runs, logits)
-        rc = llama_cpp.llama_decode(ctx_ptr(self.llm), self.batch)
+        rc = llama_cpp.llama_decode(native_context(self.llm), self.batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode returned {rc}")
         rows = [i for i in range(self.batch.n_tokens) if self.batch.logits[i]]
         out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
         for r, i in enumerate(rows):
-            ptr = llama_cpp.llama_get_logits_ith(ctx_ptr(self.llm), i)
+            ptr = llama_cpp.llama_get_logits_ith(native_context(self.llm), i)
             out[r] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 

@@ -39,7 +39,7 @@ def assistant_params(target: llama_cpp.Llama, n_seq: int = 1) -> llama_cpp.llama
     """The assistant's context params, as common_speculative_init_result builds them."""
     cp = llama_cpp.llama_context_default_params()
     cp.ctx_type = llama_cpp.LLAMA_CONTEXT_TYPE_MTP
-    cp.ctx_other = _compat.ctx_ptr(target)  # the target's llama_context: its memory is shared
+    cp.ctx_other = _compat.native_context(target)  # the target's llama_context: its memory is shared
     cp.n_ctx = target.n_ctx()
     cp.n_batch = target.n_batch
     cp.n_ubatch = min(32, target.n_batch)
@@ -463,7 +463,7 @@ def test_server_settings_and_backend_take_the_assistant(context_paths) -> None:
         assert res.tokens == T.reference_greedy(tp, prompt, 24)[0]
     finally:
         be.close()
-    assert _compat.ctx_ptr(be.draft) is None and _compat.ctx_ptr(be.target) is None
+    assert _compat.native_context(be.draft) is None and _compat.native_context(be.target) is None
 
 
 # ------------------------------------------------------------------ typed errors
@@ -539,7 +539,7 @@ def test_closing_the_target_closes_the_assistant_first(context_paths) -> None:
     target, draft = _load(tp, ap)
     session = llama_mtp.MtpSession(target, draft, n_draft_max=2)
     target.close()  # the assistant borrows the target's KV: it is freed first
-    assert _compat.ctx_ptr(draft) is None and _compat.ctx_ptr(target) is None and session.closed
+    assert _compat.native_context(draft) is None and _compat.native_context(target) is None and session.closed
     for obj in (target, draft, target, session):
         obj.close()  # twice, in any order: no-ops
     with pytest.raises(llama_mtp.SessionClosedError):
@@ -547,7 +547,7 @@ def test_closing_the_target_closes_the_assistant_first(context_paths) -> None:
     # the assistant first, then the target
     target, draft = _load(tp, ap)
     draft.close()
-    assert _compat.ctx_ptr(draft) is None and _compat.ctx_ptr(target)
+    assert _compat.native_context(draft) is None and _compat.native_context(target)
     target.close()
     target.close()
     # MtpLlama: its session and assistant go before it, once
@@ -556,4 +556,4 @@ def test_closing_the_target_closes_the_assistant_first(context_paths) -> None:
     assistant = llm.mtp_draft
     llm.close()
     llm.close()
-    assert _compat.ctx_ptr(assistant) is None and _compat.ctx_ptr(llm) is None
+    assert _compat.native_context(assistant) is None and _compat.native_context(llm) is None

@@ -31,7 +31,7 @@ ATTENTION_ARCHS = [a for a in _OWN_HEADS if not _is_hybrid(a)]     # deepseek2, 
 
 
 def n_prompt_decoded(llm: llama_cpp.Llama) -> int:
-    return int(llama_cpp.llama_perf_context(_compat.ctx_ptr(llm)).n_p_eval)
+    return int(llama_cpp.llama_perf_context(_compat.native_context(llm)).n_p_eval)
 
 
 @pytest.fixture(scope="module", params=HYBRID_ARCHS)

@@ -32,7 +32,7 @@ from _helpers import (
     ORACLE_SPEC,
     Decoder,
     counters,
-    ctx_ptr,
+    native_context,
     greedy_reference,
     greedy_reference_logits,
     load_pair,
@@ -968,7 +968,7 @@ def test_forget_drops_the_draft_history_and_drafting_goes_on(oracle_model):
         assert s.forget(0, keep=8) == 8 and s.stats.n_forget == 1  # already detached: nothing new
         (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 3)])
         assert len(d) == 3
-        mem = llama_cpp.llama_get_memory(ctx_ptr(draft))
+        mem = llama_cpp.llama_get_memory(native_context(draft))
         assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == n_past - 8  # only the kept window went in
         with pytest.raises(ProtocolError):
             s.forget(0)  # a draft awaits accept()
