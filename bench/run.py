@@ -115,7 +115,8 @@ def bench_model(args: argparse.Namespace, accept: float) -> Dict[str, Any]:
                         native_acc[c] = r["acceptance"]
                 else:
                     n_draft: Any = "auto" if c == "auto" else int(c[1:])
-                    res = llama_mtp.generate(target, draft, prompt, max_tokens=args.max_tokens, n_draft=n_draft)
+                    res = llama_mtp.generate(target, draft, prompt, max_tokens=args.max_tokens, n_draft=n_draft,
+                                              drafter="auto" if c == "auto" else "upstream")
                     tps = res.stats.tokens_per_second
                     runs[c].append(tps)
                     if c not in best_stats or tps > best_stats[c]["tokens_per_second"]:
