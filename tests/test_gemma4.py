@@ -519,9 +519,12 @@ def test_bad_pairs_raise_typed_errors_before_any_context(context_paths, oracle_m
 def test_external_branch_of_verify_mtp_pair(context_pair, oracle_model) -> None:
     """What load() injected into the assistant's context is checked on the native objects."""
     _, target, draft = context_pair
-    _compat.verify_mtp_pair(target, draft, n_rs_seq=0, n_seq=1, external=True)
+    mode = llama_mtp.session.draft_mode_of(target, draft).mode  # the shim's probe, which load() passes in
+    _compat.verify_mtp_pair(target, draft, n_rs_seq=0, n_seq=1, external=True, draft_mode=mode)
     with pytest.raises(llama_mtp.MtpInitError, match="n_seq_max=1, 2 requested"):
-        _compat.verify_mtp_pair(target, draft, n_rs_seq=0, n_seq=2, external=True)
+        _compat.verify_mtp_pair(target, draft, n_rs_seq=0, n_seq=2, external=True, draft_mode=mode)
+    with pytest.raises(llama_mtp.MtpInitError, match="ctx_other was not applied"):
+        _compat.verify_mtp_pair(target, draft, n_rs_seq=0, n_seq=1, external=True, draft_mode="single")
     q_target, q_draft = llama_mtp.load(oracle_model, n_ctx=128, **THREADS)
     try:
         with pytest.raises(llama_mtp.MtpInitError, match="runs on the target's llama_model, not on its own"):
