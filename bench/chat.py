@@ -17,7 +17,8 @@ User turns are ~20 words, replies greedy and ``--max-tokens`` long. The history 
 assistant reply per turn (about ``--max-tokens`` tokens of text), not the model's, so every server
 gets identical messages. Each case runs on freshly started servers (no cache carried over from
 another case), after one unrelated warm-up request. The official ``openai`` client streams every
-reply: time to first token (TTFT) is the time to the first chunk with content.
+reply: time to first token (TTFT) is the time to the first chunk with generated text (``content``,
+or ``reasoning_content`` where llama-server parses the reply as reasoning).
 Recorded per server and case: wall time, output tok/s (all completion tokens over the wall time),
 mean TTFT of turn 1 and of the later turns (and per turn), prompt tokens and the cached prompt
 tokens the server reports (``usage.prompt_tokens_details.cached_tokens``; None where it reports none).
@@ -139,11 +140,17 @@ class Turn:
 
     conversation: int
     turn: int
-    ttft_s: Optional[float]  # None: no chunk had content
+    ttft_s: Optional[float]  # None: no chunk had generated text
     seconds: float
     completion_tokens: int
     prompt_tokens: int
     cached_tokens: Optional[int]  # None: the server does not report them
+
+
+def _generated_text(delta: Any) -> str:
+    """A chunk's generated text: llama-server streams what follows the Qwen templates' opening
+    ``<think>`` as ``reasoning_content``, llama_mtp.server all as ``content``; both are the first token."""
+    return delta.content or (delta.model_extra or {}).get("reasoning_content") or ""
 
 
 def one_turn(client: openai.OpenAI, model: str, script: Script, conversation: int, turn: int,
@@ -155,7 +162,7 @@ def one_turn(client: openai.OpenAI, model: str, script: Script, conversation: in
         model=model, messages=script.messages(conversation, turn), max_tokens=max_tokens, stream=True,
         stream_options={"include_usage": True}, extra_body=servers.SAMPLING)
     for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+        if ttft is None and chunk.choices and _generated_text(chunk.choices[0].delta):
             ttft = time.perf_counter() - t0
         if chunk.usage is not None:  # the last chunk (llama-server: one with no choices)
             usage = chunk.usage
@@ -209,7 +216,7 @@ def _mean(xs: List[float]) -> Optional[float]:
 
 
 def summary(turns: List[Turn], errors: List[str], wall: float) -> Dict[str, Any]:
-    """A case's numbers on one server; TTFT means leave out replies that never had content."""
+    """A case's numbers on one server; TTFT means leave out replies that never had text."""
     ttft: Dict[int, List[float]] = {}
     for t in turns:
         if t.ttft_s is not None:
