@@ -2,19 +2,16 @@
 
     python bench/serve.py [--size bench|fast|tiny] [--accept 0.8] [--model PATH] [--clients 1,2,4]
                           [--requests 4] [--max-tokens 128] [--threads 2] [--n-ctx 4096] [--n-parallel 4]
-                          [--n-draft-max 3] [--servers plain,native,mtp] [--tag TAG]
+                          [--n-draft-max 3] [--servers plain,native,mtp] [--mtp-args '...'] [--tag TAG]
 
 Each server is started on the same model with the same threads and context,
 then for each client count C, C clients each send the same fixed list of
 greedy completion requests (``max_tokens`` each, one at a time per client).
 Recorded per server and C: aggregate output tokens/s (all completion tokens
 over the wall time of the level), p50/p95 request latency, and for the MTP
-servers the acceptance they report. Contenders:
-
-- ``plain``: ``python -m llama_cpp.server`` (one sequence at a time);
-- ``native``: llama.cpp's ``llama-server --spec-type draft-mtp --spec-draft-n-max K -np N``, built
-  from the sdist of the installed llama-cpp-python (bench/native.py; a one-off build);
-- ``mtp``: ``python -m llama_mtp.server --n_parallel N --n_draft auto --n_draft_max K``.
+servers the acceptance they report. Contenders (how each is launched: bench/servers.py):
+``plain`` (llama_cpp.server, one sequence at a time), ``native`` (llama.cpp's llama-server with
+MTP drafting) and ``mtp`` (llama_mtp.server).
 
 ``--n-ctx`` is the whole context: the parallel servers split it into N slots,
 plain llama_cpp.server gives it to its one sequence.
@@ -24,14 +21,8 @@ Writes bench/results/<date>-<machine>-serve-<size>[-tag].{json,md} (--results-di
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import pathlib
-import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,86 +33,19 @@ import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import native  # noqa: E402
+import servers  # noqa: E402
+from servers import Server  # noqa: E402
 
-from llama_mtp import testing  # noqa: E402
-
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-HOST = "127.0.0.1"
 PROMPTS = [
     "Speculative decoding drafts tokens with a cheap head and verifies them in one batch.",
     "Once upon a time, in a city of servers, every request waited for a free slot.",
     "The quick brown fox jumps over the lazy dog, again and again, until the context is full.",
     "Multi-token prediction heads guess the next few tokens; the target model checks them.",
 ]
-STARTUP_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess; ``ready_path`` is polled until it answers 200."""
-
-    def __init__(self, name: str, cmd: List[str], port: int, ready_path: str, log_dir: pathlib.Path) -> None:
-        self.name = name
-        self.base = f"http://{HOST}:{port}"
-        self.ready_path = ready_path
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + STARTUP_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(self.base + self.ready_path, timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {STARTUP_S} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-
-
-def start(kind: str, model: str, args: argparse.Namespace, log_dir: pathlib.Path) -> Server:
-    port = _free_port()
-    t = str(args.threads)
-    if kind == "plain":
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--host", HOST, "--port", str(port),
-               "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(args.n_ctx), "--verbose", "false"]
-        return Server(kind, cmd, port, "/v1/models", log_dir)
-    if kind == "mtp":
-        cmd = [sys.executable, "-m", "llama_mtp.server", "--model", model, "--host", HOST, "--port", str(port),
-               "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(args.n_ctx), "--verbose", "false",
-               "--n_parallel", str(args.n_parallel), "--n_draft", args.n_draft, "--n_draft_max", str(args.n_draft_max)]
-        return Server(kind, cmd, port, "/health", log_dir)
-    if kind == "native":
-        exe = native.server_binary()
-        cmd = [str(exe), "-m", model, "--host", HOST, "--port", str(port), "-t", t, "-tb", t, "-c", str(args.n_ctx),
-               "-np", str(args.n_parallel), "--spec-type", "draft-mtp", "--spec-draft-n-max", str(args.n_draft_max)]
-        return Server(kind, cmd, port, "/health", log_dir)
-    raise ValueError(f"unknown server {kind!r}")
 
 
 def request_body(prompt: str, args: argparse.Namespace) -> Dict[str, Any]:
-    # every sampling field explicit: the servers' defaults differ (llama_cpp.server: repeat_penalty 1.1)
-    return {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0, "top_k": 40, "top_p": 0.95,
-            "min_p": 0.05, "repeat_penalty": 1.0, "stream": False}
+    return {"prompt": prompt, "max_tokens": args.max_tokens, **servers.SAMPLING, "stream": False}
 
 
 def run_level(srv: Server, clients: int, args: argparse.Namespace) -> Dict[str, Any]:
@@ -191,13 +115,12 @@ def _percentile(sorted_xs: List[float], q: float) -> float:
 
 def write_markdown(result: Dict[str, Any], path: pathlib.Path) -> None:
     a = result["args"]
-    lines = [f"# Server benchmark: {result['model_desc']}", "",
-             f"{result['date']}, {result['machine']}; {a['threads']} threads, n_ctx {a['n_ctx']}, "
-             f"{a['n_parallel']} slots (parallel servers), n_draft_max {a['n_draft_max']}; each client sends "
-             f"{a['requests']} greedy {a['max_tokens']}-token completions one after the other.", "",
-             "Each cell: aggregate output tok/s (p50 / p95 latency in s; acceptance where reported).", "",
-             "| clients | " + " | ".join(result["servers"]) + " |",
-             "|---|" + "---|" * len(result["servers"])]
+    setup = (f"n_ctx {a['n_ctx']}, {a['n_parallel']} slots (parallel servers), n_draft_max {a['n_draft_max']}; "
+             f"each client sends {a['requests']} greedy {a['max_tokens']}-token completions one after the other.")
+    lines = servers.markdown_head(result, "Server benchmark", setup) + [
+        "Each cell: aggregate output tok/s (p50 / p95 latency in s; acceptance where reported).", "",
+        "| clients | " + " | ".join(result["servers"]) + " |",
+        "|---|" + "---|" * len(result["servers"])]
     for c in a["clients"]:
         cells = []
         for name in result["servers"]:
@@ -212,71 +135,38 @@ def write_markdown(result: Dict[str, Any], path: pathlib.Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def measure(srv: Server, args: argparse.Namespace) -> Dict[str, Any]:
+    """The client levels on a ready server, after one warm-up request."""
+    # first-use costs (page faults, thread pools) are not the server's speed
+    httpx.post(srv.base + "/v1/completions", json=request_body(PROMPTS[0], args), timeout=3600)
+    levels = []
+    for c in args.clients:
+        lvl = run_level(srv, c, args)
+        levels.append(lvl)
+        acc = f", acceptance {lvl['acceptance']}" if "acceptance" in lvl else ""
+        errs = f", errors {len(lvl['errors'])}" if lvl["errors"] else ""
+        print(f"[{srv.name}] clients={c}: {lvl['tokens_per_second']} tok/s, p50 {lvl['latency_p50_s']} s, "
+              f"p95 {lvl['latency_p95_s']} s{acc}{errs}", file=sys.stderr, flush=True)
+    return {"levels": levels}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", default="bench", help="generated oracle model size (llama_mtp.testing.SIZES)")
-    p.add_argument("--accept", type=float, default=0.8, help="the oracle model's MTP acceptance")
-    p.add_argument("--ftype", default="f16")
-    p.add_argument("--model", help="a GGUF with MTP heads instead of a generated oracle model")
+    servers.add_common_args(p, servers="plain,native,mtp", n_ctx=4096)
     p.add_argument("--clients", default="1,2,4")
     p.add_argument("--requests", type=int, default=4, help="requests per client (the same list for every client)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 2))
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--n-parallel", type=int, default=4)
-    p.add_argument("--n-draft-max", type=int, default=3)
-    p.add_argument("--n-draft", default="auto", help="llama_mtp.server's --n_draft (auto or K)")
-    p.add_argument("--servers", default="plain,native,mtp")
-    p.add_argument("--tag", default="")
-    p.add_argument("--results-dir", default=str(RESULTS), help="where the .json/.md go (default bench/results)")
     args = p.parse_args(argv)
     args.clients = [int(x) for x in args.clients.split(",") if x]
-    servers = [s for s in args.servers.split(",") if s]
-    if args.model:
-        model, desc = args.model, os.path.basename(args.model)
-    else:
-        model = str(testing.cached_test_model(size=args.size, recipe="oracle", accept=args.accept, ftype=args.ftype,
-                                              accept_pattern="random"))
-        desc = f"oracle model, size {args.size}, {args.ftype}, accept {args.accept}"
-    date = datetime.date.today().isoformat()
-    machine = f"{platform.machine()}-{os.cpu_count()}cpu"
-    result: Dict[str, Any] = {"date": date, "machine": machine, "model": model, "model_desc": desc,
-                              "args": {k: v for k, v in vars(args).items()}, "servers": servers, "results": {}}
+    names = [s for s in args.servers.split(",") if s]
+    model, desc = servers.model_of(args)
+    launch = servers.Launch.from_args(args)
+    result = {**servers.result_head(args, model, desc, names), "results": {}}
     with tempfile.TemporaryDirectory(prefix="llama_mtp-serve-bench-") as tmp:
-        for name in servers:
-            print(f"[{name}] starting...", file=sys.stderr, flush=True)
-            try:
-                srv = start(name, model, args, pathlib.Path(tmp))
-            except Exception as e:  # e.g. llama-server could not be built
-                result["results"][name] = {"error": f"{type(e).__name__}: {e}"}
-                print(f"[{name}] skipped: {e}", file=sys.stderr)
-                continue
-            try:
-                srv.wait_ready()
-                # one warm-up request: first-use costs (page faults, thread pools) are not the server's speed
-                httpx.post(srv.base + "/v1/completions", json=request_body(PROMPTS[0], args), timeout=3600)
-                levels = []
-                for c in args.clients:
-                    lvl = run_level(srv, c, args)
-                    levels.append(lvl)
-                    acc = f", acceptance {lvl['acceptance']}" if "acceptance" in lvl else ""
-                    errs = f", errors {len(lvl['errors'])}" if lvl["errors"] else ""
-                    print(f"[{name}] clients={c}: {lvl['tokens_per_second']} tok/s, p50 {lvl['latency_p50_s']} s, "
-                          f"p95 {lvl['latency_p95_s']} s{acc}{errs}", file=sys.stderr, flush=True)
-                result["results"][name] = {"levels": levels}
-            except Exception as e:
-                log_tail = srv.log_path.read_text(errors="replace")[-2000:] if srv.log_path.exists() else ""
-                result["results"][name] = {"error": f"{type(e).__name__}: {e}", "log_tail": log_tail}
-                print(f"[{name}] failed: {e}\n{log_tail}", file=sys.stderr)
-            finally:
-                srv.stop()
-    out_dir = pathlib.Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    size = "model" if args.model else args.size
-    stem = out_dir / f"{date}-{machine}-serve-{size}{'-' + args.tag if args.tag else ''}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(result, stem.with_suffix(".md"))
-    print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+        for name in names:
+            result["results"][name] = servers.measured(name, model, launch, pathlib.Path(tmp),
+                                                       lambda srv: measure(srv, args))
+    servers.write_results("serve", args, result, write_markdown)
     return 0
 
 
