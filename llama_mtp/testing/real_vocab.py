@@ -24,7 +24,6 @@ import os
 import pathlib
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
