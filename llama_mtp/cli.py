@@ -2,7 +2,9 @@
 
   generate [-m MODEL] [--draft-model DRAFTER] -p PROMPT [--n-draft N] [--max-tokens N] [--temp T] [--seed S] [--compare]
       Streams MTP-accelerated text, then prints stats. Without -m, runs on a
-      generated demo model (cached). --draft-model: an external MTP drafter GGUF
+      generated demo model (cached) that recites a fixed English text: the
+      default prompt is its first sentence (other prompts continue with arbitrary
+      tokens, unless they end in a newline). --draft-model: an external MTP drafter GGUF
       for a model without MTP heads (a gemma4-assistant for a gemma4 -m).
       --compare also runs plain llama-cpp-python decoding and prints the speedup
       and whether the outputs match.
@@ -21,7 +23,6 @@ import sys
 import time
 from typing import List, Optional
 
-DEMO_PROMPT = "Multi-token prediction lets a model draft several tokens and verify them in one batch."
 WARMUP_TOKENS = 16  # --compare: untimed tokens each side generates first
 
 
@@ -33,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-m", "--model", help="GGUF model with MTP heads (default: a generated demo model)")
     g.add_argument("--draft-model", help="external MTP drafter GGUF for a -m without MTP heads (a gemma4-assistant "
                    "for its gemma4 target); its context shares the model's KV")
-    g.add_argument("-p", "--prompt", default=DEMO_PROMPT)
+    g.add_argument("-p", "--prompt", default=None, help="default: the demo model's opening words")
     g.add_argument("--n-draft", default="auto", help="tokens drafted per step, or 'auto' (default)")
     g.add_argument("--n-draft-max", type=int, default=3, help="upper bound for --n-draft auto")
     g.add_argument("--verify", choices=("match", "rejection"), default="match",
@@ -74,11 +75,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from .generation import generate
     from .loading import load
-    from .testing import demo_model
+    from .testing import demo
 
+    if args.prompt is None:
+        args.prompt = demo.DEMO_PROMPT
     n_draft = args.n_draft if args.n_draft == "auto" else _int_arg(args.n_draft, "--n-draft")
     n_draft_max = args.n_draft_max if n_draft == "auto" else max(1, n_draft)
-    path = args.model or demo_model()
+    path = args.model or demo.demo_model()
     kwargs = dict(n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads, verbose=args.verbose)
     target, draft = load(path, n_draft_max=n_draft_max, draft_model_path=args.draft_model, **kwargs)
     plain = None

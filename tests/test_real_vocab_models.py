@@ -185,7 +185,7 @@ def test_real_vocab_model_follows_script(arch: str) -> None:
     assert info.margin_tokens >= 256 and info.trunk_margin >= 5.0 and info.mtp_margin >= 5.0
     script = list(spec.script)
     assert max(len(vocab.piece(t)) for t in script) > 32
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=2, n_threads_batch=2, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     try:
         out = _greedy(llm, [script[0]], 2 * len(script))
         assert out == script[1:] + script + script[:1] == info.greedy_continuation(script[0], len(out))
@@ -196,7 +196,7 @@ def test_real_vocab_model_follows_script(arch: str) -> None:
         model_vocab = llama_cpp.llama_model_get_vocab(llm.model)
         assert llama_cpp.llama_vocab_n_tokens(model_vocab) == vocab.n_vocab
         attrs = np.array([llama_cpp.llama_vocab_get_attr(model_vocab, t) for t in range(vocab.n_vocab)])
-        assert (attrs == vocab.token_attrs()).all()
+        assert (attrs == vocab.attrs).all()
         controls = [t for t in range(vocab.n_vocab) if vocab.is_control(t)]
         assert controls and all(attrs[t] & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL for t in controls)
         special_text = "<|im_start|>user\n" + TEXT if arch != "gemma4" else "<|turn>user\n" + TEXT
@@ -228,7 +228,7 @@ def mtp_run():
 
     spec = _spec("qwen35")
     path, info = T.cached_test_model_info(spec)
-    target, draft = llama_mtp.load(str(path), n_draft_max=1, n_ctx=256, n_threads=2, n_threads_batch=2)
+    target, draft = llama_mtp.load(str(path), n_draft_max=1, n_ctx=256, n_threads=1, n_threads_batch=1)
     try:
         yield spec, info, llama_mtp.generate(target, draft, [spec.script[0]], max_tokens=3 * len(spec.script),
                                              n_draft=1)
@@ -254,3 +254,27 @@ def test_mtp_generation_on_real_vocab(mtp_run) -> None:
 def test_mtp_text_keeps_long_pieces(mtp_run) -> None:
     _, _, res = mtp_run
     assert res.text.encode() == b"".join(map(T.real_vocab("qwen35").piece, res.tokens))
+
+
+# ------------------------------------------------------------------------------- demo
+
+
+def test_demo_script(qwen: T.RealVocab) -> None:
+    """The demo model recites DEMO_TEXT in a loop, opening with DEMO_PROMPT and closed by a newline."""
+    spec = T.demo_spec()  # a valid spec: every token of the text distinct
+    assert (spec.vocab, spec.script_loop, spec.n_vocab) == ("qwen35", True, qwen.n_vocab)
+    prompt = qwen.tokenize(T.DEMO_PROMPT)
+    assert list(spec.script[:len(prompt)]) == prompt  # the default prompt continues word for word
+    assert b"".join(map(qwen.piece, spec.script)).decode() == T.DEMO_TEXT + "\n"
+    assert qwen.tokenize("<|im_start|>assistant\n", special=True)[-1] == spec.script[-1]  # chat prompts too
+
+
+def test_demo_prompt_continues_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """`generate` on a tiny demo-script model prints DEMO_TEXT after the default prompt."""
+    from llama_mtp import cli
+
+    path = T.cached_test_model(T.demo_spec(**SMALL, size="tiny", n_layer=4, ftype="f16"))
+    n = len(T.script_from_text("qwen35", T.DEMO_TEXT)) + 8  # once round the loop and into the next
+    assert cli.main(["generate", "-m", str(path), "--max-tokens", str(n), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(T.DEMO_TEXT + "\n" + T.DEMO_PROMPT[:20])

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 from .archs import ARCHS, ArchLayout, get_arch
 from .cache import cache_dir, cached_test_model, cached_test_model_info
-from .demo import DEMO_SPEC, demo_model
+from .demo import DEMO_PROMPT, DEMO_SPEC, DEMO_TEXT, demo_model, demo_spec
 from .gguf_writer import quantize, write_test_model
 from .oracle import TestModelInfo, describe_test_model
 from .real_vocab import RealVocab, real_vocab, real_vocab_names, script_from_text
@@ -79,7 +79,10 @@ __all__ = [
     "cached_test_model",
     "cache_dir",
     "cached_test_model_info",
+    "DEMO_PROMPT",
     "DEMO_SPEC",
+    "DEMO_TEXT",
+    "demo_spec",
     "demo_model",
     "reference_greedy",
     "ARCHS",

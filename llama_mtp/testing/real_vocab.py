@@ -24,7 +24,6 @@ import os
 import pathlib
 import sys
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
@@ -69,6 +68,8 @@ class RealVocab:
         self.bos_id: int = int(llama_cpp.llama_vocab_bos(self._vocab))  # -1 when the vocab has none
         self.eos_id: int = int(llama_cpp.llama_vocab_eos(self._vocab))
         self.pad_id: int = int(llama_cpp.llama_vocab_pad(self._vocab))
+        # llama.cpp's attribute bits (LLAMA_TOKEN_ATTR_*) of every token, by id
+        self.attrs: np.ndarray = np.array([llama_cpp.llama_vocab_get_attr(self._vocab, t) for t in range(self.n_vocab)])
         self.ordinary: np.ndarray = self._ordinary_ids()
 
     def __repr__(self) -> str:
@@ -78,12 +79,10 @@ class RealVocab:
         """Ids a generated model may emit: NORMAL / BYTE, not control, not end-of-generation."""
         import llama_cpp as L
 
-        emit, block = L.LLAMA_TOKEN_ATTR_NORMAL | L.LLAMA_TOKEN_ATTR_BYTE, L.LLAMA_TOKEN_ATTR_CONTROL
-        ids = [t for t in range(self.n_vocab)
-               if L.llama_vocab_get_attr(self._vocab, t) & emit
-               and not L.llama_vocab_get_attr(self._vocab, t) & block
-               and not L.llama_vocab_is_eog(self._vocab, t)]
-        return np.array(ids, dtype=np.int64)
+        emit = (self.attrs & (L.LLAMA_TOKEN_ATTR_NORMAL | L.LLAMA_TOKEN_ATTR_BYTE) != 0)
+        emit &= self.attrs & L.LLAMA_TOKEN_ATTR_CONTROL == 0
+        ids = np.flatnonzero(emit)
+        return ids[[not L.llama_vocab_is_eog(self._vocab, int(t)) for t in ids]].astype(np.int64)
 
     def _check_id(self, token_id: int) -> int:
         # llama.cpp indexes its token table with .at(): an out-of-range id would abort the process
@@ -93,6 +92,8 @@ class RealVocab:
 
     def tokenize(self, text: str, special: bool = False) -> list[int]:
         """llama.cpp's tokens for ``text`` (no BOS); ``special``: parse control-token text such as ``<|im_end|>``."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
 
     def piece(self, token_id: int) -> bytes:
@@ -113,18 +114,17 @@ class RealVocab:
 
         The default 33 is one past llama-cpp-python 0.3.36's detokenizer buffer (32 bytes).
         """
-        return [int(t) for t in self.ordinary if len(self.piece(int(t))) >= min_len]
+        return self.ordinary[self._piece_lengths >= min_len].tolist()
+
+    @functools.cached_property
+    def _piece_lengths(self) -> np.ndarray:
+        """len(piece) of every ordinary token (one pass over the vocabulary, ~1 s, kept)."""
+        return np.array([len(self.piece(int(t))) for t in self.ordinary])
 
     def is_control(self, token_id: int) -> bool:
         import llama_cpp
 
         return bool(llama_cpp.llama_vocab_is_control(self._vocab, self._check_id(token_id)))
-
-    def token_attrs(self) -> np.ndarray:
-        """llama.cpp's attribute bits (``LLAMA_TOKEN_ATTR_*``) of every token, by id."""
-        import llama_cpp
-
-        return np.array([llama_cpp.llama_vocab_get_attr(self._vocab, t) for t in range(self.n_vocab)])
 
     def is_ordinary(self, token_id: int) -> bool:
         t = self._check_id(token_id)

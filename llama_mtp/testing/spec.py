@@ -168,13 +168,13 @@ class TestModelSpec:
                 raise ValueError(f"vocab {self.vocab!r} has {n_real} tokens, got n_vocab={self.n_vocab} "
                                  "(leave n_vocab unset with a real vocab)")
             object.__setattr__(self, "n_vocab", n_real)
-        if not isinstance(self.script, tuple):
-            object.__setattr__(self, "script", tuple(self.script))
         if self.script:
             vocab = vocab_for(self)
             check_script(self.script, vocab.ordinary, vocab.tokens)
             if len(self.script) >= len(vocab.ordinary) - 1:
                 raise ValueError("the script must leave at least two ordinary tokens out (a second cycle)")
+            # frozen: a tuple of plain ints (hashable, JSON for the key) whatever sequence was given
+            object.__setattr__(self, "script", tuple(int(t) for t in self.script))
         elif self.script_loop:
             raise ValueError("script_loop needs a script")
 
