@@ -27,6 +27,7 @@ seq id is cleared before the slot is used again.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import weakref
@@ -46,6 +47,8 @@ from .prompt_cache import SlotCache
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
+
+log = logging.getLogger("llama_mtp.core")
 
 Prompt = Union[str, bytes, Seq[int]]
 
@@ -462,6 +465,13 @@ class StepEngine:
         seq.stats.n_cached_tokens = n_reuse
         try:
             self._clear_memory(sid, n_reuse)
+            if n_reuse and self.cache is not None and self.session.drafter_rows(sid, n_reuse) < n_reuse:
+                # the drafter cannot continue from the trimmed prefix after all: decode the whole prompt
+                log.info("slot %d: the draft context cannot continue from the %d cached tokens; prefilling "
+                         "the whole prompt", sid, n_reuse)
+                self.cache.forget(sid)
+                self._clear_memory(sid, 0)
+                n_reuse = seq.stats.n_cached_tokens = 0
         except BaseException:
             seq.close()
             raise
@@ -486,11 +496,9 @@ class StepEngine:
             limit = len(prompt) - 2
         else:
             # the drafter's rows need the target's hidden states, which only a target decode makes:
-            # past what its context holds (another session's deferred rows are gone) the target re-decodes
-            limit = self.cache.drafter_rows(sid, self.session)
-            if limit is None:
-                limit = int(llama_cpp.llama_memory_seq_pos_max(
-                    llama_cpp.llama_get_memory(_compat.native_context(self.draft)), sid)) + 1
+            # past what the drafter can continue from (its context's rows and this session's
+            # deferred ones: none after a forget, or of another session's) the target re-decodes
+            limit = self.session.drafter_rows(sid, len(self.cache.held(sid)))
         return sid, self.cache.take(sid, prompt, params.cache_prompt, limit)
 
     def cancel(self, seq: Sequence) -> None:
@@ -788,7 +796,7 @@ class StepEngine:
                     self.cache.forget(seq.seq_id)
                 self._clear_memory(seq.seq_id)
             elif self.cache is not None:
-                self.cache.release(seq.seq_id, seq.held_tokens(), self.session)
+                self.cache.release(seq.seq_id, seq.held_tokens())
         seq.close()
 
     def _clear_memory(self, sid: int, p0: int = 0) -> None:

@@ -160,6 +160,12 @@ class Engine:
         return self._n_ctx_slot
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes of recurrent-state checkpoints the slot cache keeps (any thread may read it)."""
+        cache = self._core.cache
+        return cache.nbytes if cache is not None else 0
+
+    @property
     def closed(self) -> bool:
         return self._closed
 

@@ -22,7 +22,7 @@ import ctypes
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import llama_cpp
 
@@ -50,7 +50,7 @@ class PromptCheckpoints:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(b) for b in self._items.values())
+        return sum(len(b) for b in list(self._items.values()))  # list(): one atomic copy (other threads read it)
 
     def sizes(self) -> List[int]:
         """Bytes of each checkpoint (the recurrent state only: the same for every position)."""
@@ -131,7 +131,6 @@ class SlotCache:
         self.ctx_checkpoints = ctx_checkpoints
         recurrent = rollback_capacity(target) is not None
         self._held: List[List[int]] = [[] for _ in range(n_slots)]
-        self._owner: List[Optional["weakref.ref[Any]"]] = [None] * n_slots  # the session that released it
         self._used = [0] * n_slots
         self._clock = 0
         self._checkpoints = [PromptCheckpoints(target, ctx_checkpoints, sid) if recurrent else None
@@ -164,13 +163,6 @@ class SlotCache:
             best = min(reversed(list(free)), key=lambda sid: self._used[sid])
         return best
 
-    def drafter_rows(self, sid: int, session: Any) -> Optional[int]:
-        """Leading held tokens whose MTP rows ``session`` can still use: all of them for the session
-        that released the slot (it keeps their deferred catch-up rows), else None (the caller counts
-        the rows the draft context holds)."""
-        owner = self._owner[sid]
-        return len(self._held[sid]) if owner is not None and owner() is session else None
-
     def take(self, sid: int, prompt: Sequence[int], reuse: bool = True, limit: Optional[int] = None) -> int:
         """A new sequence takes slot ``sid``: the prompt tokens its memory keeps (restoring a
         checkpoint on a recurrent target), at most ``limit`` (default len(prompt) - 1). Until
@@ -178,7 +170,6 @@ class SlotCache:
         limit = len(prompt) - 1 if limit is None else min(limit, len(prompt) - 1)
         n = reusable(self._held[sid], prompt, limit, self._checkpoints[sid]) if reuse and limit > 0 else 0
         self._held[sid] = []
-        self._owner[sid] = None
         self._clock += 1
         self._used[sid] = self._clock
         if n:
@@ -196,16 +187,14 @@ class SlotCache:
         if cps is not None:
             cps.save(tokens)
 
-    def release(self, sid: int, tokens: Sequence[int], session: Any) -> None:
+    def release(self, sid: int, tokens: Sequence[int]) -> None:
         """The slot's sequence ended with both contexts holding ``tokens`` (and, on a recurrent
-        target, the state after them); ``session`` holds its drafter's deferred rows."""
+        target, the state after them)."""
         self._held[sid] = [int(t) for t in tokens]
-        self._owner[sid] = weakref.ref(session)
         self.checkpoint(sid, tokens)
 
     def forget(self, sid: int) -> None:
         self._held[sid] = []
-        self._owner[sid] = None
         if self._checkpoints[sid] is not None:
             self._checkpoints[sid].clear()
 
