@@ -213,10 +213,12 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
 
 
 def _add_prediction_usage(result: dict, stats: Optional[GenerationStats]) -> None:
-    """OpenAI's usage.completion_tokens_details fields for speculated tokens."""
+    """OpenAI's usage fields: prompt_tokens_details.cached_tokens, and completion_tokens_details for
+    speculated tokens."""
     usage = result.get("usage")
     if stats is None or not isinstance(usage, dict):
         return
+    usage["prompt_tokens_details"] = {"cached_tokens": stats.n_cached_tokens}  # the prompt cache's reuse
     usage["completion_tokens_details"] = {
         "accepted_prediction_tokens": stats.accepted,
         "rejected_prediction_tokens": stats.drafted - stats.accepted,

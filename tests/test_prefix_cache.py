@@ -159,3 +159,44 @@ def test_slot_choice_is_llama_servers() -> None:
     assert cache.choose([5] * 30 + [1], free=[0, 1, 2, 3]) == 1       # no prefix: least recently used
     assert cache.choose([1] + [5] * 20, free=[0, 1, 2]) == 1          # 1/21 < 10%: LRU among the free
     assert cache.choose([1, 2, 3, 5], free=[0, 1], reuse=False) == 1  # cache_prompt=False: LRU
+
+
+def test_cached_tokens_in_usage_of_mtp_llama_and_the_server(tmp_path) -> None:
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: MtpLlama's prompt reuse, the server's slot
+    cache (a chat's second turn, plain and streamed), and cache_prompt=false."""
+    from test_server import ServerProcess
+
+    path = T.cached_test_model(T.TestModelSpec(recipe="context", accept=0.8))
+    llm = llama_mtp.MtpLlama(str(path), n_draft=3, n_ctx=512, n_threads=1, n_threads_batch=1, verbose=False)
+    try:
+        first = llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)
+        again = llm.create_completion("Once upon a time", max_tokens=8, temperature=0.0)
+    finally:
+        llm.close()
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
+    server = ServerProcess(path, tmp_path / "server.log", "--n_parallel", "2", "--n_ctx", "1024")
+    try:
+        server.wait_ready()
+        client = server.client()
+        messages = [{"role": "user", "content": "Tell me a story"}]
+        one = client.chat.completions.create(model=str(path), messages=messages, max_tokens=8, temperature=0)
+        messages += [{"role": "assistant", "content": one.choices[0].message.content},
+                     {"role": "user", "content": "And then?"}]
+        two = client.chat.completions.create(model=str(path), messages=messages, max_tokens=8, temperature=0)
+        assert one.usage.prompt_tokens_details.cached_tokens == 0
+        assert 0 < two.usage.prompt_tokens_details.cached_tokens < two.usage.prompt_tokens
+        chunks = list(client.chat.completions.create(model=str(path), messages=messages, max_tokens=8, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True}))
+        usage = next(c.usage for c in reversed(chunks) if c.usage is not None)
+        assert usage.prompt_tokens_details.cached_tokens == two.usage.prompt_tokens - 1
+        cold = client.chat.completions.create(model=str(path), messages=messages, max_tokens=8, temperature=0,
+                                              extra_body={"cache_prompt": False})
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        assert cold.choices[0].message.content == two.choices[0].message.content
+        metrics = server.metrics()
+        hits = sum(v for (name, _), v in metrics.items() if name == "llama_mtp:prefix_cache_hits_total")
+        cached = sum(v for (name, _), v in metrics.items() if name == "llama_mtp:prompt_tokens_cached_total")
+        assert hits == 2 and cached == two.usage.prompt_tokens_details.cached_tokens + usage.prompt_tokens_details.cached_tokens
+    finally:
+        server.stop()
