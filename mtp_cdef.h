@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 7
+#define MTP_ABI_VERSION 8
 
 struct llama_context;
 struct llama_batch;
@@ -147,6 +147,13 @@ int32_t mtp_probe_mode(struct llama_context * ctx_tgt, struct llama_context * ct
 int32_t mtp_session_get_info(mtp_session * s, mtp_session_info * out);
 
 int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int32_t * out);
+
+/* How many leading positions of seq_id the drafter can continue from: a target batch for
+ * seq_id may start at any position <= *out (after trimming both contexts there), given the
+ * target holds positions < upto. Counts the rows in the draft context and the deferred
+ * catch-up rows the session keeps; a drafter on the target's KV continues from anywhere (upto).
+ * 0 when the draft memory restarted past position 0 (after mtp_session_forget). */
+int32_t mtp_session_drafter_rows(mtp_session * s, int32_t seq_id, int32_t upto, int32_t * out);
 
 /* Counters; drafted_per_pos[i] / accepted_per_pos[i]: drafts with more than i
  * tokens / accept calls with more than i accepted, for i < n_pos (may be NULL). */

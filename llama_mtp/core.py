@@ -27,6 +27,7 @@ seq id is cleared before the slot is used again.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 import weakref
@@ -42,9 +43,12 @@ from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as chec
 from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
+from .prompt_cache import SlotCache
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
+
+log = logging.getLogger("llama_mtp.core")
 
 Prompt = Union[str, bytes, Seq[int]]
 
@@ -65,6 +69,7 @@ class SequenceParams:
     logit_bias: Optional[Dict[int, float]] = None
     logprobs: Optional[int] = None      # top-n logprobs per token (plain decoding)
     raw: bool = False                   # commit every token (no EOG/stop/max_tokens): Llama.generate's contract
+    cache_prompt: bool = True           # reuse what a slot's memory holds (llama-server's cache_prompt)
 
 
 def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
@@ -74,7 +79,7 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                     logit_bias: Optional[Dict[int, float]] = None, logprobs: Optional[int] = None,
                     n_draft: Optional[NDraft] = None, verify: str = "match", mirostat_mode: int = 0,
                     mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, tfs_z: float = 1.0,
-                    penalize_nl: bool = True, raw: bool = False) -> SequenceParams:
+                    penalize_nl: bool = True, raw: bool = False, cache_prompt: bool = True) -> SequenceParams:
     """Validate one sequence's settings (llama-cpp-python's names and defaults for sampling)."""
     integer("max_tokens", max_tokens, 1)
     temp = number("temperature", temperature, 0.0)
@@ -100,12 +105,15 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
     if n_draft is not None:
         n_draft = check_n_draft(n_draft)
     choice("verify", verify, ("match", "rejection"))
+    if not isinstance(cache_prompt, bool):
+        raise MtpArgumentError(f"cache_prompt must be true or false, got {cache_prompt!r}")
     sampling = dict(top_k=top_k, top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p), temp=temp,
                     repeat_penalty=float(repeat_penalty), frequency_penalty=float(frequency_penalty),
                     presence_penalty=float(presence_penalty), tfs_z=tfs_z, mirostat_mode=mirostat_mode,
                     mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl, grammar=grammar)
     return SequenceParams(sampling=sampling, max_tokens=max_tokens, seed=seed, stop=stops, n_draft=n_draft,
-                          verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw)
+                          verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw,
+                          cache_prompt=cache_prompt)
 
 
 
@@ -215,6 +223,12 @@ class Sequence:
                 self.finish_reason = "length"
                 return i + 1, "".join(out)
         return len(new_tokens), "".join(out)
+
+    def held_tokens(self) -> List[int]:
+        """The tokens the slot's memory holds for this sequence (the last committed one is not decoded)."""
+        if self.prefilling:
+            return self.head[: self.n_prefilled]
+        return (self.tokens_prompt + self.generated)[: self.n_past]
 
     def close(self) -> None:
         self.verifier.close()
@@ -347,11 +361,14 @@ class StepEngine:
     "separate" (its whole prompt is decoded before the step). ``keep_memory``:
     a finished sequence leaves its tokens in the contexts (one-shot runs that
     leave the target Llama usable); they are cleared when its slot is reused.
+    ``cache``: a :class:`~llama_mtp.prompt_cache.SlotCache` of the target (with
+    ``keep_memory``): a sequence added without an explicit ``n_reuse`` goes to the slot
+    whose memory shares the longest prefix with its prompt and decodes only the rest.
     """
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, drafter: Optional[Drafter] = None,
                  n_draft: Optional[NDraft] = None, prefill: str = "shared", session: Optional[MtpSession] = None,
-                 keep_memory: bool = False) -> None:
+                 keep_memory: bool = False, cache: Optional[SlotCache] = None) -> None:
         check_pair(target, draft)
         if drafter is None:  # a direct caller: the one rule, for the default verification
             drafter = resolve_drafter(target, draft, "auto" if n_draft is None else n_draft, session=session)
@@ -388,6 +405,14 @@ class StepEngine:
         self.rollback_cap = rollback_capacity(target)
         self.planner = auto_planner(target)
         self.slots: List[Optional[Sequence]] = [None] * n_slots
+        if cache is not None:
+            if not keep_memory or cache.n_slots != n_slots:
+                raise MtpArgumentError("a slot cache needs keep_memory=True and one entry per slot")
+            cache.check(self._n_decoded())  # forgets every slot if something else decoded meanwhile
+        self.cache = cache
+        # a recurrent target's slot cache checkpoints the state after each prompt's head (all but
+        # its last token, which the first step decodes): so that last chunk decodes on its own
+        self._checkpoints_prompts = cache is not None and self.rollback_cap is not None
         self._rows = _Batch(self.n_batch)
         self.closed = False
 
@@ -420,22 +445,33 @@ class StepEngine:
         if bad:
             raise MtpArgumentError(f"logit_bias token {bad[0]} is outside the vocabulary [0, {self.n_vocab})")
 
-    def add(self, prompt_tokens: List[int], params: SequenceParams, n_reuse: int = 0) -> Sequence:
+    def add(self, prompt_tokens: List[int], params: SequenceParams, n_reuse: Optional[int] = None) -> Sequence:
         """Put a new sequence in a free slot (its prompt is decoded by the next steps).
 
-        ``n_reuse``: leading prompt tokens both contexts of the slot already hold (a prompt
-        cache hit, checked by the caller); only the rest is decoded. At most len(prompt) - 1.
+        ``n_reuse``: leading prompt tokens both contexts of slot 0 (the first free one) already
+        hold (a prompt cache hit, checked by the caller); only the rest is decoded. At most
+        len(prompt) - 1. None: the engine's slot cache chooses the slot and what it reuses
+        (``params.cache_prompt=False``: nothing), or, without one, the first free slot, from 0.
         """
         self._check_open()
         self.check_request(prompt_tokens, params)
-        if not is_int(n_reuse) or not 0 <= n_reuse < len(prompt_tokens):
+        if n_reuse is not None and (not is_int(n_reuse) or not 0 <= n_reuse < len(prompt_tokens)):
             raise MtpArgumentError(f"n_reuse must be an int in [0, len(prompt) - 1], got {n_reuse!r}")
-        sid = next((i for i, s in enumerate(self.slots) if s is None), None)
-        if sid is None:
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        if not free:
             raise MtpArgumentError(f"all {self.n_slots} slots are busy")
+        sid, n_reuse = self._place(list(prompt_tokens), params, free, n_reuse)
         seq = Sequence(self, sid, list(prompt_tokens), params)
+        seq.stats.n_cached_tokens = n_reuse
         try:
             self._clear_memory(sid, n_reuse)
+            if n_reuse and self.cache is not None and self.session.drafter_rows(sid, n_reuse) < n_reuse:
+                # the drafter cannot continue from the trimmed prefix after all: decode the whole prompt
+                log.info("slot %d: the draft context cannot continue from the %d cached tokens; prefilling "
+                         "the whole prompt", sid, n_reuse)
+                self.cache.forget(sid)
+                self._clear_memory(sid, 0)
+                n_reuse = seq.stats.n_cached_tokens = 0
         except BaseException:
             seq.close()
             raise
@@ -447,6 +483,23 @@ class StepEngine:
         elif self.prefill == "separate":
             self._prefill_now(seq)
         return seq
+
+    def _place(self, prompt: List[int], params: SequenceParams, free: List[int],
+               n_reuse: Optional[int]) -> Tuple[int, int]:
+        """The slot a new sequence takes and the prompt tokens its memory keeps."""
+        if n_reuse is not None or self.cache is None:
+            return free[0], n_reuse or 0
+        sid = self.cache.choose(prompt, free, params.cache_prompt)
+        if self.drafter.mode == "mem_shared":
+            # a drafter on the target's KV keeps only the hidden state after the last token a decode
+            # handed it (another conversation's): re-decode at least one prompt token to renew it
+            limit = len(prompt) - 2
+        else:
+            # the drafter's rows need the target's hidden states, which only a target decode makes:
+            # past what the drafter can continue from (its context's rows and this session's
+            # deferred ones: none after a forget, or of another session's) the target re-decodes
+            limit = self.session.drafter_rows(sid, len(self.cache.held(sid)))
+        return sid, self.cache.take(sid, prompt, params.cache_prompt, limit)
 
     def cancel(self, seq: Sequence) -> None:
         """End a sequence between steps (finish_reason "cancelled") and free its slot."""
@@ -462,6 +515,8 @@ class StepEngine:
             seq.finish_reason = seq.finish_reason or "cancelled"
             self._release(seq)
         self._rows.close()
+        if self.cache is not None and _compat.native_context(self.target):
+            self.cache.seal(self._n_decoded())
         if self.owns_session:
             self.session.close()
 
@@ -557,7 +612,7 @@ class StepEngine:
             start = seq.n_prefilled
             chunk = seq.head[start: start + budget]
             budget -= len(chunk)
-            if start + len(chunk) == len(seq.head) and self.own_drafts and budget > 0:
+            if start + len(chunk) == len(seq.head) and self.own_drafts and budget > 0 and not self._checkpoints_prompts:
                 seq.n_prefilled = len(seq.head)
                 self._begin(seq)  # own drafter: begin() only resets the slot's draft bookkeeping
                 rec.parts.append(Part(seq, [*chunk, seq.id_last], start, verify=True, n_prefix=len(chunk)))
@@ -698,6 +753,8 @@ class StepEngine:
         seq = p.seq
         seq.n_prefilled += len(p.tokens)
         if not seq.prefilling:
+            if self.cache is not None:
+                self.cache.checkpoint(seq.seq_id, seq.head)  # the end of the prompt's prefill
             self._begin(seq)
 
     def _begin(self, seq: Sequence) -> None:
@@ -735,7 +792,11 @@ class StepEngine:
             if not self.session.closed and self.session.pending(seq.seq_id):
                 self.session.begin(seq.seq_id, [])  # a draft that will never be verified
             if not self.keep_memory or seq.error is not None:
+                if self.cache is not None:
+                    self.cache.forget(seq.seq_id)
                 self._clear_memory(seq.seq_id)
+            elif self.cache is not None:
+                self.cache.release(seq.seq_id, seq.held_tokens())
         seq.close()
 
     def _clear_memory(self, sid: int, p0: int = 0) -> None:
@@ -749,6 +810,10 @@ class StepEngine:
     @staticmethod
     def _seq_rm(ctx: Any, sid: int, p0: int) -> bool:
         return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sid, p0, -1))
+
+    def _n_decoded(self) -> int:
+        """Tokens llama.cpp decoded on both contexts so far (the slot cache's check for outside use)."""
+        return _compat.n_decoded(self.target) + _compat.n_decoded(self.draft)
 
     def _check_open(self) -> None:
         if self.closed:

@@ -32,6 +32,7 @@ from .checks import NDraft, integer
 from .core import Prompt, Sequence, SequenceParams, StepEngine, sequence_params, tokenize_prompt
 from .drafter import resolve_drafter
 from .errors import EngineClosedError, QueueFullError
+from .prompt_cache import slot_cache
 from .results import GenerationResult, GenerationStats
 
 log = logging.getLogger("llama_mtp.engine")
@@ -101,11 +102,16 @@ class Engine:
     Drafts come from the session's own draft loop (batched across sequences); a draft mode
     it does not implement (an external drafter on the target's KV, gemma4-assistant) goes
     to upstream's drafter with a logged warning, and ``verify="rejection"`` is then refused.
+    Prompt cache: a request goes to the free slot whose memory shares the longest prefix with its
+    prompt (llama-server's rule) and decodes only the rest, also across engines on the same target;
+    ``ctx_checkpoints``: recurrent-state checkpoints per slot on hybrid/recurrent targets; a
+    request's ``cache_prompt=False`` decodes its whole prompt.
     The engine does not own ``target``/``draft``: close them after :meth:`close`.
     """
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
-                 verify: str = "match", max_waiting: int = 64, prefill: str = "shared") -> None:
+                 verify: str = "match", max_waiting: int = 64, prefill: str = "shared",
+                 ctx_checkpoints: int = 8) -> None:
         # n_draft and verify are validated where the drafter is resolved (the worker; its error is raised here)
         integer("max_waiting", max_waiting, 0)
         self.verify = verify
@@ -119,7 +125,8 @@ class Engine:
         # the StepEngine (and its MtpSession) is made by the worker: only it touches the contexts.
         # It hands the core back (or its error), so the engine is whole when __init__ returns
         ready: "queue.Queue[Union[StepEngine, BaseException]]" = queue.Queue()
-        self._thread = threading.Thread(target=self._worker, args=(target, draft, n_draft, prefill, ready),
+        self._thread = threading.Thread(target=self._worker, args=(target, draft, n_draft, prefill, ctx_checkpoints,
+                                                                   ready),
                                         name="llama-mtp-engine", daemon=True)
         self._thread.start()
         built = ready.get()
@@ -153,6 +160,12 @@ class Engine:
         return self._n_ctx_slot
 
     @property
+    def cache_bytes(self) -> int:
+        """Bytes of recurrent-state checkpoints the slot cache keeps (any thread may read it)."""
+        cache = self._core.cache
+        return cache.nbytes if cache is not None else 0
+
+    @property
     def closed(self) -> bool:
         return self._closed
 
@@ -160,7 +173,8 @@ class Engine:
                top_p: float = 0.95, min_p: float = 0.05, typical_p: float = 1.0, repeat_penalty: float = 1.0,
                frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: Optional[int] = None,
                stop: Any = None, grammar: Any = None, logit_bias: Any = None, logprobs: Optional[int] = None,
-               n_draft: Optional[NDraft] = None, verify: Optional[str] = None) -> RequestHandle:
+               n_draft: Optional[NDraft] = None, verify: Optional[str] = None,
+               cache_prompt: bool = True) -> RequestHandle:
         """Queue a generation; returns its handle at once.
 
         Raises MtpArgumentError for bad input (an empty or too long prompt, a bad
@@ -175,7 +189,7 @@ class Engine:
                                  min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
                                  stop=stop, grammar=grammar, logit_bias=logit_bias, logprobs=logprobs,
-                                 n_draft=n_draft, verify=verify or self.verify)
+                                 n_draft=n_draft, verify=verify or self.verify, cache_prompt=cache_prompt)
         tokens = tokenize_prompt(self.target, prompt)  # the vocabulary is read-only: any thread may
         self._core.check_request(tokens, params)  # touches no context: safe off the worker thread
         self._core.drafter.check_verify(params.verify)
@@ -213,10 +227,11 @@ class Engine:
     # -- worker -----------------------------------------------------------------------
 
     def _worker(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, n_draft: NDraft, prefill: str,
-                ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
+                ctx_checkpoints: int, ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
         try:
-            core = StepEngine(target, draft, drafter=resolve_drafter(target, draft, n_draft, self.verify),
-                              prefill=prefill)
+            drafter = resolve_drafter(target, draft, n_draft, self.verify)
+            core = StepEngine(target, draft, drafter=drafter, prefill=prefill, keep_memory=True,
+                              cache=slot_cache(target, drafter.n_seq, ctx_checkpoints))
         except BaseException as e:
             ready.put(e)
             return

@@ -23,6 +23,7 @@ import llama_cpp
 from .core import Prompt, SequenceParams, StepEngine, sequence_params, tokenize_prompt
 from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError
+from .prompt_cache import slot_cache
 from .results import GenerationResult, GenerationStats
 from .session import MtpSession
 
@@ -136,7 +137,8 @@ def generate_many(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompts: Sequ
                   max_tokens: int = 256, n_draft: Union[int, str] = "auto", temperature: float = 0.0,
                   top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                   seed: Optional[int] = None, stop: Union[None, str, Sequence[str]] = None,
-                  verify: str = "match", prefill: str = "shared") -> List[GenerationResult]:
+                  verify: str = "match", prefill: str = "shared", cache_prompt: bool = True,
+                  ctx_checkpoints: int = 8) -> List[GenerationResult]:
     """Generate from every prompt, batching up to ``n_seq`` sequences per target decode.
 
     ``target``/``draft`` come from ``llama_mtp.load(path, n_seq=N)``; with more prompts
@@ -146,17 +148,25 @@ def generate_many(target: llama_cpp.Llama, draft: llama_cpp.Llama, prompts: Sequ
     gives for that prompt alone (greedy: token for token). ``prefill``: "shared" (a
     joining prompt's chunks ride in the running sequences' verify decode, the default)
     or "separate" (decoded on their own before the next step).
+
+    Prompt cache: each prompt goes to the slot whose memory shares the longest prefix with it
+    (what this or an earlier call left there, as llama-server picks slots) and decodes only the
+    rest; hybrid/recurrent targets keep ``ctx_checkpoints`` recurrent-state checkpoints per slot.
+    ``cache_prompt=False``: every prompt is decoded in full. ``stats.n_cached_tokens`` says what
+    each reused.
     """
     if isinstance(prompts, (str, bytes)):
         raise MtpArgumentError("generate_many takes a list of prompts (use generate() for one)")
     params = sequence_params(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, verify=verify)
+                             min_p=min_p, repeat_penalty=repeat_penalty, seed=seed, stop=stop, verify=verify,
+                             cache_prompt=cache_prompt)
     chosen = resolve_drafter(target, draft, n_draft, verify)  # bad input raises even with nothing to run
     tokenized = [tokenize_prompt(target, p) for p in prompts]
     results: List[Optional[GenerationResult]] = [None] * len(tokenized)
     if not tokenized:
         return []
-    with StepEngine(target, draft, drafter=chosen, prefill=prefill) as engine:
+    cache = slot_cache(target, chosen.n_seq, ctx_checkpoints)
+    with StepEngine(target, draft, drafter=chosen, prefill=prefill, keep_memory=True, cache=cache) as engine:
         for toks in tokenized:
             engine.check_prompt(toks)  # every prompt is checked before anything runs
         queue: Deque[Tuple[int, List[int]]] = deque(enumerate(tokenized))

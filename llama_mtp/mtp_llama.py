@@ -21,7 +21,7 @@ from .drafter import resolve_drafter
 from .errors import MtpArgumentError
 from .generation import OneSequenceRun
 from .loading import MtpTargetLlama, open_pair
-from .prompt_cache import PromptCheckpoints, common_prefix
+from .prompt_cache import PromptCheckpoints, common_prefix, reusable
 from .results import GenerationStats
 from .session import DraftMode, MtpSession
 
@@ -189,11 +189,7 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
             # With nothing left to prefill, the first draft reads that state: unless it is the one
             # after prompt[:limit], the target re-decodes the last reused token to renew it
             limit -= 1
-        if not self._recurrent:
-            return limit
-        if len(held) <= limit:
-            return len(held)  # the recurrent state is the one after everything held
-        return self.mtp_checkpoints.restore_best(held, limit)
+        return reusable(held, prompt, limit, self.mtp_checkpoints if self._recurrent else None)
 
     def _settled(self, run: Optional[OneSequenceRun]) -> None:
         """After a run: record what both contexts hold; after a failure, hold nothing."""
@@ -217,10 +213,12 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
 
 
 def _add_prediction_usage(result: dict, stats: Optional[GenerationStats]) -> None:
-    """OpenAI's usage.completion_tokens_details fields for speculated tokens."""
+    """OpenAI's usage fields: prompt_tokens_details.cached_tokens, and completion_tokens_details for
+    speculated tokens."""
     usage = result.get("usage")
     if stats is None or not isinstance(usage, dict):
         return
+    usage["prompt_tokens_details"] = {"cached_tokens": stats.n_cached_tokens}  # the prompt cache's reuse
     usage["completion_tokens_details"] = {
         "accepted_prediction_tokens": stats.accepted,
         "rejected_prediction_tokens": stats.drafted - stats.accepted,

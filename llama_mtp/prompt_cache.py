@@ -1,4 +1,9 @@
-"""Prompt reuse for MtpLlama: the longest common prefix, and recurrent-state checkpoints.
+"""Prompt reuse: the longest common prefix, recurrent-state checkpoints, and the choice of a slot.
+
+One cache for every entry point: :class:`SlotCache` remembers what each slot's memory holds and
+picks the slot a new prompt goes to (llama-server's rule); :class:`PromptCheckpoints` keeps a
+slot's recurrent-state checkpoints. The Engine, ``generate_many`` and the server use a
+SlotCache per target; MtpLlama, whose one sequence is seq 0, uses its checkpoints and reuse rule.
 
 Attention-only targets keep what llama-cpp-python keeps: the longest common prefix of
 the new prompt with the context (positions past it are dropped on both contexts).
@@ -14,12 +19,14 @@ holds the tokens it was taken after (checked token for token).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from collections import OrderedDict
-from typing import List, Sequence, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import llama_cpp
 
-from .checkpoint import restore_partial_state, save_partial_state
+from .checkpoint import restore_partial_state, rollback_capacity, save_partial_state
 from .checks import integer
 
 
@@ -28,12 +35,13 @@ common_prefix = llama_cpp.Llama.longest_token_prefix
 
 
 class PromptCheckpoints:
-    """Up to ``capacity`` recurrent-state checkpoints of seq 0, least recently used evicted."""
+    """Up to ``capacity`` recurrent-state checkpoints of one sequence, least recently used evicted."""
 
-    def __init__(self, llm: llama_cpp.Llama, capacity: int) -> None:
+    def __init__(self, llm: llama_cpp.Llama, capacity: int, seq_id: int = 0) -> None:
         integer("ctx_checkpoints", capacity, 0)
         self._llm = llm
         self.capacity = capacity
+        self.seq_id = seq_id
         # key: the tokens the context held when the state was saved (its position = len(key))
         self._items: "OrderedDict[Tuple[int, ...], ctypes.Array]" = OrderedDict()
 
@@ -42,7 +50,7 @@ class PromptCheckpoints:
 
     @property
     def nbytes(self) -> int:
-        return sum(len(b) for b in self._items.values())
+        return sum(len(b) for b in list(self._items.values()))  # list(): one atomic copy (other threads read it)
 
     def sizes(self) -> List[int]:
         """Bytes of each checkpoint (the recurrent state only: the same for every position)."""
@@ -56,7 +64,7 @@ class PromptCheckpoints:
         if not self.capacity or not tokens:
             return
         key = tuple(int(t) for t in tokens)
-        buf, n = save_partial_state(self._llm, 0)
+        buf, n = save_partial_state(self._llm, self.seq_id)
         if n != len(buf):
             return  # nothing usable to keep (llama.cpp logged why)
         self._items.pop(key, None)  # supersede one at the same prefix
@@ -73,9 +81,140 @@ class PromptCheckpoints:
         if best is None:
             return 0
         buf = self._items[best]
-        restore_partial_state(self._llm, buf, len(buf), 0, "prompt checkpoint")
+        restore_partial_state(self._llm, buf, len(buf), self.seq_id, "prompt checkpoint")
         self._items.move_to_end(best)
         return len(best)
 
     def clear(self) -> None:
         self._items.clear()
+
+
+def reusable(held: Sequence[int], prompt: Sequence[int], limit: int, checkpoints: Optional[PromptCheckpoints]) -> int:
+    """Leading tokens of ``prompt`` a sequence holding ``held`` keeps, at most ``limit``: the common
+    prefix on an attention-only target; on a recurrent one (``checkpoints`` given) everything held
+    when the prompt extends it (the state is the one after it), else the latest checkpoint at or
+    before the limit, which is restored (0: none)."""
+    limit = min(limit, common_prefix(held, prompt))
+    if checkpoints is None:
+        return limit
+    if len(held) <= limit:
+        return len(held)
+    return checkpoints.restore_best(held, limit)
+
+
+@dataclass
+class CacheStats:
+    """What the slot cache did: requests that reused a prefix (hits) or not (misses), tokens reused."""
+
+    hits: int = 0
+    misses: int = 0
+    cached_tokens: int = 0
+
+
+class SlotCache:
+    """What each slot's memory holds (both contexts), and which free slot a prompt goes to.
+
+    The choice is llama-server's (tools/server ``get_available_slot``): the free slot whose held
+    tokens share the longest prefix with the prompt, if that prefix is more than ``SIMILARITY`` of
+    the prompt; else the least recently used free slot. Hybrid/recurrent targets keep up to
+    ``ctx_checkpoints`` recurrent-state checkpoints per slot (the end of each prompt and of each
+    generation), as llama-server's ``--ctx-checkpoints``.
+
+    The cache is only right while nothing else decodes on the target: ``seal`` records llama.cpp's
+    decode counter when its owner stops using it, ``check`` forgets every slot if it moved since.
+    """
+
+    SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
+
+    def __init__(self, target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8) -> None:
+        integer("ctx_checkpoints", ctx_checkpoints, 0)
+        self.ctx_checkpoints = ctx_checkpoints
+        recurrent = rollback_capacity(target) is not None
+        self._held: List[List[int]] = [[] for _ in range(n_slots)]
+        self._used = [0] * n_slots
+        self._clock = 0
+        self._checkpoints = [PromptCheckpoints(target, ctx_checkpoints, sid) if recurrent else None
+                             for sid in range(n_slots)]
+        self._sealed: Optional[int] = None
+        self.stats = CacheStats()
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._held)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of recurrent-state checkpoints held."""
+        return sum(c.nbytes for c in self._checkpoints if c is not None)
+
+    def held(self, sid: int) -> List[int]:
+        return list(self._held[sid])
+
+    def choose(self, prompt: Sequence[int], free: Sequence[int], reuse: bool = True) -> int:
+        """The free slot ``prompt`` goes to (``reuse=False``: the least recently used one)."""
+        best, best_sim = None, 0.0
+        if reuse:
+            for sid in free:
+                if self._held[sid]:
+                    sim = common_prefix(self._held[sid], prompt) / len(prompt)
+                    if sim > best_sim and sim > self.SIMILARITY:
+                        best, best_sim = sid, sim
+        if best is None:  # llama-server: the least recently used (the later slot on a tie)
+            best = min(reversed(list(free)), key=lambda sid: self._used[sid])
+        return best
+
+    def take(self, sid: int, prompt: Sequence[int], reuse: bool = True, limit: Optional[int] = None) -> int:
+        """A new sequence takes slot ``sid``: the prompt tokens its memory keeps (restoring a
+        checkpoint on a recurrent target), at most ``limit`` (default len(prompt) - 1). Until
+        :meth:`release`, the slot holds nothing the cache vouches for."""
+        limit = len(prompt) - 1 if limit is None else min(limit, len(prompt) - 1)
+        n = reusable(self._held[sid], prompt, limit, self._checkpoints[sid]) if reuse and limit > 0 else 0
+        self._held[sid] = []
+        self._clock += 1
+        self._used[sid] = self._clock
+        if n:
+            self.stats.hits += 1
+            self.stats.cached_tokens += n
+        else:
+            self.stats.misses += 1
+            if self._checkpoints[sid] is not None:
+                self._checkpoints[sid].clear()
+        return n
+
+    def checkpoint(self, sid: int, tokens: Sequence[int]) -> None:
+        """The slot's recurrent state is the one after ``tokens`` now: keep a checkpoint of it."""
+        cps = self._checkpoints[sid]
+        if cps is not None:
+            cps.save(tokens)
+
+    def release(self, sid: int, tokens: Sequence[int]) -> None:
+        """The slot's sequence ended with both contexts holding ``tokens`` (and, on a recurrent
+        target, the state after them)."""
+        self._held[sid] = [int(t) for t in tokens]
+        self.checkpoint(sid, tokens)
+
+    def forget(self, sid: int) -> None:
+        self._held[sid] = []
+        if self._checkpoints[sid] is not None:
+            self._checkpoints[sid].clear()
+
+    def seal(self, n_decoded: int) -> None:
+        self._sealed = n_decoded
+
+    def check(self, n_decoded: int) -> None:
+        if self._sealed is not None and self._sealed != n_decoded:
+            for sid in range(self.n_slots):
+                self.forget(sid)
+        self._sealed = None
+
+
+_CACHES: "weakref.WeakKeyDictionary[llama_cpp.Llama, SlotCache]" = weakref.WeakKeyDictionary()
+
+
+def slot_cache(target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8) -> SlotCache:
+    """The target's slot cache (one per target, so what one Engine or generate_many call left in
+    the slots serves the next; a new shape starts an empty one)."""
+    cache = _CACHES.get(target)
+    if cache is None or cache.n_slots != n_slots or cache.ctx_checkpoints != ctx_checkpoints:
+        cache = _CACHES[target] = SlotCache(target, n_slots, ctx_checkpoints)
+    return cache

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 @dataclass
 class GenerationStats:
     n_prompt_tokens: int = 0
+    n_cached_tokens: int = 0          # prompt tokens a slot's memory already held (not decoded again)
     n_generated: int = 0
     steps: int = 0                    # target verify decodes after the prompt
     drafted: int = 0

@@ -372,6 +372,17 @@ class MtpSession:
             self._raise_for(self._lib.mtp_session_forget(handle, seq_id, keep, self._flag), seq_id)
             return int(self._flag[0])
 
+    def drafter_rows(self, seq_id: int, upto: int) -> int:
+        """Leading positions of seq_id the drafter can continue from, while the target holds
+        positions < ``upto``: a prompt-cache hit may keep at most these (the rest is decoded again:
+        the drafter's rows need the target's hidden states). Counts the draft context's rows and the
+        deferred catch-up rows this session keeps (a new session has none of an old one's)."""
+        self._check_seq(seq_id)
+        upto = _i32(upto, "upto")
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_drafter_rows(handle, seq_id, upto, self._flag), seq_id)
+            return int(self._flag[0])
+
     def pending(self, seq_id: int) -> bool:
         """Whether seq_id has a draft awaiting accept()."""
         self._check_seq(seq_id)

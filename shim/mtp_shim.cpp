@@ -1097,6 +1097,25 @@ MTP_EXPORT int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int3
     });
 }
 
+MTP_EXPORT int32_t mtp_session_drafter_rows(mtp_session * s, int32_t seq_id, int32_t upto, int32_t * out) {
+    return guarded([&] {
+        check_session(s);
+        if (out == nullptr) fail(MTP_ERR_NULL, "out pointer is NULL");
+        if (upto < 0) fail(MTP_ERR_ARG, "upto must be >= 0 (got %d)", upto);
+        std::lock_guard<std::mutex> lock(s->mu);
+        check_seq(s, seq_id);
+        if (shares_memory(s)) {
+            *out = upto;
+        } else if (llama_memory_seq_pos_min(llama_get_memory(s->dft), seq_id) > 0) {
+            // a memory that restarted past 0 (after mtp_session_forget): trimming it below its first
+            // row would leave deferred rows continuing nothing, so only a full restart is safe
+            *out = 0;
+        } else {
+            *out = std::min<llama_pos>(drafter_pos_max(s, seq_id, upto) + 1, upto);
+        }
+    });
+}
+
 MTP_EXPORT int32_t mtp_session_stats(mtp_session * s, mtp_stats * out,
                                      int64_t * drafted_per_pos, int64_t * accepted_per_pos, int32_t n_pos) {
     return guarded([&] {

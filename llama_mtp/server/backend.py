@@ -64,7 +64,7 @@ class Backend:
         self._vocab = llama_cpp.llama_model_get_vocab(target.model)
         self._detokenize = _compat.detokenizer(target)  # whole token pieces (see llama_mtp.pieces)
         self.metrics = ServerMetrics(self.model_alias, n_draft_max, lambda: engine.n_running,
-                                     lambda: engine.n_waiting)
+                                     lambda: engine.n_waiting, lambda: engine.cache_bytes)
         # handles whose client went away: a thread waits for their (cancelled) results so their
         # work is still counted, without holding up the request that gave up on them
         self._reap_queue: "queue.Queue[Optional[RequestRecord]]" = queue.Queue()
@@ -172,7 +172,8 @@ def load_backend(cfg: ServeConfig) -> Backend:
                          draft_model_path=cfg.mtp.draft_model_path, **kwargs)
     try:
         handler = resolve_handler(target, cfg.model)
-        engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting)
+        engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting,
+                        ctx_checkpoints=cfg.mtp.ctx_checkpoints)
     except BaseException:
         draft.close()
         target.close()

@@ -20,12 +20,15 @@ from .errors import ApiError
 
 _n_draft_field = Field(default=None, ge=0, description="llama_mtp: draft length for this request (0 = plain "
                        "decoding); default: the server's --n_draft.")
+_cache_prompt_field = Field(default=True, description="llama-server's field: reuse what a slot holds of this "
+                            "prompt (false: decode all of it).")
 
 
 class CompletionRequest(CreateCompletionRequest):
     """llama_cpp.server's completion request, plus the per-request draft length."""
 
     n_draft: Optional[int] = _n_draft_field
+    cache_prompt: bool = _cache_prompt_field
 
 
 class ChatCompletionRequest(CreateChatCompletionRequest):
@@ -37,6 +40,7 @@ class ChatCompletionRequest(CreateChatCompletionRequest):
     response_format: Optional[Dict[str, Any]] = Field(default=None, description="text, json_object (optional "
                                                       "schema) or json_schema (json_schema.schema).")
     n_draft: Optional[int] = _n_draft_field
+    cache_prompt: bool = _cache_prompt_field
 
 
 AnyRequest = Union[CompletionRequest, ChatCompletionRequest]

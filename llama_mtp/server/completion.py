@@ -48,10 +48,11 @@ class EngineLlama:
     cancel them when the client goes away (``cancel``).
     """
 
-    def __init__(self, backend: Backend, *, kind: str, n_draft: Optional[int] = None) -> None:
+    def __init__(self, backend: Backend, *, kind: str, n_draft: Optional[int] = None, cache_prompt: bool = True) -> None:
         self._backend = backend
         self._kind = kind
         self._n_draft = n_draft
+        self._cache_prompt = cache_prompt
         self._records: List[RequestRecord] = []
         self._lock = threading.Lock()
         self._cancelled = False
@@ -153,7 +154,8 @@ class EngineLlama:
             if self._cancelled:
                 raise ApiError("the client closed the request", status=499, err_type="client_closed_request")
             t0 = time.perf_counter()
-            handle = self._backend.engine.submit(prompt, n_draft=self._n_draft, **sampling)
+            handle = self._backend.engine.submit(prompt, n_draft=self._n_draft, cache_prompt=self._cache_prompt,
+                                                 **sampling)
             rec = RequestRecord(handle, self._kind, t0)
             self._records.append(rec)
         return rec
@@ -217,6 +219,7 @@ def usage(res: GenerationResult, n_completion: int) -> Usage:
         "prompt_tokens": st.n_prompt_tokens,
         "completion_tokens": n_completion,
         "total_tokens": st.n_prompt_tokens + n_completion,
+        "prompt_tokens_details": {"cached_tokens": st.n_cached_tokens},
         "completion_tokens_details": {
             "accepted_prediction_tokens": st.accepted,
             "rejected_prediction_tokens": st.drafted - st.accepted,

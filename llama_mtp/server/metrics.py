@@ -31,7 +31,7 @@ class ServerMetrics:
     """The server's metrics; ``observe`` takes one finished request."""
 
     def __init__(self, model_name: str, n_draft_max: int, n_running: Callable[[], float],
-                 n_waiting: Callable[[], float]) -> None:
+                 n_waiting: Callable[[], float], cache_bytes: Callable[[], float] = lambda: 0.0) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -46,6 +46,9 @@ class ServerMetrics:
         self.accepted_per_pos = counter("spec_decode_num_accepted_tokens_per_pos",
                                         "Drafted tokens accepted, by draft position.", ("position",))
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
+        self.prompt_tokens_cached = counter("prompt_tokens_cached", "Prompt tokens a slot already held (not decoded).")
+        self.prefix_cache_hits = counter("prefix_cache_hits", "Requests that reused a prefix a slot held.")
+        self.prefix_cache_misses = counter("prefix_cache_misses", "Requests that decoded their whole prompt.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.request_success = counter("request_success", "Requests finished, by finish reason.",
                                        ("finished_reason",))
@@ -57,12 +60,16 @@ class ServerMetrics:
         running = Gauge(PREFIX + "num_requests_running", "Requests decoding in an engine slot.", labels,
                         registry=r)
         waiting = Gauge(PREFIX + "num_requests_waiting", "Requests waiting for a free slot.", labels, registry=r)
+        cached = Gauge(PREFIX + "prefix_cache_bytes", "Bytes of recurrent-state checkpoints the slots keep.",
+                       labels, registry=r)
+        cached.labels(model_name).set_function(cache_bytes)
         running.labels(model_name).set_function(n_running)
         waiting.labels(model_name).set_function(n_waiting)
         # every position exists from the start, so a scrape shows zeros rather than nothing
         for pos in range(n_draft_max):
             self.accepted_per_pos.labels(model_name, str(pos))
         for c in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens, self.prompt_tokens,
+                  self.prompt_tokens_cached, self.prefix_cache_hits, self.prefix_cache_misses,
                   self.generation_tokens, self.request_failure):
             c.labels(model_name)
 
@@ -77,6 +84,8 @@ class ServerMetrics:
         for pos, n in enumerate(st.accepted_per_pos or []):
             self.accepted_per_pos.labels(m, str(pos)).inc(n)
         self.prompt_tokens.labels(m).inc(st.n_prompt_tokens)
+        self.prompt_tokens_cached.labels(m).inc(st.n_cached_tokens)
+        (self.prefix_cache_hits if st.n_cached_tokens else self.prefix_cache_misses).labels(m).inc()
         self.generation_tokens.labels(m).inc(st.n_generated)
         self.request_success.labels(m, res.finish_reason).inc()
         if st.n_generated > 0 and st.generation_seconds > 0:

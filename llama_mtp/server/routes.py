@@ -47,7 +47,7 @@ def get_responder(request: Request) -> Responder:
 async def create_completion(request: Request, body: CompletionRequest, backend: Backend = Depends(get_backend),
                             responder: Responder = Depends(get_responder)) -> Response:
     prompt, kwargs = completion_call(body, backend)
-    llama = EngineLlama(backend, kind="completion", n_draft=body.n_draft)
+    llama = EngineLlama(backend, kind="completion", n_draft=body.n_draft, cache_prompt=body.cache_prompt)
     fn = functools.partial(llama.create_completion, prompt, **kwargs)
     return await responder.respond(request, llama, fn, body.stream, "prompt")
 
@@ -57,7 +57,7 @@ async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                                  backend: Backend = Depends(get_backend),
                                  responder: Responder = Depends(get_responder)) -> Response:
     kwargs = chat_call(body, backend)
-    llama = EngineLlama(backend, kind="chat", n_draft=body.n_draft)
+    llama = EngineLlama(backend, kind="chat", n_draft=body.n_draft, cache_prompt=body.cache_prompt)
     fn = functools.partial(chat.create_chat_completion, backend.chat_handler, llama, **kwargs)
     return await responder.respond(request, llama, fn, body.stream, "messages")
 

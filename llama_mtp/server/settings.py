@@ -42,6 +42,9 @@ class MtpSettings(BaseSettings):
                              "rollback the contexts keep).")
     max_waiting: int = Field(default=64, ge=0, description="Requests that may wait for a free slot; beyond that "
                              "the server answers 503.")
+    ctx_checkpoints: int = Field(default=8, ge=0, description="Recurrent-state checkpoints kept per slot on "
+                                 "hybrid/recurrent models (llama-server's --ctx-checkpoints), so a conversation's "
+                                 "next turn resumes from its prefix; 0: none.")
     draft_model_path: Optional[str] = Field(default=None, description="External MTP drafter GGUF for a --model "
                                             "without MTP heads (a gemma4-assistant for its gemma4 target); its "
                                             "context shares the model's KV.")
