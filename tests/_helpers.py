@@ -532,3 +532,13 @@ def _choice_text(result: dict) -> str:
     """A completion's text, or a chat completion's message content."""
     choice = result["choices"][0]
     return choice["text"] if "text" in choice else choice["message"]["content"]
+
+
+def greedy_tokens(llm: llama_cpp.Llama, prompt: List[int], n: int) -> List[int]:
+    """The first ``n`` tokens plain llama-cpp-python's greedy ``generate`` yields after ``prompt``."""
+    out: List[int] = []
+    for tok in llm.generate(prompt, temp=0.0, top_k=1):
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out

@@ -19,6 +19,8 @@ llama_cpp = pytest.importorskip("llama_cpp")
 from llama_mtp import testing as T  # noqa: E402
 from llama_mtp.testing.cache import resolve_spec  # noqa: E402
 
+import _helpers  # noqa: E402
+
 # CJK and an emoji: their UTF-8 bytes end up split across tokens (byte tokens or partial pieces)
 TEXT = "Real text: 日本語 🦙!"
 SMALL = dict(n_embd=64)  # tiny trunk; margins stay >= 5 on 150-260k token directions
@@ -50,15 +52,6 @@ def _spec(arch: str, **kw) -> T.TestModelSpec:
     vocab = T.real_vocab(T.get_arch(arch).real_vocab)
     return resolve_spec(None, "tiny", dict(SMALL, arch=arch, vocab=vocab.name, script=_script(vocab),
                                           script_loop=True, accept=0.75, ftype="f16", **kw))
-
-
-def _greedy(llm, prompt: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    for tok in llm.generate(prompt, temp=0.0, top_k=1):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    return out
 
 
 # --------------------------------------------------------------------------- RealVocab
@@ -187,7 +180,7 @@ def test_real_vocab_model_follows_script(arch: str) -> None:
     assert max(len(vocab.piece(t)) for t in script) > 32
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
     try:
-        out = _greedy(llm, [script[0]], 2 * len(script))
+        out = _helpers.greedy_tokens(llm, [script[0]], 2 * len(script))
         assert out == script[1:] + script + script[:1] == info.greedy_continuation(script[0], len(out))
         text = b"".join(map(vocab.piece, out))
         assert TEXT.encode() in text and all(vocab.piece(t) in text for t in script)

@@ -19,6 +19,8 @@ pytest.importorskip("gguf")
 
 from llama_mtp import testing as T  # noqa: E402
 
+import _helpers  # noqa: E402
+
 N_GEN = 64
 
 
@@ -60,15 +62,6 @@ def _load(llama_cpp, path: pathlib.Path, **kw):
     return llama_cpp.Llama(
         model_path=str(path), n_ctx=512, n_threads=2, n_threads_batch=2, verbose=False, **kw
     )
-
-
-def _greedy(llm, prompt: list[int], n: int) -> list[int]:
-    out: list[int] = []
-    for tok in llm.generate(prompt, temp=0.0, top_k=1):
-        out.append(int(tok))
-        if len(out) == n:
-            break
-    return out
 
 
 # ----------------------------------------------------------------- pure python
@@ -167,7 +160,7 @@ def test_oracle_greedy_follows_successor(llama_cpp, no_extra_bufts, cached, ftyp
     llm = _load(llama_cpp, path)
     prompt = llm.tokenize(b"Hello world", add_bos=False)
     assert prompt == list(b"Hello world")  # byte tokens are ids 0..255 (no merge applies)
-    assert _greedy(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
+    assert _helpers.greedy_tokens(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
     # the specials never win, so completions run to the length limit
     res = llm.create_completion("Hi", max_tokens=16, temperature=0.0)
     assert res["choices"][0]["finish_reason"] == "length"
@@ -335,7 +328,7 @@ def test_bench_size_q8_0(llama_cpp, no_extra_bufts, tmp_path: pathlib.Path) -> N
         assert 1.0e9 < path.stat().st_size < 1.4e9
         llm = _load(llama_cpp, path)
         prompt = list(b"Hello")
-        assert _greedy(llm, prompt, 8) == info.greedy_continuation(prompt[-1], 8)
+        assert _helpers.greedy_tokens(llm, prompt, 8) == info.greedy_continuation(prompt[-1], 8)
         llm.close()
     finally:
         path.unlink(missing_ok=True)  # ~1.2 GB: do not leave it to pytest's tmp retention
