@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 8
+#define MTP_ABI_VERSION 9
 
 struct llama_context;
 struct llama_batch;
@@ -154,6 +154,10 @@ int32_t mtp_session_has_pending(mtp_session * s, int32_t seq_id, int32_t * out);
  * catch-up rows the session keeps; a drafter on the target's KV continues from anywhere (upto).
  * 0 when the draft memory restarted past position 0 (after mtp_session_forget). */
 int32_t mtp_session_drafter_rows(mtp_session * s, int32_t seq_id, int32_t upto, int32_t * out);
+
+/* Decode seq_id's deferred catch-up rows on the draft context now (defer_catchup), so the draft
+ * context's own memory holds every row the drafter has seen (before its state is saved). */
+int32_t mtp_session_catch_up(mtp_session * s, int32_t seq_id);
 
 /* Counters; drafted_per_pos[i] / accepted_per_pos[i]: drafts with more than i
  * tokens / accept calls with more than i accepted, for i < n_pos (may be NULL). */

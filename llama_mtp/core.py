@@ -490,6 +490,10 @@ class StepEngine:
         if n_reuse is not None or self.cache is None:
             return free[0], n_reuse or 0
         sid = self.cache.choose(prompt, free, params.cache_prompt)
+        if params.cache_prompt:
+            # a drafter on the target's KV has no memory of its own to save or restore
+            own_memory = None if self.drafter.mode == "mem_shared" else _compat.native_context(self.draft)
+            self.cache.swap(sid, prompt, self.ctx, own_memory, self.session.catch_up)
         if self.drafter.mode == "mem_shared":
             # a drafter on the target's KV keeps only the hidden state after the last token a decode
             # handed it (another conversation's): re-decode at least one prompt token to renew it

@@ -24,7 +24,7 @@ import queue
 import random
 import threading
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional, Union
+from typing import Any, Deque, Iterator, List, Optional, Tuple, Union
 
 import llama_cpp
 
@@ -104,14 +104,16 @@ class Engine:
     to upstream's drafter with a logged warning, and ``verify="rejection"`` is then refused.
     Prompt cache: a request goes to the free slot whose memory shares the longest prefix with its
     prompt (llama-server's rule) and decodes only the rest, also across engines on the same target;
-    ``ctx_checkpoints``: recurrent-state checkpoints per slot on hybrid/recurrent targets; a
-    request's ``cache_prompt=False`` decodes its whole prompt.
+    ``ctx_checkpoints``: recurrent-state checkpoints per slot on hybrid/recurrent targets;
+    ``cache_ram_mib``: a host-memory cache of that many MiB for more conversations than slots (a
+    slot about to lose most of what it holds is saved; a prompt that extends a saved one gets it
+    back instead of decoding it); a request's ``cache_prompt=False`` decodes its whole prompt.
     The engine does not own ``target``/``draft``: close them after :meth:`close`.
     """
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
                  verify: str = "match", max_waiting: int = 64, prefill: str = "shared",
-                 ctx_checkpoints: int = 8) -> None:
+                 ctx_checkpoints: int = 8, cache_ram_mib: int = 0) -> None:
         # n_draft and verify are validated where the drafter is resolved (the worker; its error is raised here)
         integer("max_waiting", max_waiting, 0)
         self.verify = verify
@@ -125,7 +127,9 @@ class Engine:
         # the StepEngine (and its MtpSession) is made by the worker: only it touches the contexts.
         # It hands the core back (or its error), so the engine is whole when __init__ returns
         ready: "queue.Queue[Union[StepEngine, BaseException]]" = queue.Queue()
-        self._thread = threading.Thread(target=self._worker, args=(target, draft, n_draft, prefill, ctx_checkpoints,
+        integer("cache_ram_mib", cache_ram_mib, 0)
+        cache_args = (ctx_checkpoints, cache_ram_mib * 1024 * 1024)
+        self._thread = threading.Thread(target=self._worker, args=(target, draft, n_draft, prefill, cache_args,
                                                                    ready),
                                         name="llama-mtp-engine", daemon=True)
         self._thread.start()
@@ -227,11 +231,11 @@ class Engine:
     # -- worker -----------------------------------------------------------------------
 
     def _worker(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, n_draft: NDraft, prefill: str,
-                ctx_checkpoints: int, ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
+                cache_args: Tuple[int, int], ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
         try:
             drafter = resolve_drafter(target, draft, n_draft, self.verify)
             core = StepEngine(target, draft, drafter=drafter, prefill=prefill, keep_memory=True,
-                              cache=slot_cache(target, drafter.n_seq, ctx_checkpoints))
+                              cache=slot_cache(target, drafter.n_seq, *cache_args))
         except BaseException as e:
             ready.put(e)
             return

@@ -19,16 +19,19 @@ holds the tokens it was taken after (checked token for token).
 from __future__ import annotations
 
 import ctypes
+import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
 from .checkpoint import restore_partial_state, rollback_capacity, save_partial_state
 from .checks import integer
 
+
+log = logging.getLogger("llama_mtp.prompt_cache")
 
 # the length of the longest common prefix of two token sequences: llama-cpp-python's own
 common_prefix = llama_cpp.Llama.longest_token_prefix
@@ -104,11 +107,87 @@ def reusable(held: Sequence[int], prompt: Sequence[int], limit: int, checkpoints
 
 @dataclass
 class CacheStats:
-    """What the slot cache did: requests that reused a prefix (hits) or not (misses), tokens reused."""
+    """What the slot cache did: requests that reused a prefix (hits) or not (misses), tokens reused,
+    and the host-memory cache's saves, restores and failed restores."""
 
     hits: int = 0
     misses: int = 0
     cached_tokens: int = 0
+    ram_saves: int = 0
+    ram_restores: int = 0
+    ram_failures: int = 0
+
+
+@dataclass
+class SavedSlot:
+    """A slot's whole sequence state in host memory: the target's and the draft context's."""
+
+    tokens: Tuple[int, ...]
+    target: bytes
+    draft: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.target) + len(self.draft)
+
+
+def save_seq(ctx: Any, seq_id: int) -> bytes:
+    """llama.cpp's whole state of one sequence (llama_state_seq_get_data)."""
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, seq_id))
+    if size <= 0:
+        return b""
+    buf = (ctypes.c_uint8 * size)()
+    n = int(llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id))
+    return bytes(buf[:n])
+
+
+def restore_seq(ctx: Any, data: bytes, seq_id: int) -> bool:
+    """Put a saved sequence state into ``seq_id`` (its memory must be empty); False if llama.cpp refused."""
+    if not data:
+        return True
+    buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    return int(llama_cpp.llama_state_seq_set_data(ctx, buf, len(data), seq_id)) == len(data)
+
+
+class RamCache:
+    """Saved slots in host memory, least recently used evicted beyond ``budget`` bytes
+    (llama-server's --cache-ram)."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: "OrderedDict[Tuple[int, ...], SavedSlot]" = OrderedDict()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in list(self._items.values()))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, saved: SavedSlot) -> bool:
+        if saved.nbytes > self.budget:
+            return False
+        self._items.pop(saved.tokens, None)
+        self._items[saved.tokens] = saved
+        while self.nbytes > self.budget:
+            self._items.popitem(last=False)
+        return True
+
+    def best(self, prompt: Sequence[int], usable: "Callable[[Tuple[int, ...]], int]") -> Tuple[Optional[SavedSlot], int]:
+        """The saved slot that lets ``prompt`` reuse the most (``usable(tokens)``), and how much."""
+        best, n_best = None, 0
+        for tokens, saved in self._items.items():
+            n = usable(tokens)
+            if n > n_best:
+                best, n_best = saved, n
+        return best, n_best
+
+    def take(self, saved: SavedSlot) -> None:
+        """``saved`` goes back into a slot: it leaves the cache (the slot holds it now)."""
+        self._items.pop(saved.tokens, None)
+
+    def clear(self) -> None:
+        self._items.clear()
 
 
 class SlotCache:
@@ -126,10 +205,13 @@ class SlotCache:
 
     SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
 
-    def __init__(self, target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8) -> None:
+    def __init__(self, target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8, ram_bytes: int = 0) -> None:
         integer("ctx_checkpoints", ctx_checkpoints, 0)
+        integer("ram_bytes", ram_bytes, 0)
         self.ctx_checkpoints = ctx_checkpoints
+        self.ram = RamCache(ram_bytes) if ram_bytes else None
         recurrent = rollback_capacity(target) is not None
+        self._recurrent = recurrent
         self._held: List[List[int]] = [[] for _ in range(n_slots)]
         self._used = [0] * n_slots
         self._clock = 0
@@ -144,8 +226,9 @@ class SlotCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of recurrent-state checkpoints held."""
-        return sum(c.nbytes for c in self._checkpoints if c is not None)
+        """Bytes of recurrent-state checkpoints and host-memory saved slots held."""
+        ram = self.ram.nbytes if self.ram is not None else 0
+        return ram + sum(c.nbytes for c in self._checkpoints if c is not None)
 
     def held(self, sid: int) -> List[int]:
         return list(self._held[sid])
@@ -162,6 +245,51 @@ class SlotCache:
         if best is None:  # llama-server: the least recently used (the later slot on a tie)
             best = min(reversed(list(free)), key=lambda sid: self._used[sid])
         return best
+
+    def _usable(self, tokens: Sequence[int], prompt: Sequence[int]) -> int:
+        """Prompt tokens a slot holding ``tokens`` (its state the one after them) could keep: the
+        common prefix, or on a recurrent target all of them when the prompt extends them."""
+        n = min(common_prefix(tokens, prompt), len(prompt) - 1)
+        if self._recurrent:
+            return len(tokens) if n == len(tokens) else 0
+        return n
+
+    def swap(self, sid: int, prompt: Sequence[int], target_ctx: Any, draft_ctx: Any,
+             catch_up: Callable[[int], None]) -> None:
+        """Host-memory cache, before slot ``sid`` takes ``prompt``: save what the slot holds if the
+        prompt would lose most of it (llama-server: under half kept), and bring back a saved slot
+        that gives the prompt more than the slot's own memory does. ``catch_up(sid)`` first puts the
+        drafter's deferred rows into the draft context, so the saved draft memory is whole. A
+        restore that fails leaves the slot empty (the prompt is then decoded in full), logged once."""
+        if self.ram is None:
+            return
+        held = self._held[sid]
+        keep = self._usable(held, prompt) if held else 0
+        saved, n = self.ram.best(prompt, lambda tokens: self._usable(tokens, prompt))
+        if held and (keep < len(held) / 2 or n > keep):
+            catch_up(sid)
+            if self.ram.put(SavedSlot(tuple(held), save_seq(target_ctx, sid),
+                                      save_seq(draft_ctx, sid) if draft_ctx is not None else b"")):
+                self.stats.ram_saves += 1
+        if saved is None or n <= keep:
+            return
+        self.ram.take(saved)
+        for ctx in (target_ctx, draft_ctx):
+            if ctx is not None:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sid, -1, -1)
+        self.forget(sid)
+        ok = restore_seq(target_ctx, saved.target, sid) and (
+            draft_ctx is None or restore_seq(draft_ctx, saved.draft, sid))
+        if not ok:
+            self.stats.ram_failures += 1
+            log.warning("slot %d: restoring a saved prompt of %d tokens failed; decoding the prompt in full",
+                        sid, len(saved.tokens))
+            for ctx in (target_ctx, draft_ctx):
+                if ctx is not None:
+                    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), sid, -1, -1)
+            return
+        self.stats.ram_restores += 1
+        self._held[sid] = list(saved.tokens)
 
     def take(self, sid: int, prompt: Sequence[int], reuse: bool = True, limit: Optional[int] = None) -> int:
         """A new sequence takes slot ``sid``: the prompt tokens its memory keeps (restoring a
@@ -193,6 +321,13 @@ class SlotCache:
         self._held[sid] = [int(t) for t in tokens]
         self.checkpoint(sid, tokens)
 
+    def forget_all(self) -> None:
+        """Nothing held anywhere can be vouched for any more (something else decoded on the target)."""
+        for sid in range(self.n_slots):
+            self.forget(sid)
+        if self.ram is not None:
+            self.ram.clear()
+
     def forget(self, sid: int) -> None:
         self._held[sid] = []
         if self._checkpoints[sid] is not None:
@@ -203,18 +338,18 @@ class SlotCache:
 
     def check(self, n_decoded: int) -> None:
         if self._sealed is not None and self._sealed != n_decoded:
-            for sid in range(self.n_slots):
-                self.forget(sid)
+            self.forget_all()
         self._sealed = None
 
 
 _CACHES: "weakref.WeakKeyDictionary[llama_cpp.Llama, SlotCache]" = weakref.WeakKeyDictionary()
 
 
-def slot_cache(target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8) -> SlotCache:
+def slot_cache(target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8, ram_bytes: int = 0) -> SlotCache:
     """The target's slot cache (one per target, so what one Engine or generate_many call left in
     the slots serves the next; a new shape starts an empty one)."""
     cache = _CACHES.get(target)
-    if cache is None or cache.n_slots != n_slots or cache.ctx_checkpoints != ctx_checkpoints:
-        cache = _CACHES[target] = SlotCache(target, n_slots, ctx_checkpoints)
+    budget = cache.ram.budget if cache is not None and cache.ram is not None else 0
+    if cache is None or (cache.n_slots, cache.ctx_checkpoints, budget) != (n_slots, ctx_checkpoints, ram_bytes):
+        cache = _CACHES[target] = SlotCache(target, n_slots, ctx_checkpoints, ram_bytes)
     return cache

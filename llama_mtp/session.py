@@ -383,6 +383,13 @@ class MtpSession:
             self._raise_for(self._lib.mtp_session_drafter_rows(handle, seq_id, upto, self._flag), seq_id)
             return int(self._flag[0])
 
+    def catch_up(self, seq_id: int) -> None:
+        """Decode seq_id's deferred catch-up rows on the draft context now, so its memory holds
+        every row the drafter has seen (before that memory is saved elsewhere)."""
+        self._check_seq(seq_id)
+        with self._call() as handle:
+            self._raise_for(self._lib.mtp_session_catch_up(handle, seq_id), seq_id)
+
     def pending(self, seq_id: int) -> bool:
         """Whether seq_id has a draft awaiting accept()."""
         self._check_seq(seq_id)

@@ -1116,6 +1116,17 @@ MTP_EXPORT int32_t mtp_session_drafter_rows(mtp_session * s, int32_t seq_id, int
     });
 }
 
+MTP_EXPORT int32_t mtp_session_catch_up(mtp_session * s, int32_t seq_id) {
+    return guarded([&] {
+        check_session(s);
+        std::lock_guard<std::mutex> lock(s->mu);
+        check_seq(s, seq_id);
+        if (!s->defer_catchup) return;
+        sync_deferred(s, seq_id, pos_max(s->tgt, seq_id) + 1);
+        decode_deferred(s, { seq_id });
+    });
+}
+
 MTP_EXPORT int32_t mtp_session_stats(mtp_session * s, mtp_stats * out,
                                      int64_t * drafted_per_pos, int64_t * accepted_per_pos, int32_t n_pos) {
     return guarded([&] {

@@ -175,7 +175,7 @@ def test_cached_tokens_in_usage_of_mtp_llama_and_the_server(tmp_path) -> None:
         llm.close()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
-    server = ServerProcess(path, tmp_path / "server.log", "--n_parallel", "2", "--n_ctx", "1024")
+    server = ServerProcess(path, tmp_path / "server.log", "--n_parallel", "2", "--n_ctx", "1024", "--cache_ram_mib", "16")
     try:
         server.wait_ready()
         client = server.client()
@@ -200,3 +200,45 @@ def test_cached_tokens_in_usage_of_mtp_llama_and_the_server(tmp_path) -> None:
         assert hits == 2 and cached == two.usage.prompt_tokens_details.cached_tokens + usage.prompt_tokens_details.cached_tokens
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("budget_mib", [64, 0])
+def test_more_conversations_than_slots_with_a_host_memory_cache(pair, budget_mib, monkeypatch) -> None:
+    """4 conversations taking turns over 2 slots: with a RAM cache an evicted conversation's slot is
+    saved and restored at its next turn (hits where the slots alone miss); outputs exact either way."""
+    path, target, draft = pair
+    convs = conversations(path, target, 4, turns=2)
+    cached: List[int] = []
+    with llama_mtp.Engine(target, draft, n_draft=3, cache_ram_mib=budget_mib) as engine:
+        for turn in range(2):
+            for conv in convs:
+                prompt, reply = conv[turn]
+                res = engine.submit(prompt, max_tokens=N).result()
+                assert res.tokens == reply
+                cached.append(res.stats.n_cached_tokens)
+        stats = engine._core.cache.stats
+    second = cached[len(convs):]
+    if budget_mib:
+        assert stats.ram_saves >= 4 and stats.ram_restores == 4 and stats.ram_failures == 0
+        assert all(n > 0 for n in second), second
+    else:
+        assert stats.ram_saves == stats.ram_restores == 0
+        # each slot was taken by another conversation meanwhile: at most a shared first token is kept
+        assert all(n <= 1 for n in second), second
+
+
+def test_a_failed_restore_decodes_the_prompt_in_full(pair, monkeypatch, caplog) -> None:
+    """llama.cpp refusing a saved state: one log line, the whole prompt decoded, output exact."""
+    from llama_mtp import prompt_cache
+
+    path, target, draft = pair
+    convs = conversations(path, target, 3, turns=2)
+    monkeypatch.setattr(prompt_cache, "restore_seq", lambda ctx, data, seq_id: False)
+    with llama_mtp.Engine(target, draft, n_draft=3, cache_ram_mib=64) as engine:
+        for conv in convs:
+            assert engine.submit(conv[0][0], max_tokens=N).result().tokens == conv[0][1]
+        res = engine.submit(convs[0][1][0], max_tokens=N).result()
+        stats = engine._core.cache.stats
+    assert res.tokens == convs[0][1][1] and res.stats.n_cached_tokens == 0
+    assert stats.ram_failures == 1
+    assert [r for r in caplog.records if "restoring a saved prompt" in r.getMessage()]

@@ -173,7 +173,7 @@ def load_backend(cfg: ServeConfig) -> Backend:
     try:
         handler = resolve_handler(target, cfg.model)
         engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting,
-                        ctx_checkpoints=cfg.mtp.ctx_checkpoints)
+                        ctx_checkpoints=cfg.mtp.ctx_checkpoints, cache_ram_mib=cfg.mtp.cache_ram_mib)
     except BaseException:
         draft.close()
         target.close()

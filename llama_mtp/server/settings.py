@@ -45,6 +45,10 @@ class MtpSettings(BaseSettings):
     ctx_checkpoints: int = Field(default=8, ge=0, description="Recurrent-state checkpoints kept per slot on "
                                  "hybrid/recurrent models (llama-server's --ctx-checkpoints), so a conversation's "
                                  "next turn resumes from its prefix; 0: none.")
+    cache_ram_mib: int = Field(default=0, ge=0, description="Host-memory cache for more conversations than slots "
+                               "(llama-server's --cache-ram), in MiB: a slot about to lose most of what it holds "
+                               "is saved there, and a prompt that extends a saved one gets it back instead of "
+                               "decoding it; 0: off.")
     draft_model_path: Optional[str] = Field(default=None, description="External MTP drafter GGUF for a --model "
                                             "without MTP heads (a gemma4-assistant for its gemma4 target); its "
                                             "context shares the model's KV.")
@@ -159,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "engine's). Without --model it serves a generated demo model.")
     add_args_from_model(parser, Settings)
     parser.add_argument("--config_file", type=str, help="Path to a config file to load (llama_cpp.server's format; "
-                        "one model; the engine's keys n_parallel, n_draft, n_draft_max, max_waiting, "
+                        "one model; the engine's keys n_parallel, n_draft, n_draft_max, max_waiting, ctx_checkpoints, "
+                        "cache_ram_mib, "
                         "draft_model_path may sit next to host/port).")
     for name, field in MtpSettings.model_fields.items():
         # n_draft takes 'auto' or an int: parsed by MtpSettings, not argparse
