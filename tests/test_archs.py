@@ -14,7 +14,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 from llama_mtp import testing as T  # noqa: E402
 from llama_mtp.testing.vocab import MERGES  # noqa: E402
-from test_testing_models import _MtpProbe, _greedy, _load  # noqa: E402  (tests/ is on sys.path)
+from test_testing_models import _MtpProbe, _load  # noqa: E402  (tests/ is on sys.path)
 
 N_GEN = 32
 # departures from pi along CONTEXT_TEST_PROMPT's 96-token greedy continuation (qwen35: 22)
@@ -40,7 +40,7 @@ def test_oracle_greedy_and_mtp_drafts(arch: str) -> None:
     path, info = T.cached_test_model_info(size="tiny", arch=arch, accept=0.5, h_miss_fraction=0.5)
     llm = _load(llama_cpp, path)
     prompt = llm.tokenize(b"Hello world", add_bos=False)
-    assert _greedy(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
+    assert _helpers.greedy_tokens(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
     llm.close()
     if not T.ARCHS[arch].has_mtp_heads:
         return  # drafted by a separate assistant model (its own tests)
@@ -85,7 +85,7 @@ def test_q4_k_m_follows_the_oracle(arch: str, no_extra_bufts, model_dir: pathlib
     assert path.stat().st_size < T.cached_test_model(size="tiny", arch=arch, accept=0.5, ftype="f16").stat().st_size
     llm = _load(llama_cpp, path)
     prompt = list(b"Hello world")
-    assert _greedy(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
+    assert _helpers.greedy_tokens(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
     llm.close()
 
 
@@ -258,7 +258,7 @@ def test_model_without_mtp_heads_names_the_arch(arch: str, tmp_path: pathlib.Pat
     plain = llama_cpp.Llama(str(stripped), **CTX)  # the trunk alone is an ordinary model
     prompt = list(b"Hello world")
     info = T.cached_test_model_info(size="tiny", arch=arch, accept=0.5)[1]
-    assert _greedy(plain, prompt, 16) == info.greedy_continuation(prompt[-1], 16)
+    assert _helpers.greedy_tokens(plain, prompt, 16) == info.greedy_continuation(prompt[-1], 16)
     plain.close()
 
 
