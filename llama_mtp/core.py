@@ -413,6 +413,7 @@ class StepEngine:
         # a recurrent target's slot cache checkpoints the state after each prompt's head (all but
         # its last token, which the first step decodes): so that last chunk decodes on its own
         self._checkpoints_prompts = cache is not None and self.rollback_cap is not None
+        self.n_ubatch = int(llama_cpp.llama_n_ubatch(self.ctx))
         self._rows = _Batch(self.n_batch)
         self.closed = False
 
@@ -614,7 +615,7 @@ class StepEngine:
             if not seq.prefilling:
                 continue
             start = seq.n_prefilled
-            chunk = seq.head[start: start + budget]
+            chunk = seq.head[start: self._chunk_end(seq, start, budget)]
             budget -= len(chunk)
             if start + len(chunk) == len(seq.head) and self.own_drafts and budget > 0 and not self._checkpoints_prompts:
                 seq.n_prefilled = len(seq.head)
@@ -628,7 +629,7 @@ class StepEngine:
         """prefill="separate": the whole prompt in n_batch chunks, before the next step."""
         while seq.prefilling:
             rec = StepRecord(t_start=time.perf_counter())
-            chunk = seq.head[seq.n_prefilled: seq.n_prefilled + self.n_batch]
+            chunk = seq.head[seq.n_prefilled: self._chunk_end(seq, seq.n_prefilled, self.n_batch)]
             rec.parts.append(Part(seq, chunk, seq.n_prefilled, verify=False))
             self._decode(rec)
             if not rec.decoded:
@@ -753,9 +754,26 @@ class StepEngine:
         if not rec.decoded:
             raise MtpError("the target has no room to re-decode accepted drafts after a checkpoint restore")
 
+    def _checkpoint_stops(self, seq: Sequence) -> Tuple[int, ...]:
+        """Prompt positions a recurrent target's slot cache checkpoints during the prefill, as
+        llama-server does: 4 + n_ubatch and 4 tokens before the prompt's end (a next turn's history
+        often diverges there: chat templates render a reply differently from its generation
+        prompt), besides the end of the head."""
+        if not self._checkpoints_prompts:
+            return ()
+        n = len(seq.tokens_prompt)
+        return tuple(p for p in (n - 4 - self.n_ubatch, n - 4) if 0 < p < len(seq.head))
+
+    def _chunk_end(self, seq: Sequence, start: int, budget: int) -> int:
+        """Where a prompt chunk from ``start`` ends: ``budget`` tokens on, or at a checkpoint stop."""
+        end = min(start + budget, len(seq.head))
+        return min([p for p in self._checkpoint_stops(seq) if start < p < end] + [end])
+
     def _prefilled(self, p: Part) -> None:
         seq = p.seq
         seq.n_prefilled += len(p.tokens)
+        if seq.n_prefilled in self._checkpoint_stops(seq):
+            self.cache.checkpoint(seq.seq_id, seq.head[: seq.n_prefilled])  # type: ignore[union-attr]
         if not seq.prefilling:
             if self.cache is not None:
                 self.cache.checkpoint(seq.seq_id, seq.head)  # the end of the prompt's prefill

@@ -14,6 +14,7 @@ import pytest
 
 import llama_mtp
 from llama_mtp import testing as T
+from llama_mtp.checkpoint import rollback_capacity
 from llama_mtp.prompt_cache import SlotCache
 
 import _helpers
@@ -242,3 +243,22 @@ def test_a_failed_restore_decodes_the_prompt_in_full(pair, monkeypatch, caplog) 
     assert res.tokens == convs[0][1][1] and res.stats.n_cached_tokens == 0
     assert stats.ram_failures == 1
     assert [r for r in caplog.records if "restoring a saved prompt" in r.getMessage()]
+
+
+def test_a_next_turn_that_rewrites_the_prompts_end_reuses_a_checkpoint_before_it(pair) -> None:
+    """Chat templates render a reply in the history differently from its generation prompt, so the
+    next turn diverges a few tokens before the previous prompt's end. A recurrent target keeps
+    checkpoints 4 and 4 + n_ubatch tokens before each prompt's end (llama-server's offsets): the
+    next turn resumes from there, exactly."""
+    path, target, draft = pair
+    base = _helpers.tokenize(target, "Once upon a time there was a king who ruled the land of the far north")
+    with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+        r1 = engine.submit(base, max_tokens=N).result()
+        diverging = base[:-3] + _helpers.tokenize(target, " a queen and so on")
+        r2 = engine.submit(diverging, max_tokens=N).result()
+    assert r1.tokens == reference(path, base) and r2.tokens == reference(path, diverging)
+    common = len(base) - 3
+    if rollback_capacity(target) is not None:
+        assert r2.stats.n_cached_tokens == len(base) - 4  # the checkpoint 4 tokens before the end
+    else:
+        assert r2.stats.n_cached_tokens == common  # an attention-only target trims its KV anywhere
