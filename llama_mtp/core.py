@@ -503,7 +503,16 @@ class StepEngine:
             # the drafter's rows need the target's hidden states, which only a target decode makes:
             # past what the drafter can continue from (its context's rows and this session's
             # deferred ones: none after a forget, or of another session's) the target re-decodes
-            limit = self.session.drafter_rows(sid, len(self.cache.held(sid)))
+            held = len(self.cache.held(sid))
+            limit = self.session.drafter_rows(sid, held)
+            if limit < held and self.own_drafts:
+                # the draft context cannot continue the held prefix (its memory restarted after a
+                # forget, or another session's deferred rows are gone): rather than re-decode the
+                # target, drop the drafter's history of this slot, as a long plain run does
+                # (forget): its drafts see a shorter past, the output stays exact. At least one
+                # prompt token is decoded again, so the emptied memory restarts from a processed row
+                self.session.forget(sid, 0)
+                limit = min(self.session.drafter_rows(sid, held), len(prompt) - 2)
         return sid, self.cache.take(sid, prompt, params.cache_prompt, limit)
 
     def cancel(self, seq: Sequence) -> None:
