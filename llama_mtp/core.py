@@ -764,14 +764,15 @@ class StepEngine:
             raise MtpError("the target has no room to re-decode accepted drafts after a checkpoint restore")
 
     def _checkpoint_stops(self, seq: Sequence) -> Tuple[int, ...]:
-        """Prompt positions a recurrent target's slot cache checkpoints during the prefill, as
-        llama-server does: 4 + n_ubatch and 4 tokens before the prompt's end (a next turn's history
+        """Prompt positions a recurrent target's slot cache checkpoints during the prefill: 4 +
+        n_ubatch and 4 tokens before the prompt's end, as llama-server does (a next turn's history
         often diverges there: chat templates render a reply differently from its generation
-        prompt), besides the end of the head."""
+        prompt), and 16 before it (a generation prompt ending in a thinking-block opener spans
+        more than 4 tokens on a vocabulary without a <think> token); besides the end of the head."""
         if not self._checkpoints_prompts:
             return ()
         n = len(seq.tokens_prompt)
-        return tuple(p for p in (n - 4 - self.n_ubatch, n - 4) if 0 < p < len(seq.head))
+        return tuple(p for p in (n - 4 - self.n_ubatch, n - 16, n - 4) if 0 < p < len(seq.head))
 
     def _chunk_end(self, seq: Sequence, start: int, budget: int) -> int:
         """Where a prompt chunk from ``start`` ends: ``budget`` tokens on, or at a checkpoint stop."""

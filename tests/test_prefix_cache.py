@@ -248,8 +248,8 @@ def test_a_failed_restore_decodes_the_prompt_in_full(pair, monkeypatch, caplog) 
 def test_a_next_turn_that_rewrites_the_prompts_end_reuses_a_checkpoint_before_it(pair) -> None:
     """Chat templates render a reply in the history differently from its generation prompt, so the
     next turn diverges a few tokens before the previous prompt's end. A recurrent target keeps
-    checkpoints 4 and 4 + n_ubatch tokens before each prompt's end (llama-server's offsets): the
-    next turn resumes from there, exactly."""
+    checkpoints 4, 16 and 4 + n_ubatch tokens before each prompt's end (llama-server's offsets and
+    one for a longer generation-prompt tail): the next turn resumes from the latest usable, exactly."""
     path, target, draft = pair
     base = _helpers.tokenize(target, "Once upon a time there was a king who ruled the land of the far north")
     with llama_mtp.Engine(target, draft, n_draft=3) as engine:
@@ -257,6 +257,7 @@ def test_a_next_turn_that_rewrites_the_prompts_end_reuses_a_checkpoint_before_it
         diverging = base[:-3] + _helpers.tokenize(target, " a queen and so on")
         r2 = engine.submit(diverging, max_tokens=N).result()
     assert r1.tokens == reference(path, base) and r2.tokens == reference(path, diverging)
+    assert len(base) > 16  # so that the 16-before-the-end checkpoint exists, and is not the one used
     common = len(base) - 3
     if rollback_capacity(target) is not None:
         assert r2.stats.n_cached_tokens == len(base) - 4  # the checkpoint 4 tokens before the end
