@@ -196,8 +196,9 @@ class SlotCache:
     The choice is llama-server's (tools/server ``get_available_slot``): the free slot whose held
     tokens share the longest prefix with the prompt, if that prefix is more than ``SIMILARITY`` of
     the prompt; else the least recently used free slot. Hybrid/recurrent targets keep up to
-    ``ctx_checkpoints`` recurrent-state checkpoints per slot (the end of each prompt and of each
-    generation), as llama-server's ``--ctx-checkpoints``.
+    ``ctx_checkpoints`` recurrent-state checkpoints per slot (4, 16 and 4 + n_ubatch tokens before
+    each prompt's end, the end of its head, the end of each generation; StepEngine decides where),
+    as llama-server's ``--ctx-checkpoints``.
 
     The cache is only right while nothing else decodes on the target: ``seal`` records llama.cpp's
     decode counter when its owner stops using it, ``check`` forgets every slot if it moved since.
