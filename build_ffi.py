@@ -36,18 +36,25 @@ from dataclasses import dataclass
 
 HERE = pathlib.Path(__file__).resolve().parent
 CDEF_NAME = "mtp_cdef.h"
-SHIM_SOURCE = pathlib.Path("shim") / "mtp_shim.cpp"
+# the shim: the speculative surface, the chat surface, and the failure convention both use
+SHIM_SOURCES = tuple(pathlib.Path("shim") / name for name in ("mtp_shim.cpp", "mtp_chat.cpp"))
+SHIM_HEADERS = (pathlib.Path("shim") / "mtp_guard.h",)
 FFI_MODULE = "_llama_mtp_cffi"
 LIB_NAME = "libllama_mtp.so"
-BUILD_FORMAT = 2  # bump when the build recipe changes
+BUILD_FORMAT = 3  # bump when the build recipe changes
 # llama-cpp-python versions the shim is tested against (pyproject.toml pins the same range)
 TESTED_LLAMA_CPP_PYTHON = ("0.3.36",)
 
-# upstream common/ files the MTP drafter needs (checked to link with --no-undefined)
+# upstream common/ files the MTP drafter and the chat surface need (checked to link with
+# --no-undefined); plus every specialised chat parser in common/parsers/
 COMMON_SOURCES = (
     "speculative", "sampling", "common", "log", "ngram-cache", "ngram-map", "ngram-mod",
     "fit", "json", "reasoning-budget", "unicode", "trie",
+    "chat", "chat-auto-parser-generator", "chat-auto-parser-helpers", "chat-diff-analyzer", "chat-peg-parser",
+    "peg-parser", "json-schema-to-grammar", "json-schema",
+    "jinja/lexer", "jinja/parser", "jinja/runtime", "jinja/value", "jinja/string", "jinja/caps",
 )
+COMMON_GLOBS = ("parsers/*.cpp",)
 
 
 class BuildError(RuntimeError):
@@ -71,9 +78,10 @@ class Installed:
 def sources_root() -> pathlib.Path:
     """Where mtp_cdef.h and shim/ live: the repo root, or the installed copy."""
     for root in (HERE, HERE / "llama_mtp" / "_native"):
-        if (root / CDEF_NAME).is_file() and (root / SHIM_SOURCE).is_file():
+        if (root / CDEF_NAME).is_file() and all((root / src).is_file() for src in SHIM_SOURCES + SHIM_HEADERS):
             return root
-    raise BuildError(f"shim sources not found next to {__file__} (expected {CDEF_NAME} and {SHIM_SOURCE})")
+    raise BuildError(f"shim sources not found next to {__file__} (expected {CDEF_NAME} and "
+                     f"{', '.join(map(str, SHIM_SOURCES + SHIM_HEADERS))})")
 
 
 def read_cdef() -> str:
@@ -132,7 +140,8 @@ def build_key(inst: Installed) -> str:
         "llama_cpp_python": inst.version,
         "llama_h": _sha256(inst.include_dir / "llama.h"),
         "libllama": _sha256(inst.libllama),
-        "ours": _sha256(root / CDEF_NAME, root / SHIM_SOURCE, pathlib.Path(__file__).resolve()),
+        "ours": _sha256(root / CDEF_NAME, *(root / src for src in SHIM_SOURCES + SHIM_HEADERS),
+                        pathlib.Path(__file__).resolve()),
         "sanitize": os.environ.get("LLAMA_MTP_SANITIZE", ""),
     }
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
@@ -221,6 +230,21 @@ def _compile(cxx: str, flags: list[str], src: pathlib.Path, obj: pathlib.Path) -
         raise _CompileFailed(src, proc.stderr)
 
 
+def _compile_upstream(cxx: str, flags: list[str], tree: pathlib.Path, src: pathlib.Path, obj: pathlib.Path) -> None:
+    """Compile one upstream common/ file, reusing an object compiled before from the same file,
+    tree headers and flags: a shim change then recompiles only the shim (upstream's chat and
+    speculative code take minutes on 2 cores)."""
+    headers = sorted((tree / "common").rglob("*.h")) + [tree / "include" / "llama.h"]
+    key = hashlib.sha256(json.dumps([cxx, flags, str(src.relative_to(tree)), _sha256(src, *headers)]).encode())
+    cached = cache_root() / "objects" / f"{key.hexdigest()[:24]}.o"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        _compile(cxx, flags, src, tmp)
+        tmp.replace(cached)  # atomic: a half-written object is never reused
+    shutil.copyfile(cached, obj)
+
+
 def _compile_error(inst: Installed, failed: _CompileFailed, log: pathlib.Path) -> BuildError:
     """One line: an untested llama-cpp-python is named as such; the compiler output goes to a log."""
     log.write_text(failed.stderr)
@@ -245,7 +269,7 @@ def build(force: bool = False, quiet: bool = False) -> pathlib.Path:
     tree = find_sources(inst)
     t0 = time.monotonic()
     if not quiet:
-        print(f"llama_mtp: building the MTP shim for llama-cpp-python {inst.version} (one-off, ~30 s)...",
+        print(f"llama_mtp: building the MTP shim for llama-cpp-python {inst.version} (one-off, ~3 min on 2 cores)...",
               file=sys.stderr, flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
@@ -263,12 +287,22 @@ def build(force: bool = False, quiet: bool = False) -> pathlib.Path:
                  f"-I{tree / 'common'}", f"-I{inst.include_dir}", f"-I{tree / 'vendor'}"]
         if sanitize:
             flags += [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
-        sources = [tree / "common" / f"{name}.cpp" for name in COMMON_SOURCES]
-        sources += [build_info, sources_root() / SHIM_SOURCE]
-        objects = [work / f"{i:02d}-{src.stem}.o" for i, src in enumerate(sources)]
+        upstream = [tree / "common" / f"{name}.cpp" for name in COMMON_SOURCES]
+        upstream += sorted(p for pattern in COMMON_GLOBS for p in (tree / "common").glob(pattern))
+        ours = [build_info, *(sources_root() / src for src in SHIM_SOURCES)]
+        objects = [work / f"{i:02d}-{src.stem}.o" for i, src in enumerate(upstream + ours)]
+
+        def compile_one(i: int) -> None:
+            src, obj = (upstream + ours)[i], objects[i]
+            if i < len(upstream):
+                _compile_upstream(cxx, flags, tree, src, obj)
+            else:
+                _compile(cxx, flags, src, obj)
+
         try:
             with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-                list(pool.map(lambda so: _compile(cxx, flags, *so), zip(sources, objects)))
+                # the biggest files first: the pool's tail is then short ones
+                list(pool.map(compile_one, sorted(range(len(objects)), key=lambda i: -(upstream + ours)[i].stat().st_size)))
         except _CompileFailed as failed:
             raise _compile_error(inst, failed, out.parent / f"{out.name}.compile-error.log") from None
         lib = work / LIB_NAME

@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 9
+#define MTP_ABI_VERSION 10
 
 struct llama_context;
 struct llama_batch;
@@ -163,3 +163,46 @@ int32_t mtp_session_catch_up(mtp_session * s, int32_t seq_id);
  * tokens / accept calls with more than i accepted, for i < n_pos (may be NULL). */
 int32_t mtp_session_stats(mtp_session * s, mtp_stats * out,
                           int64_t * drafted_per_pos, int64_t * accepted_per_pos, int32_t n_pos);
+
+/* ---- chat: upstream common/chat.cpp, as llama-server uses it (shim/mtp_chat.cpp) ----------
+ * JSON in, JSON out; every char ** result is malloc'ed and released with mtp_string_free.
+ * Errors in a request (a bad message list, tools, tool_choice, a template's raise_exception)
+ * return MTP_ERR_ARG with the message upstream gives. */
+struct llama_model;
+typedef struct mtp_chat_templates mtp_chat_templates;
+typedef struct mtp_chat_stream mtp_chat_stream;
+
+/* The model's chat templates as llama-server loads them: the GGUF's tokenizer.chat_template
+ * (and its tool_use variant), or override_template when not NULL/empty. */
+int32_t mtp_chat_templates_init(const struct llama_model * model, const char * override_template,
+                                mtp_chat_templates ** out);
+void    mtp_chat_templates_free(mtp_chat_templates * t);
+/* {"source", "tool_use_source", "explicit", "supports_thinking", "caps": {name: bool}} */
+int32_t mtp_chat_templates_info(mtp_chat_templates * t, char ** out_json);
+/* An OpenAI chat body -> {"prompt", "format", "format_id", "grammar", "grammar_lazy", "grammar_type",
+ * "grammar_triggers": [{"type", "value", "token"}], "preserved_tokens", "additional_stops",
+ * "generation_prompt", "supports_thinking", "thinking_start_tag", "thinking_end_tags", "parser",
+ * "parse_tool_calls", "reasoning_format", "is_continuation", "enable_thinking"}.
+ * options_json (may be NULL): server defaults {"reasoning_format", "enable_thinking",
+ * "prefill_assistant", "chat_template_kwargs": {name: JSON text}}. */
+int32_t mtp_chat_apply(mtp_chat_templates * t, const char * body_json, const char * options_json, char ** out_json);
+/* A parser over one reply: params_json = mtp_chat_apply's result plus "stream" (bool). */
+int32_t mtp_chat_stream_new(const char * params_json, mtp_chat_stream ** out);
+void    mtp_chat_stream_free(mtp_chat_stream * s);
+/* Add n_text bytes of generated text (is_partial = 0 on the last call) -> {"message": OpenAI
+ * message so far, "diffs": [OpenAI deltas since the last call], "n_tool_calls", "parse_error":
+ * null or why a final text that broke its format came back as plain content}. */
+int32_t mtp_chat_stream_update(mtp_chat_stream * s, const char * text, size_t n_text, int32_t is_partial,
+                               char ** out_json);
+void    mtp_string_free(char * s);
+
+/* llama-server's grammar sampler for a chat template's grammar (common_sampler_init): lazy
+ * (waiting for one of the trigger regex patterns or tokens) or eager, with the generation
+ * prompt's tokens accepted first (prefill). The caller owns *out (llama_sampler_free, or a
+ * sampler chain it is added to). A grammar that does not parse, or a prefill it refuses,
+ * returns MTP_ERR_ARG and no sampler. */
+struct llama_vocab;
+struct llama_sampler;
+int32_t mtp_grammar_sampler_new(const struct llama_vocab * vocab, const char * grammar, int32_t lazy,
+                                const char ** patterns, int32_t n_patterns, const int32_t * tokens, int32_t n_tokens,
+                                const int32_t * prefill, int32_t n_prefill, struct llama_sampler ** out);

@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).resolve().parent
-NATIVE_FILES = ("mtp_cdef.h", "build_ffi.py", "shim/mtp_shim.cpp")
+NATIVE_FILES = ("mtp_cdef.h", "build_ffi.py", "shim/mtp_shim.cpp", "shim/mtp_chat.cpp", "shim/mtp_guard.h")
 
 
 class BuildPyWithShimSources(build_py):

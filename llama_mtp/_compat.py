@@ -23,7 +23,7 @@ import contextlib
 import ctypes
 import importlib.metadata
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
 from llama_cpp import _internals
@@ -87,6 +87,14 @@ def native_context(obj: Union[llama_cpp.Llama, _internals.LlamaContext]) -> Any:
 def model_ptr(llm: llama_cpp.Llama) -> Any:
     """The native llama_model of a Llama."""
     return llm._model.model
+
+
+def model_address(llm: llama_cpp.Llama) -> int:
+    """The native llama_model of a Llama, as an address (for the shim); refuses a freed model."""
+    address = _address(llm._model.model) if llm._model is not None else None
+    if not address:
+        raise SessionClosedError("the model has been freed (was the Llama closed?)")
+    return address
 
 
 def vocab_ptr(llm: llama_cpp.Llama) -> Any:
@@ -155,7 +163,29 @@ def init_sampler(llm: llama_cpp.Llama, sampling: Dict[str, Any], seed: Optional[
     """
     if seed is not None:
         llm.set_seed(seed)
-    return llm._init_sampler(**sampling)
+    return _sampler_chain(llm, llama_cpp.Llama._init_sampler, sampling)
+
+
+def _sampler_chain(llm: llama_cpp.Llama, init: Callable[..., _internals.LlamaSampler],
+                   sampling: Dict[str, Any]) -> _internals.LlamaSampler:
+    """``Llama._init_sampler``'s chain; a grammar that builds its own sampler (a chat template's
+    lazy or prefilled tool-call grammar, :class:`llama_mtp.chat_templates.ToolGrammar`) takes the
+    place llama-cpp-python gives a grammar: right after the penalties, before the chain's choice."""
+    grammar = sampling.get("grammar")
+    make = getattr(grammar, "make_sampler", None)
+    if make is None:
+        return init(llm, **sampling)
+    chain = init(llm, **dict(sampling, grammar=None))
+    if chain.custom_samplers:  # a logits processor sits first: the penalties' index moves
+        chain.close()
+        raise MtpArgumentError("a chat template's tool-call grammar cannot be combined with logits processors")
+    native = chain.sampler
+    rest = [llama_cpp.llama_sampler_chain_remove(native, 1) for _ in range(llama_cpp.llama_sampler_chain_n(native) - 1)]
+    grammar_sampler = ctypes.cast(ctypes.c_void_p(make(_address(llm._model.vocab))), llama_cpp.llama_sampler_p_ctypes)
+    llama_cpp.llama_sampler_chain_add(native, grammar_sampler)
+    for sampler in rest:
+        llama_cpp.llama_sampler_chain_add(native, sampler)
+    return chain
 
 
 def token_data_array(n_vocab: int) -> _internals.LlamaTokenDataArray:
@@ -260,9 +290,28 @@ class PieceTokenizer(LlamaTokenizer):
     def __init__(self, llama: llama_cpp.Llama) -> None:
         super().__init__(llama)
         self.pieces = pieces_of_model(self._model)
+        # tokens rendered as text even when they are control tokens (see rendering_special)
+        self.special_ids: FrozenSet[int] = frozenset()
 
     def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
-        return self.pieces.detokenize(tokens, special=special)
+        return self.pieces.detokenize(tokens, special=special, special_ids=self.special_ids)
+
+
+@contextlib.contextmanager
+def rendering_special(llm: llama_cpp.Llama, special_ids: FrozenSet[int]) -> Iterator[None]:
+    """Within the block, ``llm``'s own completion text renders ``special_ids`` (a chat template's
+    preserved tokens: tool-call and thinking markers its parser needs to see)."""
+    tok = llm.tokenizer_
+    if not isinstance(tok, PieceTokenizer):
+        if special_ids:
+            raise MtpArgumentError("this Llama's tokenizer cannot render the chat template's preserved tokens")
+        yield
+        return
+    saved, tok.special_ids = tok.special_ids, frozenset(special_ids)
+    try:
+        yield
+    finally:
+        tok.special_ids = saved
 
 
 def pieces_of_model(model: _internals.LlamaModel) -> Pieces:
@@ -292,16 +341,27 @@ def install_piece_tokenizer(llm: llama_cpp.Llama) -> None:
                            f"{llama_cpp_python_version()}; supported: llama-cpp-python{SUPPORTED_RANGE}")
 
 
-def detokenizer(llm: llama_cpp.Llama) -> Detokenizer:
+def detokenizer(llm: llama_cpp.Llama, special_ids: FrozenSet[int] = frozenset()) -> Detokenizer:
     """How every llama_mtp output path turns a Llama's tokens into bytes: llama.cpp's whole
     pieces for llama.cpp's tokenizer (on any Llama, ours or not), else the Llama's own
-    tokenizer (one the user supplied, e.g. a Hugging Face one, which needs the previous tokens)."""
+    tokenizer (one the user supplied, e.g. a Hugging Face one, which needs the previous tokens).
+    ``special_ids``: tokens rendered even when they are control tokens (a chat template's
+    preserved tokens)."""
     tok = llm.tokenizer_
     if isinstance(tok, PieceTokenizer):
-        return as_detokenizer(tok.pieces)
+        return as_detokenizer(tok.pieces, special_ids)
     if type(tok) is LlamaTokenizer:
-        return as_detokenizer(pieces_of_model(llm._model))
+        return as_detokenizer(pieces_of_model(llm._model), special_ids)
+    if special_ids:
+        raise MtpArgumentError("this Llama's tokenizer cannot render the chat template's preserved tokens")
     return lambda tokens, prev_tokens=None: llm.detokenize(tokens, prev_tokens=prev_tokens)
+
+
+def chat_logprobs(completion_logprobs: Any) -> Any:
+    """A completion's logprobs in the chat shape llama-cpp-python's chat handlers give them."""
+    from llama_cpp import llama_chat_format
+
+    return llama_chat_format._convert_text_completion_logprobs_to_chat(completion_logprobs)
 
 
 # ------------------------------------------------------------------ create_completion
@@ -352,6 +412,13 @@ class CompletionMaxTokens(llama_cpp.Llama):
     ``_create_completion`` is a generator in both modes: the cap is set at its first step,
     right before llama-cpp-python's own body calls generate(), which takes it.
     """
+
+    def _init_sampler(self, *args: Any, **kwargs: Any) -> _internals.LlamaSampler:
+        # llama-cpp-python's own decode paths (MtpLlama's plain fallbacks) build their chains here:
+        # a chat template's tool-call grammar goes in as init_sampler puts it
+        if args:
+            raise TypeError("_init_sampler takes keyword arguments only")
+        return _sampler_chain(self, llama_cpp.Llama._init_sampler, kwargs)
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
         cap = CompletionCap(kwargs.get("max_tokens"), _eog_token(self))

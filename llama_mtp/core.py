@@ -32,7 +32,7 @@ import random
 import time
 import weakref
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence as Seq, Tuple, Union
+from typing import Any, Collection, Dict, FrozenSet, List, Optional, Sequence as Seq, Tuple, Union
 
 import llama_cpp
 
@@ -70,6 +70,7 @@ class SequenceParams:
     logprobs: Optional[int] = None      # top-n logprobs per token (plain decoding)
     raw: bool = False                   # commit every token (no EOG/stop/max_tokens): Llama.generate's contract
     cache_prompt: bool = True           # reuse what a slot's memory holds (llama-server's cache_prompt)
+    special_ids: FrozenSet[int] = frozenset()  # rendered in the text even if control tokens (chat templates' preserved)
 
 
 def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
@@ -79,7 +80,8 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                     logit_bias: Optional[Dict[int, float]] = None, logprobs: Optional[int] = None,
                     n_draft: Optional[NDraft] = None, verify: str = "match", mirostat_mode: int = 0,
                     mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, tfs_z: float = 1.0,
-                    penalize_nl: bool = True, raw: bool = False, cache_prompt: bool = True) -> SequenceParams:
+                    penalize_nl: bool = True, raw: bool = False, cache_prompt: bool = True,
+                    special_ids: Collection[int] = frozenset()) -> SequenceParams:
     """Validate one sequence's settings (llama-cpp-python's names and defaults for sampling)."""
     integer("max_tokens", max_tokens, 1)
     temp = number("temperature", temperature, 0.0)
@@ -113,7 +115,7 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                     mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl, grammar=grammar)
     return SequenceParams(sampling=sampling, max_tokens=max_tokens, seed=seed, stop=stops, n_draft=n_draft,
                           verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw,
-                          cache_prompt=cache_prompt)
+                          cache_prompt=cache_prompt, special_ids=frozenset(int(t) for t in special_ids))
 
 
 
@@ -186,7 +188,8 @@ class Sequence:
         k_hist = max(engine.k_max, self.k_fixed)
         self.stats = GenerationStats(n_prompt_tokens=len(prompt_tokens), drafted_per_pos=[0] * k_hist,
                                      accepted_per_pos=[0] * k_hist, draft_len_hist=[0] * (k_hist + 1))
-        self.text = TextAssembler(engine.detokenize, prompt_tokens, params.stop)
+        detokenize = _compat.detokenizer(target, params.special_ids) if params.special_ids else engine.detokenize
+        self.text = TextAssembler(detokenize, prompt_tokens, params.stop)
         self.t_added = time.perf_counter()
         self.t_gen = 0.0
         self.idle = 1  # deferred catch-up rows since its last draft (the draft context's backlog)

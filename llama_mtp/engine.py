@@ -24,7 +24,7 @@ import queue
 import random
 import threading
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional, Tuple, Union
+from typing import Any, Collection, Deque, Iterator, List, Optional, Tuple, Union
 
 import llama_cpp
 
@@ -178,7 +178,7 @@ class Engine:
                frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: Optional[int] = None,
                stop: Any = None, grammar: Any = None, logit_bias: Any = None, logprobs: Optional[int] = None,
                n_draft: Optional[NDraft] = None, verify: Optional[str] = None,
-               cache_prompt: bool = True) -> RequestHandle:
+               cache_prompt: bool = True, special_ids: Collection[int] = frozenset()) -> RequestHandle:
         """Queue a generation; returns its handle at once.
 
         Raises MtpArgumentError for bad input (an empty or too long prompt, a bad
@@ -193,7 +193,8 @@ class Engine:
                                  min_p=min_p, typical_p=typical_p, repeat_penalty=repeat_penalty,
                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
                                  stop=stop, grammar=grammar, logit_bias=logit_bias, logprobs=logprobs,
-                                 n_draft=n_draft, verify=verify or self.verify, cache_prompt=cache_prompt)
+                                 n_draft=n_draft, verify=verify or self.verify, cache_prompt=cache_prompt,
+                                 special_ids=special_ids)
         tokens = tokenize_prompt(self.target, prompt)  # the vocabulary is read-only: any thread may
         self._core.check_request(tokens, params)  # touches no context: safe off the worker thread
         self._core.drafter.check_verify(params.verify)

@@ -9,11 +9,13 @@ the speculative loop, with the very sampler chain llama-cpp-python builds.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
 
 from . import _compat
+from .chat_completion import create_chat_completion
+from .chat_templates import ChatTemplates, uses_llama_cpp_templates
 from .checkpoint import rollback_capacity
 from .checks import NDraft, n_draft as check_n_draft
 from .core import sequence_params
@@ -85,6 +87,10 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         # fallbacks and load_state() change the target only
         self._mtp_tokens: List[int] = []
         self._recurrent = rollback_capacity(self) is not None
+        # llama.cpp's chat templates (tool calls, reasoning) unless a llama-cpp-python chat format was named
+        self.mtp_chat_templates: Optional[ChatTemplates] = None
+        if uses_llama_cpp_templates(self, llama_kwargs.get("chat_format"), llama_kwargs.get("chat_handler")):
+            self.mtp_chat_templates = ChatTemplates(self)
 
     @property
     def mtp_draft_mode(self) -> DraftMode:
@@ -210,6 +216,61 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         if isinstance(result, dict):
             _add_prediction_usage(result, self.last_mtp_stats)
         return result
+
+    def create_chat_completion(self, messages: List[Dict[str, Any]], *args: Any, **kwargs: Any) -> Any:
+        """llama-cpp-python's ``create_chat_completion``; for a GGUF with a chat template (and no
+        ``chat_format``/``chat_handler`` named at construction) formatted and parsed by llama.cpp's
+        own chat code as llama-server does it: ``message.tool_calls`` with ``finish_reason:
+        "tool_calls"``, ``message.reasoning_content``, streamed as OpenAI deltas.
+
+        Keywords beyond llama-cpp-python's (template ones, as llama-server reads them):
+        ``parallel_tool_calls``, ``chat_template_kwargs`` (e.g. ``{"enable_thinking": False}``),
+        ``reasoning_format``, ``reasoning_effort``, ``add_generation_prompt``.
+        ``functions``/``function_call`` (OpenAI's legacy form) and ``logits_processor`` keep
+        llama-cpp-python's own handler path.
+        """
+        if args:
+            raise TypeError("create_chat_completion takes messages and keyword arguments")
+        legacy = any(kwargs.get(k) is not None for k in ("functions", "function_call", "logits_processor"))
+        if self.mtp_chat_templates is None or legacy:
+            template_only = sorted(k for k in _TEMPLATE_KEYWORDS if kwargs.get(k) is not None)
+            if template_only:
+                raise MtpArgumentError(f"{', '.join(template_only)} need llama.cpp's chat templates, which this "
+                                       "call does not use (a chat_format was named, or functions/function_call)")
+            return super().create_chat_completion(messages, **{k: v for k, v in kwargs.items() if k not in _TEMPLATE_KEYWORDS})
+        body: Dict[str, Any] = {"messages": messages}
+        for key in ("tools", "tool_choice", "response_format", *_TEMPLATE_KEYWORDS):
+            if kwargs.get(key) is not None:
+                body[key] = kwargs.pop(key)
+        grammar = kwargs.pop("grammar", None)
+        if grammar is not None:
+            body["grammar"] = grammar._grammar if isinstance(grammar, llama_cpp.LlamaGrammar) else str(grammar)
+        if kwargs.pop("logprobs", None):
+            kwargs["logprobs"] = kwargs.pop("top_logprobs", None) or 0
+        kwargs.pop("top_logprobs", None)
+        kwargs.setdefault("temperature", 0.2)  # llama-cpp-python's chat default
+        stream = bool(kwargs.pop("stream", False))
+        model = kwargs.pop("model", None) or self.model_path
+        return create_chat_completion(self.mtp_chat_templates, self, self._templated_completion, body,
+                                      model=model, stream=stream, **kwargs)
+
+    def _templated_completion(self, prompt: str, *, stream: bool, special_ids: FrozenSet[int],
+                              **kwargs: Any) -> Any:
+        """create_completion with the chat template's preserved tokens rendered in the text."""
+        if not stream:
+            with _compat.rendering_special(self, special_ids):
+                return self.create_completion(prompt, stream=False, **kwargs)
+
+        def chunks() -> Iterator[Any]:
+            with _compat.rendering_special(self, special_ids):
+                yield from self.create_completion(prompt, stream=True, **kwargs)
+
+        return chunks()
+
+
+# create_chat_completion keywords only llama.cpp's templates read
+_TEMPLATE_KEYWORDS = ("parallel_tool_calls", "chat_template_kwargs", "reasoning_format", "reasoning_effort",
+                      "add_generation_prompt")
 
 
 def _add_prediction_usage(result: dict, stats: Optional[GenerationStats]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
@@ -71,9 +71,13 @@ class Pieces:
     def evict(self, token: int, special: bool = False) -> None:
         self._cache.pop((int(token), bool(special)), None)
 
-    def detokenize(self, tokens: Sequence[int], special: bool = False) -> bytes:
-        """llama-cpp-python's ``LlamaModel.detokenize``, with every piece whole."""
-        out = b"".join(self.piece(t, special) for t in tokens)
+    def detokenize(self, tokens: Sequence[int], special: bool = False, special_ids: FrozenSet[int] = frozenset()) -> bytes:
+        """llama-cpp-python's ``LlamaModel.detokenize``, with every piece whole (``special_ids``:
+        tokens rendered as if ``special`` were set, as llama-server renders preserved tokens)."""
+        if special_ids and not special:
+            out = b"".join(self.piece(t, t in special_ids) for t in tokens)
+        else:
+            out = b"".join(self.piece(t, special) for t in tokens)
         if tokens and out[:1] == b" " and int(tokens[0]) == self.bos():
             return out[1:]
         return out
@@ -86,10 +90,10 @@ class Pieces:
 Detokenizer = Callable[[List[int], Optional[List[int]]], bytes]
 
 
-def as_detokenizer(pieces: Pieces) -> Detokenizer:
+def as_detokenizer(pieces: Pieces, special_ids: FrozenSet[int] = frozenset()) -> Detokenizer:
     """``pieces`` as a (tokens, prev_tokens) detokenizer: llama.cpp's pieces need no context."""
 
     def detokenize(tokens: List[int], prev_tokens: Optional[List[int]] = None) -> bytes:
-        return pieces.detokenize(tokens)
+        return pieces.detokenize(tokens, special_ids=special_ids)
 
     return detokenize

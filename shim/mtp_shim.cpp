@@ -9,6 +9,7 @@
 #include "common.h"
 #include "speculative.h"
 #include "build-info.h"
+#include "mtp_guard.h"
 
 #include <algorithm>
 #include <chrono>
@@ -25,15 +26,6 @@
 #include <string>
 #include <vector>
 
-extern "C" {
-#include "../mtp_cdef.h"
-}
-
-#if defined(_WIN32)
-#define MTP_EXPORT extern "C" __declspec(dllexport)
-#else
-#define MTP_EXPORT extern "C" __attribute__((visibility("default")))
-#endif
 
 // staging API of src/llama-ext.h (not installed; exported by libllama)
 LLAMA_API void llama_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
@@ -43,41 +35,6 @@ LLAMA_API void llama_set_nextn_layer_offset(struct llama_context * ctx, int32_t 
 LLAMA_API llama_context * llama_get_ctx_other(struct llama_context * ctx);
 
 namespace {
-
-thread_local std::string g_last_error;
-
-struct mtp_failure {
-    int32_t     status;
-    std::string message;
-};
-
-[[noreturn]] void fail(int32_t status, const char * fmt, ...) {
-    char buf[1024];
-    va_list args;
-    va_start(args, fmt);
-    vsnprintf(buf, sizeof(buf), fmt, args);
-    va_end(args);
-    throw mtp_failure{status, buf};
-}
-
-// Turn any failure inside an entry point into a status code + last error.
-template <typename F>
-int32_t guarded(F && body) {
-    try {
-        body();
-        g_last_error.clear();
-        return MTP_OK;
-    } catch (const mtp_failure & f) {
-        g_last_error = f.message;
-        return f.status;
-    } catch (const std::exception & e) {
-        g_last_error = std::string("internal error: ") + e.what();
-        return MTP_ERR_INTERNAL;
-    } catch (...) {
-        g_last_error = "internal error: unknown C++ exception";
-        return MTP_ERR_INTERNAL;
-    }
-}
 
 int64_t now_us() {
     return std::chrono::duration_cast<std::chrono::microseconds>(

@@ -19,9 +19,9 @@ PACKAGE = pathlib.Path(llama_mtp.__file__).parent
 LAYERS: List[Set[str]] = [
     {"version", "errors", "results", "stats", "pieces", "checks", "llama_rules"},  # data, rules, pieces
     {"_loader", "_compat"},                                               # the shim's loader; the seam
-    {"session", "checkpoint", "text", "verify", "adaptive", "prompt_cache"},
+    {"session", "checkpoint", "text", "verify", "adaptive", "prompt_cache", "chat_templates"},
     {"loading", "drafter", "core"},                    # the pair load() makes; which drafter; the step loop
-    {"generation", "engine"},
+    {"generation", "engine", "chat_completion"},
     {"mtp_llama"},
     {"testing"},
     {"server"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Iterator, Tuple
 
@@ -67,12 +68,33 @@ def test_max_tokens_is_a_hard_cap_on_every_path(pair) -> None:
 
 
 def test_chat_completion_shape(pair) -> None:
+    """A GGUF template formats chats as llama-server does (its <think> block split out): the reply
+    is plain llama-cpp-python's greedy completion of the template's prompt, parsed by the template's
+    parser."""
     llm, plain = pair
     msgs = [{"role": "user", "content": "hi"}]
     got = llm.create_chat_completion(msgs, max_tokens=12, temperature=0.0)
-    want = plain.create_chat_completion(msgs, max_tokens=12, temperature=0.0)
-    assert got["choices"][0]["message"] == want["choices"][0]["message"]
-    assert got["object"] == want["object"]
+    chat = llm.mtp_chat_templates.apply({"messages": msgs})
+    assert chat.prompt.endswith("<think>\n") and chat.prompt.startswith("<|im_start|>user\nhi")
+    ref = plain.create_completion(chat.prompt, max_tokens=12, temperature=0.0)["choices"][0]["text"]
+    with chat.parser(stream=False) as parser:
+        want = parser.update(ref, final=True).message
+    assert got["choices"][0]["message"] == want
+    assert want["reasoning_content"].strip() and not want["content"]  # the model never closes its <think>
+    assert got["object"] == "chat.completion"
+
+
+def test_chat_format_named_keeps_llama_cpp_pythons_handler(oracle_model) -> None:
+    """chat_format= names llama-cpp-python's handler: its formatting and message shapes, unchanged."""
+    with contextlib.closing(llama_mtp.MtpLlama(str(oracle_model), n_ctx=256, verbose=False, chat_format="chatml")) as llm, \
+            contextlib.closing(_helpers.plain_llama(oracle_model, n_ctx=256, chat_format="chatml")) as plain:
+        assert llm.mtp_chat_templates is None
+        msgs = [{"role": "user", "content": "hi"}]
+        got = llm.create_chat_completion(msgs, max_tokens=12, temperature=0.0)
+        want = plain.create_chat_completion(msgs, max_tokens=12, temperature=0.0)
+        assert got["choices"][0]["message"] == want["choices"][0]["message"]
+        with pytest.raises(llama_mtp.MtpArgumentError, match="chat_template_kwargs"):
+            llm.create_chat_completion(msgs, chat_template_kwargs={"enable_thinking": False})
 
 
 def test_unsupported_features_fall_back_to_plain(pair) -> None:

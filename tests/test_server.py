@@ -54,14 +54,15 @@ def _free_port() -> int:
 class ServerProcess:
     """``python -m llama_mtp.server`` in a subprocess; always killed by stop()."""
 
-    def __init__(self, model: pathlib.Path, log_path: pathlib.Path, *extra: str, api_key: Optional[str] = None) -> None:
+    def __init__(self, model: pathlib.Path, log_path: pathlib.Path, *extra: str, api_key: Optional[str] = None,
+                 chat_format: Optional[str] = "chatml") -> None:
         self.port = _free_port()
         self.base = f"http://{HOST}:{self.port}"
         self.api_key = api_key
         self.log_path = log_path
         cmd = [sys.executable, "-m", "llama_mtp.server", "--model", str(model), "--host", HOST,
                "--port", str(self.port), "--n_threads", THREADS, "--n_threads_batch", THREADS, "--verbose", "false",
-               "--chat_format", "chatml", *extra]
+               *(["--chat_format", chat_format] if chat_format else []), *extra]
         if api_key:
             cmd += ["--api_key", api_key]
         env = dict(os.environ)

@@ -16,6 +16,7 @@ from typing import Any, List, Optional, Set
 import llama_cpp
 
 from llama_mtp import _compat
+from llama_mtp.chat_templates import ChatTemplates, uses_llama_cpp_templates
 from llama_mtp.engine import Engine, RequestHandle
 from llama_mtp.loading import load
 from llama_mtp.results import GenerationResult
@@ -51,13 +52,16 @@ class Backend:
     """Engine + model + metrics; what the routes work with."""
 
     def __init__(self, engine: Engine, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, model_path: str,
-                 model_alias: Optional[str], chat_handler: ChatHandler, n_draft_max: int) -> None:
+                 model_alias: Optional[str], chat_handler: ChatHandler, n_draft_max: int,
+                 chat_templates: Optional[ChatTemplates] = None) -> None:
         self.engine = engine
         self.target = target
         self.draft = draft
         self.model_path = model_path
         self.model_alias = model_alias or model_path
         self.chat_handler = chat_handler
+        # llama.cpp's templates format chats unless the user named a llama-cpp-python chat format
+        self.chat_templates = chat_templates
         self.n_vocab = int(target.n_vocab())
         # each slot gets an equal share of the context (llama.cpp's server splits -c across -np the same way)
         self.slot_ctx = int(engine.n_ctx_slot)
@@ -172,6 +176,7 @@ def load_backend(cfg: ServeConfig) -> Backend:
                          draft_model_path=cfg.mtp.draft_model_path, **kwargs)
     try:
         handler = resolve_handler(target, cfg.model)
+        templates = ChatTemplates(target) if uses_llama_cpp_templates(target, cfg.model.chat_format, None) else None
         engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting,
                         ctx_checkpoints=cfg.mtp.ctx_checkpoints, cache_ram_mib=cfg.mtp.cache_ram_mib)
     except BaseException:
@@ -179,4 +184,4 @@ def load_backend(cfg: ServeConfig) -> Backend:
         target.close()
         raise
     return Backend(engine, target, draft, model_path=cfg.model.model, model_alias=cfg.model.model_alias,
-                   chat_handler=handler, n_draft_max=cfg.mtp.n_draft_max)
+                   chat_handler=handler, n_draft_max=cfg.mtp.n_draft_max, chat_templates=templates)

@@ -41,6 +41,16 @@ class ChatCompletionRequest(CreateChatCompletionRequest):
                                                       "schema) or json_schema (json_schema.schema).")
     n_draft: Optional[int] = _n_draft_field
     cache_prompt: bool = _cache_prompt_field
+    # read by llama.cpp's chat templates, as llama-server reads them (from the raw body)
+    parallel_tool_calls: Optional[bool] = Field(default=None, description="Allow several tool calls in one "
+                                                "reply (default: what the template supports).")
+    chat_template_kwargs: Optional[Dict[str, Any]] = Field(default=None, description="Extra template variables, "
+                                                           "e.g. {\"enable_thinking\": false}.")
+    reasoning_format: Optional[str] = Field(default=None, description="llama-server's: none, auto, deepseek "
+                                            "(default: reasoning in message.reasoning_content) or deepseek-legacy.")
+    reasoning_effort: Optional[str] = Field(default=None, description="OpenAI's; \"none\" turns thinking off.")
+    add_generation_prompt: Optional[bool] = Field(default=None, description="Open the assistant's turn "
+                                                  "(default true).")
 
 
 AnyRequest = Union[CompletionRequest, ChatCompletionRequest]
@@ -76,6 +86,20 @@ def chat_call(body: ChatCompletionRequest, backend: Backend) -> Dict[str, Any]:
     top_logprobs = body.top_logprobs if body.top_logprobs is not None else (0 if body.logprobs else None)
     return {**body.model_dump(include=CHAT_FIELDS), **_derived(body, backend), "response_format": response_format,
             "max_tokens": max_tokens, "logprobs": bool(body.logprobs), "top_logprobs": top_logprobs}
+
+
+def templated_chat_call(body: ChatCompletionRequest, backend: Backend) -> Dict[str, Any]:
+    """Keywords of ``chat.create_templated_chat_completion`` for a chat request: the completion's
+    sampling settings (the messages, tools, grammar and response_format go to the template)."""
+    _check(body, backend)
+    if body.stream and body.logprobs:
+        raise ApiError("logprobs are not streamed for chats formatted by the model's template",
+                       param="logprobs", code="unsupported_parameter")
+    max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    sampling = body.model_dump(include=_SAMPLING_FIELDS)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return {**sampling, "model": body.model or backend.model_alias, "logit_bias": _logit_bias(body, backend),
+            "max_tokens": max_tokens, "logprobs": logprobs}
 
 
 def _check(body: AnyRequest, backend: Backend) -> None:

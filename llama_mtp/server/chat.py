@@ -1,16 +1,24 @@
-"""Chat completions through llama-cpp-python's own chat handler machinery.
+"""Chat completions: through llama.cpp's chat templates (llama-server's behaviour), or through
+llama-cpp-python's own chat handler for a ``--chat_format`` the user named.
 
-The request's chat handler (see ``chat_format.py``) is called with an
-:class:`EngineLlama` as its ``llama``, so every chat format, tools and
-``response_format`` work unchanged while the completion runs in the engine.
+The handler path calls the request's chat handler (see ``chat_format.py``) with an
+:class:`EngineLlama` as its ``llama``, so every chat format, tools and ``response_format``
+work unchanged while the completion runs in the engine. The template path is
+:mod:`llama_mtp.chat_completion` over the same EngineLlama.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Any, Dict, Iterator, Optional, Union
+
+from llama_mtp import chat_completion
+from llama_mtp.errors import MtpArgumentError
 
 from .chat_format import ChatHandler
 from .completion import Completion, EngineLlama, Prompt, Usage
+from .errors import ApiError
 
 ChatCompletion = Dict[str, Any]
 
@@ -63,3 +71,34 @@ class _UsageTap:
             if choices and choices[0].get("finish_reason") is not None and self._usage is not None:
                 chunk["usage"] = self._usage
             yield chunk
+
+
+def create_templated_chat_completion(backend: Any, llama: EngineLlama, kwargs: Dict[str, Any],
+                                     raw_body: Dict[str, Any]) -> Union[ChatCompletion, Iterator[ChatCompletion]]:
+    """A chat completion through llama.cpp's chat templates (``backend.chat_templates``), as
+    llama-server answers it: tool calls, reasoning_content, every family's format.
+
+    ``kwargs``: the route's completion keywords (``bodies.templated_chat_call``); ``raw_body``:
+    the request as sent, whose messages keep every field (tool_calls, reasoning_content) the
+    template reads.
+    """
+    with _template_errors():
+        return chat_completion.create_chat_completion(backend.chat_templates, backend.target, llama.create_completion,
+                                                      raw_body, **kwargs)
+
+
+def templated_prompt(backend: Any, raw_body: Any) -> str:
+    """llama-server's /apply-template: the prompt a chat body renders to."""
+    if not isinstance(raw_body, dict):
+        raise ApiError("the body must be a JSON object", param=None)
+    with _template_errors():
+        return chat_completion.chat_prompt(backend.chat_templates, raw_body).prompt
+
+
+@contextlib.contextmanager
+def _template_errors() -> Iterator[None]:
+    # what the template (or upstream's checks of messages and tools) refuses is the request's fault
+    try:
+        yield
+    except MtpArgumentError as e:
+        raise ApiError(str(e), param="messages") from None

@@ -20,7 +20,7 @@ import codecs
 import threading
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
 
@@ -115,6 +115,7 @@ class EngineLlama:
         logits_processor: Any = None,
         grammar: Optional[llama_cpp.LlamaGrammar] = None,
         logit_bias: Optional[Dict[Any, float]] = None,
+        special_ids: FrozenSet[int] = frozenset(),
     ) -> Union[Completion, Iterator[Completion]]:
         """``llama_cpp.Llama.create_completion``, run as one engine sequence.
 
@@ -122,6 +123,8 @@ class EngineLlama:
         ``stopping_criteria`` is not evaluated: the chat formatters' only criterion
         stops on the EOS token, which the engine stops on anyway (every EOG token).
         ``tfs_z`` is ignored, as llama-cpp-python's own sampler chain ignores it.
+        ``special_ids``: tokens the text renders even if they are control tokens (llama.cpp's chat
+        templates' preserved tokens).
         """
         del tfs_z, mirostat_tau, mirostat_eta, stopping_criteria
         b = self._backend
@@ -143,7 +146,7 @@ class EngineLlama:
             prompt, max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
             top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p), repeat_penalty=float(repeat_penalty),
             frequency_penalty=float(frequency_penalty or 0.0), presence_penalty=float(presence_penalty or 0.0),
-            seed=seed, stop=stops or None, grammar=grammar, logit_bias=bias, logprobs=logprobs)
+            seed=seed, stop=stops or None, grammar=grammar, logit_bias=bias, logprobs=logprobs, special_ids=special_ids)
         shape = _Shape(b, prompt, model or b.model_alias, logprobs)
         return self._chunks(rec, shape) if stream else self._whole(rec, shape, echo)
 

@@ -25,7 +25,7 @@ from llama_cpp.server.types import (
 
 from . import chat
 from .backend import Backend
-from .bodies import ChatCompletionRequest, CompletionRequest, chat_call, completion_call
+from .bodies import ChatCompletionRequest, CompletionRequest, chat_call, completion_call, templated_chat_call
 from .completion import EngineLlama
 from .errors import ApiError
 from .responses import Responder
@@ -56,10 +56,24 @@ async def create_completion(request: Request, body: CompletionRequest, backend: 
 async def create_chat_completion(request: Request, body: ChatCompletionRequest,
                                  backend: Backend = Depends(get_backend),
                                  responder: Responder = Depends(get_responder)) -> Response:
-    kwargs = chat_call(body, backend)
     llama = EngineLlama(backend, kind="chat", n_draft=body.n_draft, cache_prompt=body.cache_prompt)
-    fn = functools.partial(chat.create_chat_completion, backend.chat_handler, llama, **kwargs)
+    if backend.chat_templates is not None:
+        # the raw body: its messages keep every field a template reads (tool_calls, reasoning_content)
+        raw_body = await request.json()
+        fn = functools.partial(chat.create_templated_chat_completion, backend, llama,
+                               templated_chat_call(body, backend), raw_body)
+    else:
+        fn = functools.partial(chat.create_chat_completion, backend.chat_handler, llama, **chat_call(body, backend))
     return await responder.respond(request, llama, fn, body.stream, "messages")
+
+
+@router.post("/apply-template", summary="Apply the chat template")
+async def apply_template(request: Request, backend: Backend = Depends(get_backend)) -> Dict[str, Any]:
+    """llama-server's: the prompt a chat body renders to (llama.cpp's templates only)."""
+    if backend.chat_templates is None:
+        raise ApiError("the server formats chats with llama-cpp-python's --chat_format handler, which has no "
+                       "template to apply", status=400, code="unsupported_parameter")
+    return {"prompt": chat.templated_prompt(backend, await request.json())}
 
 
 @router.get("/v1/models", summary="Models")

@@ -64,7 +64,7 @@ def _add_common_metadata(w: Any, layout: ArchLayout, spec: TestModelSpec, vocab:
     if spec.ftype == "q8_0":
         w.add_uint32("general.quantization_version", 2)
     layout.add_metadata(w, spec)
-    for kv in tokenizer_metadata(vocab, layout):
+    for kv in tokenizer_metadata(vocab, layout, spec):
         w.add_key_value(*kv)
 
     # provenance, ignored by llama.cpp

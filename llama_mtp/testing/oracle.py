@@ -254,6 +254,10 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
         for arr in (embd, successor, predecessor, token_decoy, h_decoy, mtp_correct):
             arr[s] = arr[alias]
 
+    if spec.script_eos:
+        # the script's last token is followed by end-of-generation: the LM head's EOS row takes
+        # the place of the row of the token the cycle would have gone on with (never output now)
+        successor[spec.script[-1]] = vocab.eos_id
     head, eh = _projections(spec, u, vocab.ordinary, successor, decoys, hdecoys, tok_dims, h_dims)
 
     # the rule of TestModelInfo.mtp_draft, vectorised: token flag > h flag > own token

@@ -23,7 +23,7 @@ import functools
 import os
 import pathlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -121,6 +121,14 @@ class RealVocab:
         """len(piece) of every ordinary token (one pass over the vocabulary, ~1 s, kept)."""
         return np.array([len(self.piece(int(t))) for t in self.ordinary])
 
+    @functools.cached_property
+    def _pieces_by_bytes(self) -> dict[bytes, tuple[int, ...]]:
+        """piece -> the ordinary tokens that write it (one pass over the vocabulary, kept)."""
+        out: dict[bytes, list[int]] = {}
+        for t in self.ordinary:
+            out.setdefault(self.piece(int(t)), []).append(int(t))
+        return {piece: tuple(ids) for piece, ids in out.items() if piece}
+
     def is_control(self, token_id: int) -> bool:
         import llama_cpp
 
@@ -137,13 +145,15 @@ class RealVocab:
         (tokens,) = [kv.value for kv in _tokenizer_metadata(self.path) if kv.key == "tokenizer.ggml.tokens"]
         return [t.decode("utf-8", "replace") for t in tokens]
 
-    def metadata(self, chat_template: str | None) -> list[KeyValue]:
+    def metadata(self, chat_template: str | None, *, replace: bool = False) -> list[KeyValue]:
         """The ``tokenizer.*`` entries a model on this vocabulary carries: the file's, verbatim,
-        plus ``chat_template`` (the arch's) when the file has none."""
+        plus ``chat_template`` (the arch's) when the file has none, or in place of the file's
+        (``replace``: the family's real template)."""
         kvs = list(_tokenizer_metadata(self.path))
-        if chat_template and not any(kv.key == _CHAT_TEMPLATE for kv in kvs):
+        if chat_template and (replace or not any(kv.key == _CHAT_TEMPLATE for kv in kvs)):
             from gguf import GGUFValueType
 
+            kvs = [kv for kv in kvs if kv.key != _CHAT_TEMPLATE]
             kvs.append(KeyValue(_CHAT_TEMPLATE, chat_template, GGUFValueType.STRING))
         return kvs
 
@@ -185,5 +195,39 @@ def script_from_text(vocab_name: str, text: str) -> tuple[int, ...]:
     """``text``'s tokens in ``vocab_name``, checked to be a valid script (distinct ordinary tokens)."""
     vocab = real_vocab(vocab_name)
     script = tuple(vocab.tokenize(text))
+    check_script(script, vocab.ordinary, vocab.token_texts)
+    return script
+
+
+def distinct_script(vocab_name: str, text: str, *, avoid: Sequence[int] = ()) -> tuple[int, ...]:
+    """Ordinary tokens of ``vocab_name`` whose pieces spell ``text``, all distinct and none in
+    ``avoid``: a script for text that repeats itself (newlines, tags), which llama.cpp's own
+    tokenization would spell with the same token twice. Longest pieces first, backtracking.
+    Raises ValueError when the vocabulary has no such spelling."""
+    vocab = real_vocab(vocab_name)
+    by_piece = vocab._pieces_by_bytes
+    data = text.encode("utf-8")
+    longest = max(map(len, by_piece))
+    used = set(int(t) for t in avoid)
+    out: list[int] = []
+
+    def search(pos: int) -> bool:
+        if pos == len(data):
+            return True
+        for n in range(min(longest, len(data) - pos), 0, -1):
+            for tok in by_piece.get(data[pos:pos + n], ()):
+                if tok in used:
+                    continue
+                used.add(tok)
+                out.append(tok)
+                if search(pos + n):
+                    return True
+                used.discard(tok)
+                out.pop()
+        return False
+
+    if not search(0):
+        raise ValueError(f"{vocab_name} cannot spell {text!r} with distinct tokens")
+    script = tuple(out)
     check_script(script, vocab.ordinary, vocab.token_texts)
     return script

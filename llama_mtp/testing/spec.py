@@ -67,7 +67,8 @@ CONTEXT_MIN_MARGIN = 0.1
 # n_vocab of the synthetic vocabulary when a spec leaves it unset
 _SYNTHETIC_N_VOCAB = 384
 # fields left out of recorded_fields at these (default) values: see TestModelSpec.vocab
-_LATE_FIELDS: dict[str, Any] = {"vocab": None, "script": (), "script_loop": False}
+_LATE_FIELDS: dict[str, Any] = {"vocab": None, "script": (), "script_loop": False, "chat_template": "short",
+                                "script_eos": False}
 
 # value = llama_ftype (general.file_type); "q4_k_m" is written as f16, then quantized by llama.cpp
 FTYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
@@ -113,6 +114,10 @@ class TestModelSpec:
     vocab: str | None = None        # a real vocabulary (ggml-vocab-<vocab>.gguf), None: synthetic
     script: tuple[int, ...] = ()    # ordinary tokens greedy follows: pi(script[i]) = script[i + 1]
     script_loop: bool = False       # pi(script[-1]) = script[0]: the script is its own cycle
+    # "short": the arch's shortened chat template (no tool-call branches); "real": the family's
+    # own template from llama.cpp's models/templates (ArchLayout.real_template_file)
+    chat_template: str = "short"
+    script_eos: bool = False        # pi(script[-1]) = EOS: greedy ends the script with end-of-generation
 
     def __post_init__(self) -> None:
         from .archs import get_arch
@@ -177,6 +182,12 @@ class TestModelSpec:
             object.__setattr__(self, "script", tuple(int(t) for t in self.script))
         elif self.script_loop:
             raise ValueError("script_loop needs a script")
+        if self.script_eos and (self.script_loop or not self.script):
+            raise ValueError("script_eos needs a script that is not a loop")
+        if self.chat_template not in ("short", "real"):
+            raise ValueError(f"chat_template must be 'short' or 'real', got {self.chat_template!r}")
+        if self.chat_template == "real" and get_arch(self.arch).real_template_file is None:
+            raise ValueError(f"{self.arch} has no real chat template in llama.cpp's models/templates")
 
     def param(self, name: str) -> Any:
         """An arch-specific knob: ``arch_params`` or the arch's default."""

@@ -135,18 +135,21 @@ def vocab_for(spec: TestModelSpec) -> Vocab:
                  pad_id=real.pad_id, real=real.name)
 
 
-def tokenizer_metadata(vocab: Vocab, layout: ArchLayout) -> list[KeyValue]:
-    """The ``tokenizer.*`` entries of a model file written with ``layout``, in file order.
+def tokenizer_metadata(vocab: Vocab, layout: ArchLayout, spec: TestModelSpec) -> list[KeyValue]:
+    """The ``tokenizer.*`` entries of a model file written with ``layout``, in file order, with
+    the chat template of :meth:`ArchLayout.template_for`.
 
-    A real vocabulary's are its file's, verbatim (the arch's chat template only where the
-    file has none); the synthetic one uses the arch's pre-tokenizer and chat template.
+    A real vocabulary's are its file's, verbatim, except the chat template: the arch's real one
+    replaces the file's, a short one goes in only where the file has none; the synthetic one
+    uses the arch's pre-tokenizer.
     """
     from gguf import GGUFValueType as V
 
+    chat_template = layout.template_for(spec)
     if vocab.real is not None:
         from .real_vocab import real_vocab
 
-        return real_vocab(vocab.real).metadata(layout.chat_template)
+        return real_vocab(vocab.real).metadata(chat_template, replace=spec.chat_template == "real")
     kvs = [
         KeyValue("tokenizer.ggml.model", "gpt2", V.STRING),
         KeyValue("tokenizer.ggml.pre", layout.tokenizer_pre, V.STRING),
@@ -158,8 +161,8 @@ def tokenizer_metadata(vocab: Vocab, layout: ArchLayout) -> list[KeyValue]:
         KeyValue("tokenizer.ggml.padding_token_id", vocab.pad_id, V.UINT32),
         KeyValue("tokenizer.ggml.add_bos_token", False, V.BOOL),
     ]
-    if layout.chat_template:
-        kvs.append(KeyValue("tokenizer.chat_template", layout.chat_template, V.STRING))
+    if chat_template:
+        kvs.append(KeyValue("tokenizer.chat_template", chat_template, V.STRING))
     return kvs
 
 

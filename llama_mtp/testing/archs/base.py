@@ -82,6 +82,8 @@ class ArchLayout:
     specials: ClassVar[Specials] = QWEN_SPECIALS
     tokenizer_pre: ClassVar[str] = "qwen2"    # tokenizer.ggml.pre
     chat_template: ClassVar[str | None] = None
+    # the family's real template in llama.cpp's models/templates (TestModelSpec(chat_template="real"))
+    real_template_file: ClassVar[str | None] = None
     # the real vocabulary (llama.cpp's models/ggml-vocab-<real_vocab>.gguf) closest to the arch's
     # own tokenizer: what tests pass as TestModelSpec(vocab=...) to build the arch on a real one
     real_vocab: ClassVar[str]
@@ -156,6 +158,14 @@ class ArchLayout:
     def add_metadata(self, w: Any, spec: TestModelSpec) -> None:
         """Write the ``<arch>.*`` hparams (general.* and tokenizer.* are written for you)."""
         raise NotImplementedError
+
+    def template_for(self, spec: TestModelSpec) -> str | None:
+        """The chat template a model of ``spec`` carries (see TestModelSpec.chat_template)."""
+        if spec.chat_template == "real" and self.real_template_file:
+            from ..real_vocab import vocab_dir
+
+            return (vocab_dir() / "templates" / self.real_template_file).read_text()
+        return self.chat_template
 
     # ----------------------------------------------------------------------- data
 

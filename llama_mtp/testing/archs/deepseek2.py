@@ -95,6 +95,7 @@ class DeepSeek2(ArchLayout):
     specials = DEEPSEEK_SPECIALS
     tokenizer_pre = "deepseek-v3"
     real_vocab = "deepseek-llm"  # V3's own (129k, pre "deepseek-v3") is not among llama.cpp's vocab files
+    real_template_file = "deepseek-ai-DeepSeek-V3.1.jinja"
     chat_template = DEEPSEEK_CHAT_TEMPLATE
     # scanned as for qwen35 (tiny f32): the first seed whose greedy continuation of
     # CONTEXT_TEST_PROMPT keeps a top-1 margin >= 0.2 for 96 tokens.  At the default noise 3.0

@@ -115,6 +115,7 @@ class Gemma4(ArchLayout):
     # SentencePiece-style escaped tokens), with the default pre-tokenizer
     tokenizer_pre = "default"
     real_vocab = "gemma-4"  # also the assistant's (it carries its target's tokenizer)
+    real_template_file = "google-gemma-4-31B-it.jinja"
     chat_template = GEMMA4_CHAT_TEMPLATE
     has_mtp_heads = False  # drafted by the separate gemma4-assistant model
     # "context": post-norms make every writer's output RMS 1 per dim (as loud as the sqrt(D)-scaled

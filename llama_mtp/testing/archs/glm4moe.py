@@ -105,6 +105,7 @@ class Glm4Moe(ArchLayout):
     # llama.cpp pre-tokenizes CHATGLM4 ("glm4", "chatglm-bpe") with exactly the LLAMA3 regex,
     # and both are tiktoken-style byte-level BPEs of 128-152k tokens
     real_vocab = "llama-bpe"
+    real_template_file = "GLM-4.6.jinja"
     chat_template = GLM_CHAT_TEMPLATE
     # scanned as for qwen35 (tiny f32, seeds 0..62): the first seed whose greedy continuation of
     # CONTEXT_TEST_PROMPT keeps a top-1 margin >= 0.2 for 96 tokens, departs from pi at 8..48

@@ -86,6 +86,7 @@ class Mimo2(ArchLayout):
     name = "mimo2"
     specials = MIMO_SPECIALS
     real_vocab = "qwen2"  # MiMo's tokenizer is Qwen2's (plus <think> tokens)
+    real_template_file = "MiMo-VL.jinja"
     chat_template = MIMO_CHAT_TEMPLATE
     # MiMo's 192/128 K/V head dims; bench: 16 heads so q is wider than n_embd, as in the real
     # model (64 x 192 over 4096).  tiny keeps the TestModelSpec defaults (K 32, V 16), which

@@ -49,6 +49,7 @@ class Qwen35Layout(ArchLayout):
     name = "qwen35"
     tokenizer_pre = "qwen35"
     real_vocab = "qwen35"  # also qwen35moe's and qwen3next's (subclasses)
+    real_template_file = "Qwen3.5-4B.jinja"
     chat_template = QWEN_CHAT_TEMPLATE
     residual_writers = {"attn_output.weight": 1.0, "ssm_out.weight": 1.0, "ffn_down.weight": 0.25}
     f32_leaves = frozenset({"ssm_conv1d.weight"})

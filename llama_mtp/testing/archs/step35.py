@@ -50,6 +50,7 @@ class Step35(ArchLayout):
     # Step-3.5's own vocabulary is not among llama.cpp's vocab files; this layout already writes
     # the ArchLayout defaults (Qwen2 pre-tokenizer, ChatML specials), so Qwen2's is the closest
     real_vocab = "qwen2"
+    real_template_file = "StepFun3.5-Flash.jinja"
     # scanned (tiny f32, noise {2.0, 2.25, 2.5} x seeds): at qwen35's noise 3.0 the trunk left pi at
     # 94 of 96 steps (pure noise: the heads' drafts were never accepted); noise 2.25 seed 26 is the
     # first with a top-1 margin >= 0.2 for 96 tokens (min 0.945) and 17 departures from pi
