@@ -542,3 +542,18 @@ def greedy_tokens(llm: llama_cpp.Llama, prompt: List[int], n: int) -> List[int]:
         if len(out) == n:
             break
     return out
+
+
+def assert_chat_like_plain(llm, plain, messages: list, max_tokens: int) -> dict:
+    """A chat through llama.cpp's templates on MtpLlama: its prompt's completion is plain
+    llama-cpp-python's (max_tokens a hard cap), and its message is that completion parsed by the
+    template's parser. Returns the chat completion."""
+    got = llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=0.0)
+    chat = llm.mtp_chat_templates.apply({"messages": messages})
+    mine = llm.create_completion(chat.prompt, max_tokens=max_tokens, temperature=0.0)
+    assert_capped_like_plain(mine, plain.create_completion(chat.prompt, max_tokens=max_tokens, temperature=0.0),
+                             max_tokens)
+    with chat.parser(stream=False) as parser:
+        assert got["choices"][0]["message"] == parser.update(_choice_text(mine), final=True).message
+    assert got["choices"][0]["finish_reason"] == mine["choices"][0]["finish_reason"]
+    return got
