@@ -1,0 +1,206 @@
+"""Every MTP family's real chat template, family by family, against llama-server.
+
+For each arch's real template (llama.cpp's models/templates, on the arch's real vocabulary):
+- **render**: our prompt equals native ``llama-server``'s ``/apply-template`` answer for the same
+  bodies (tools, an agent's tool turn, reasoning in the history, enable_thinking off);
+- **parse**: the call the template itself writes into the history parses back into the same
+  tool call, whole and streamed in pieces (the deltas add up to the message);
+- **grammar**: ``tool_choice: "required"``'s grammar accepts that call after the generation
+  prompt (tokens fed to llama.cpp's grammar sampler), and refuses a corrupted one.
+
+llama-server is built once from the same sources (bench/native.py, several minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import time
+from typing import Any, Dict, Iterator, List, Tuple
+
+import pytest
+
+import _helpers
+from llama_mtp import testing
+from llama_mtp.chat_templates import ChatPrompt, ChatTemplates, sampling_plan
+from llama_mtp.errors import MtpArgumentError
+from llama_mtp.testing.archs import ARCHS
+
+httpx = pytest.importorskip("httpx")
+
+# one model per real template (qwen35moe and qwen3next share qwen35's)
+FAMILIES = {}
+for _arch, _layout in sorted(ARCHS.items()):
+    if _layout.real_template_file and _layout.real_template_file not in {ARCHS[a].real_template_file for a in FAMILIES}:
+        FAMILIES[_arch] = _layout
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+USER = [{"role": "user", "content": "What is the weather in Paris?"}]
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}
+TOOL_TURN = USER + [{"role": "assistant", "content": "", "tool_calls": [CALL]},
+                    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"}]
+BODIES = {
+    "chat": {"messages": [{"role": "system", "content": "You are terse."}] + USER},
+    "tools": {"messages": USER, "tools": TOOLS},
+    "tool_turn": {"messages": TOOL_TURN, "tools": TOOLS},
+    "reasoning_history": {"messages": USER + [
+        {"role": "assistant", "content": "Sunny.", "reasoning_content": "It is summer."},
+        {"role": "user", "content": "And tomorrow?"}]},
+    "thinking_off": {"messages": USER, "chat_template_kwargs": {"enable_thinking": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def native_server_binary() -> pathlib.Path:
+    from bench import native
+
+    return native.server_binary(quiet=True)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, model_dir) -> Tuple[str, pathlib.Path]:
+    layout = FAMILIES[request.param]
+    spec = testing.TestModelSpec(arch=request.param, vocab=layout.real_vocab, chat_template="real")
+    return request.param, _helpers.build_model(spec, model_dir)
+
+
+@pytest.fixture(scope="module")
+def templates(family) -> Iterator[ChatTemplates]:
+    llm = _helpers.plain_llama(family[1], n_ctx=256)
+    try:
+        yield ChatTemplates(llm)
+    finally:
+        llm.close()
+
+
+@contextlib.contextmanager
+def native_server(binary: pathlib.Path, model: pathlib.Path, log: pathlib.Path) -> Iterator[str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(binary), "-m", str(model), "--port", str(port), "-c", "512", "-t", "1",
+                                 "--no-warmup"], stdout=out, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"llama-server exited:\n{log.read_text(errors='replace')[-3000:]}"
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "llama-server did not start"
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_render_equals_llama_server(family, templates, native_server_binary, tmp_path) -> None:
+    arch, model = family
+    with native_server(native_server_binary, model, tmp_path / "llama-server.log") as base:
+        for name, body in BODIES.items():
+            r = httpx.post(base + "/apply-template", json=body, timeout=60)
+            assert r.status_code == 200, f"{arch} {name}: llama-server answered {r.status_code} {r.text[:300]}"
+            assert templates.apply(body).prompt == r.json()["prompt"], f"{arch} {name}"
+
+
+def written_call(templates: ChatTemplates) -> Tuple[ChatPrompt, str]:
+    """The tool call as the template itself writes it: the tool turn's render, from the end of the
+    generation prompt on (what a reply to USER would be), up to where the turn's history goes on."""
+    chat = templates.apply({"messages": USER, "tools": TOOLS})
+    history = templates.apply({"messages": TOOL_TURN, "tools": TOOLS}).prompt
+    start = len(os.path.commonprefix([chat.prompt, history]))
+    return chat, history[start:]
+
+
+def parsed_call(chat: ChatPrompt, text: str, pieces: int) -> Dict[str, Any]:
+    """The message ``text`` parses to, streamed in ``pieces``; the deltas must add up to it."""
+    deltas: List[Dict[str, Any]] = []
+    with chat.parser(stream=True) as parser:
+        step = max(1, len(text) // pieces)
+        for i in range(0, len(text), step):
+            deltas += parser.update(text[i:i + step]).deltas
+        final = parser.update("", final=True)
+    deltas += final.deltas
+    args = "".join(tc.get("function", {}).get("arguments", "") for d in deltas for tc in d.get("tool_calls", []))
+    names = [tc["function"]["name"] for d in deltas for tc in d.get("tool_calls", []) if tc.get("function", {}).get("name")]
+    calls = final.message.get("tool_calls", [])
+    assert names == [c["function"]["name"] for c in calls]
+    assert args == "".join(c["function"]["arguments"] for c in calls)
+    return final.message
+
+
+def reply_of(chat: ChatPrompt, rest: str) -> str:
+    """The shortest prefix of ``rest`` that parses into the call (the turn's own end marker and
+    whatever follows it are history, not reply)."""
+    for end in range(1, len(rest) + 1):
+        with chat.parser(stream=False) as parser:
+            calls = parser.update(rest[:end], final=True).message.get("tool_calls", [])
+        if [(c["function"]["name"], _json_or_none(c["function"]["arguments"])) for c in calls] == \
+                [("get_weather", {"city": "Paris"})]:
+            return rest[:end]
+    raise AssertionError(f"no prefix of the template's own call parses back into it: {rest!r}")
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def test_the_templates_own_call_parses_back_whole_and_streamed(family, templates) -> None:
+    chat, rest = written_call(templates)
+    reply = reply_of(chat, rest)
+    for pieces in (1, 5, len(reply)):
+        (call,) = parsed_call(chat, reply, pieces)["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_required_grammar_accepts_the_templates_own_call(family, templates) -> None:
+    arch, model = family
+    chat, rest = written_call(templates)
+    reply = reply_of(chat, rest)
+    required = templates.apply({"messages": USER, "tools": TOOLS, "tool_choice": "required"})
+    assert required.grammar and not required.grammar_lazy
+    llm = _helpers.plain_llama(model, n_ctx=256)
+    try:
+        grammar, _ = sampling_plan(required, llm)
+        assert grammar is not None
+        tokens = list(llm.tokenize(reply.encode(), add_bos=False, special=True))
+        accepting = type(grammar)(grammar._grammar, lazy=False, patterns=(), tokens=(),
+                                  prefill=grammar.prefill + tuple(tokens))
+        _free(accepting.make_sampler(_vocab(llm)))
+        corrupt = list(llm.tokenize(reply.replace("get_weather", "get_wether").encode(), add_bos=False,
+                                    special=True))
+        refusing = type(grammar)(grammar._grammar, lazy=False, patterns=(), tokens=(),
+                                 prefill=grammar.prefill + tuple(corrupt))
+        with pytest.raises(MtpArgumentError, match="grammar"):
+            refusing.make_sampler(_vocab(llm))
+    finally:
+        llm.close()
+
+
+def _vocab(llm) -> int:
+    import ctypes
+
+    import llama_cpp
+
+    return ctypes.cast(llama_cpp.llama_model_get_vocab(llm.model), ctypes.c_void_p).value
+
+
+def _free(sampler_address: int) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    llama_cpp.llama_sampler_free(ctypes.cast(ctypes.c_void_p(sampler_address), llama_cpp.llama_sampler_p_ctypes))
