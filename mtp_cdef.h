@@ -206,3 +206,10 @@ struct llama_sampler;
 int32_t mtp_grammar_sampler_new(const struct llama_vocab * vocab, const char * grammar, int32_t lazy,
                                 const char ** patterns, int32_t n_patterns, const int32_t * tokens, int32_t n_tokens,
                                 const int32_t * prefill, int32_t n_prefill, struct llama_sampler ** out);
+
+/* llama_sampler_sample on row idx of ctx's last decode, with the chain's accept of the chosen token
+ * guarded: a grammar that refuses it (a lazy grammar triggered inside a token whose remaining text
+ * breaks its rules) throws upstream, which would terminate the process. Then *refused = 1, *token
+ * still holds the token, mtp_last_error() says why, and the sampler must not be used again. */
+int32_t mtp_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx, int32_t * token,
+                           int32_t * refused);

@@ -188,6 +188,14 @@ def _sampler_chain(llm: llama_cpp.Llama, init: Callable[..., _internals.LlamaSam
     return chain
 
 
+def sampler_address(chain: _internals.LlamaSampler) -> int:
+    """The native llama_sampler of a llama-cpp-python sampler chain (for the shim)."""
+    address = _address(chain.sampler)
+    if not address:
+        raise SessionClosedError("the sampler has been freed")
+    return address
+
+
 def token_data_array(n_vocab: int) -> _internals.LlamaTokenDataArray:
     return _internals.LlamaTokenDataArray(n_vocab=n_vocab)
 
@@ -421,7 +429,7 @@ class CompletionMaxTokens(llama_cpp.Llama):
         return _sampler_chain(self, llama_cpp.Llama._init_sampler, kwargs)
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
-        cap = CompletionCap(kwargs.get("max_tokens"), _eog_token(self))
+        cap = CompletionCap(kwargs.get("max_tokens"), eog_token(self))
         self.__dict__["_llama_mtp_cap"] = cap
         with contextlib.closing(super()._create_completion(*args, **kwargs)) as items:
             for item in items:
@@ -433,7 +441,8 @@ def completion_cap(llm: llama_cpp.Llama) -> Optional[CompletionCap]:
     return llm.__dict__.pop("_llama_mtp_cap", None)
 
 
-def _eog_token(llm: llama_cpp.Llama) -> int:
+def eog_token(llm: llama_cpp.Llama) -> int:
+    """The end-of-generation token llama-cpp-python stops a completion at (EOS, else EOT; -1: none)."""
     eos = int(llm.token_eos())
     if eos >= 0 and llama_cpp.llama_vocab_is_eog(vocab_ptr(llm), eos):
         return eos

@@ -211,6 +211,8 @@ class Sequence:
         """Apply EOG, stop strings and max_tokens token by token: (tokens kept, final text)."""
         if self.params.raw:
             self.generated.extend(new_tokens)
+            if self.grammar_refused is not None:
+                self.finish_reason = "stop"  # nothing can follow: the grammar's state is gone
             return len(new_tokens), ""
         out: List[str] = []
         for i, tok in enumerate(new_tokens):
@@ -225,7 +227,15 @@ class Sequence:
             if len(self.generated) >= self.params.max_tokens:
                 self.finish_reason = "length"
                 return i + 1, "".join(out)
+        if self.grammar_refused is not None:
+            self.finish_reason = "stop"  # the grammar refused the last token: the reply ends with it
         return len(new_tokens), "".join(out)
+
+    @property
+    def grammar_refused(self) -> Optional[str]:
+        """Why the grammar refused the last sampled token (a lazy grammar triggered inside a token
+        whose text breaks its rules), or None: the reply ends with that token."""
+        return getattr(self.verifier, "refused", None)
 
     def held_tokens(self) -> List[int]:
         """The tokens the slot's memory holds for this sequence (the last committed one is not decoded)."""

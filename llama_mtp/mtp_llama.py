@@ -172,6 +172,10 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
                 self.mtp_checkpoints.save(prompt[:-1])  # the end of the prefill
             self.last_mtp_stats = run.stats
             yield from run.tokens()
+            if run.seq.grammar_refused is not None and _compat.eog_token(self) >= 0:
+                # llama-cpp-python's loop ends a completion at end-of-generation ("stop"): the grammar
+                # refused the last token, after which nothing can be sampled
+                yield _compat.eog_token(self)
         except GeneratorExit:  # the caller stopped (max_tokens, a stop string): the contexts are consistent
             self._settled(run)
             raise

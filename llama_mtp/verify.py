@@ -18,13 +18,16 @@ the sequence's rows ``row0 .. row0 + len(proposal)`` of that batch.
 from __future__ import annotations
 
 import ctypes
+import logging
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import llama_cpp
 import numpy as np
 
-from . import _compat
+from . import _compat, _loader
 from .errors import MtpArgumentError, MtpError
+
+log = logging.getLogger("llama_mtp")
 
 
 def row_logits(llm: llama_cpp.Llama, row: int, n_vocab: int) -> np.ndarray:
@@ -98,6 +101,12 @@ class MatchVerifier:
         self.sampler = _compat.init_sampler(llm, sampling, seed)
         self.llm = llm
         self.ctx = _compat.llama_context(llm, "target")
+        # sampled through the shim: a grammar refusing a token it let through (a lazy grammar's
+        # trigger inside a token) throws in llama.cpp, which would abort the process
+        self._ffi, self._lib = _loader.load()
+        self._chain = self._ffi.cast("struct llama_sampler *", _compat.sampler_address(self.sampler))
+        self._out = self._ffi.new("int32_t[2]")
+        self.refused: Optional[str] = None  # why the grammar refused the last token (the sequence ends there)
         self.n_vocab = llm.n_vocab()
         self.bias = None
         if logit_bias:
@@ -113,7 +122,14 @@ class MatchVerifier:
             raw = logits.copy() if self.n_logprobs is not None else None
             if self.bias is not None:
                 logits[self.bias_ids] += self.bias  # in place: the sampler reads this row
-        tok = self.sampler.sample(self.ctx, row)
+        ctx = self._ffi.cast("struct llama_context *", _compat.context_address(self.ctx, "target"))
+        status = self._lib.mtp_sampler_sample(self._chain, ctx, row, self._out, self._out + 1)
+        if status != self._lib.MTP_OK:
+            raise MtpError(f"sampling failed: {self._ffi.string(self._lib.mtp_last_error()).decode('utf-8', 'replace')}")
+        tok = int(self._out[0])
+        if self._out[1]:
+            self.refused = self._ffi.string(self._lib.mtp_last_error()).decode("utf-8", "replace")
+            log.warning("the grammar refused the model's token %d (%s); the reply ends there", tok, self.refused)
         if raw is not None:
             self.logprobs.append(top_logprobs(raw, tok, int(self.n_logprobs or 0)))
         return tok
@@ -123,7 +139,7 @@ class MatchVerifier:
         for i, want in enumerate(proposal):
             tok = self._sample(row0 + i)
             new.append(tok)
-            if tok != want:
+            if tok != want or self.refused is not None:
                 return i, new
         new.append(self._sample(row0 + len(proposal)))
         return len(proposal), new

@@ -512,3 +512,56 @@ MTP_EXPORT int32_t mtp_grammar_sampler_new(const struct llama_vocab * vocab, con
     }
     return status;
 }
+
+MTP_EXPORT int32_t mtp_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx,
+                                      int32_t * token, int32_t * refused) {
+    return guarded([&] {
+        if (!smpl || !ctx || !token || !refused) {
+            fail(MTP_ERR_NULL, "mtp_sampler_sample: NULL argument");
+        }
+        *refused = 0;
+        // llama_sampler_sample (src/llama-sampler.cpp) on the CPU path, with the accept guarded
+        llama_token chosen = llama_get_sampled_token_ith(ctx, idx);
+        if (chosen == LLAMA_TOKEN_NULL) {
+            const float *       sampled_probs  = llama_get_sampled_probs_ith(ctx, idx);
+            const float *       sampled_logits = llama_get_sampled_logits_ith(ctx, idx);
+            const llama_token * sampled_ids    = llama_get_sampled_candidates_ith(ctx, idx);
+            thread_local std::vector<llama_token_data> cur;
+            if (sampled_probs) {
+                cur.resize(llama_get_sampled_probs_count_ith(ctx, idx));
+                for (size_t i = 0; i < cur.size(); ++i) {
+                    cur[i] = llama_token_data{sampled_ids[i], sampled_logits[i], sampled_probs[i]};
+                }
+            } else if (sampled_logits) {
+                cur.resize(llama_get_sampled_logits_count_ith(ctx, idx));
+                for (size_t i = 0; i < cur.size(); ++i) {
+                    cur[i] = llama_token_data{sampled_ids[i], sampled_logits[i], 0.0f};
+                }
+            } else {
+                const float * logits = llama_get_logits_ith(ctx, idx);
+                if (!logits) {
+                    fail(MTP_ERR_ARG, "batch row %d of the last decode has no logits", idx);
+                }
+                cur.resize(llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx))));
+                for (size_t t = 0; t < cur.size(); ++t) {
+                    cur[t] = llama_token_data{(llama_token) t, logits[t], 0.0f};
+                }
+            }
+            llama_token_data_array cur_p = {cur.data(), cur.size(), -1, false};
+            llama_sampler_apply(smpl, &cur_p);
+            if (cur_p.selected < 0 || cur_p.selected >= (int64_t) cur_p.size) {
+                fail(MTP_ERR_ARG, "the sampler chain selected no token (a grammar that allows none?)");
+            }
+            chosen = cur_p.data[cur_p.selected].id;
+        }
+        *token = chosen;
+        try {
+            llama_sampler_accept(smpl, chosen);
+        } catch (const std::exception & e) {
+            // a grammar refused what it had let through (a lazy grammar's trigger inside a token
+            // whose remaining text breaks the rules): upstream would terminate the process here
+            *refused = 1;
+            throw mtp_failure{MTP_OK, e.what()};  // guarded(): status MTP_OK, the reason kept as the last error
+        }
+    });
+}

@@ -6,7 +6,10 @@ For each arch's real template (llama.cpp's models/templates, on the arch's real 
 - **parse**: the call the template itself writes into the history parses back into the same
   tool call, whole and streamed in pieces (the deltas add up to the message);
 - **grammar**: ``tool_choice: "required"``'s grammar accepts that call after the generation
-  prompt (tokens fed to llama.cpp's grammar sampler), and refuses a corrupted one.
+  prompt (tokens fed to llama.cpp's grammar sampler), and refuses a corrupted one;
+- **agent**: a model whose greedy reply is that call (scripted on the synthetic vocabulary) calls
+  the tool through MtpLlama's chat, streaming and not, under ``tool_choice: "auto"``'s lazy
+  grammar, exactly as plain decoding does.
 
 llama-server is built once from the same sources (bench/native.py, several minutes on 2 cores).
 """
@@ -204,3 +207,92 @@ def _free(sampler_address: int) -> None:
     import llama_cpp
 
     llama_cpp.llama_sampler_free(ctypes.cast(ctypes.c_void_p(sampler_address), llama_cpp.llama_sampler_p_ctypes))
+
+
+def full_reply(chat: ChatPrompt, rest: str, control_texts: List[str]) -> str:
+    """The whole reply the template writes for the call: the longest prefix of ``rest`` that still
+    parses into the call and holds no control token (the turn's end-of-generation and after)."""
+    rest = rest[:min([rest.find(c) for c in control_texts if c in rest] + [len(rest)])]
+    best = reply_of(chat, rest)
+    for end in range(len(best) + 1, len(rest) + 1):
+        text = rest[:end]
+        with chat.parser(stream=False) as parser:
+            calls = parser.update(text, final=True).message.get("tool_calls", [])
+        if [(c["function"]["name"], _json_or_none(c["function"]["arguments"])) for c in calls] == \
+                [("get_weather", {"city": "Paris"})]:
+            best = text
+    return best
+
+
+def chunks_of(first: str, reply: str) -> Tuple[str, ...]:
+    """``reply`` cut into distinct chunks (lines, a repeated one joined to the next), after ``first``
+    (the prompt's last token, where greedy decoding picks up the script)."""
+    lines = reply.splitlines(keepends=True)
+    out: List[str] = [first]
+    pending = ""
+    for line in lines:
+        pending += line
+        if pending not in out:
+            out.append(pending)
+            pending = ""
+    if pending:
+        out[-1] += pending
+    return tuple(out)
+
+
+@pytest.fixture(scope="module")
+def agent_model(family, model_dir) -> Dict[str, str]:
+    """A model of the family's arch (synthetic vocabulary, real template) whose greedy reply to USER is
+    the template's own call of get_weather, then end-of-generation."""
+    import llama_cpp
+
+    arch = family[0]
+    bare = _helpers.build_model(testing.TestModelSpec(arch=arch, chat_template="real"), model_dir)
+    llm = _helpers.plain_llama(bare, n_ctx=512)
+    try:
+        with ChatTemplates(llm) as t:
+            chat, rest = written_call(t)
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        controls = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llm.n_vocab())
+                    if llama_cpp.llama_vocab_is_control(vocab, i)]
+        reply = full_reply(chat, rest, [c for c in controls if c])
+        last = llm.tokenize(chat.prompt.encode(), add_bos=False, special=True)[-1]
+        # a special token as the prompt's end (a turn marker, <think>) leads into the script by
+        # itself (the generator's specials alias the script's predecessor); an ordinary one starts it
+        ordinary = llama_cpp.llama_vocab_get_attr(vocab, last) & llama_cpp.LLAMA_TOKEN_ATTR_NORMAL
+        first = llm.detokenize([last]).decode() if ordinary else ""
+    finally:
+        llm.close()
+    chunks = chunks_of(first, reply)[0 if first else 1:]
+    spec = testing.TestModelSpec(arch=arch, chat_template="real", script_text=chunks, script_eos=True)
+    if not ARCHS[arch].has_mtp_heads:  # gemma4: its MTP drafter is an assistant GGUF of its own
+        from llama_mtp.testing.archs import gemma4
+
+        with _helpers.models_cache(model_dir):
+            target, assistant, _ = gemma4.cached_gemma4_pair(spec)
+        return {"model_path": str(target), "draft_model_path": str(assistant)}
+    return {"model_path": str(_helpers.build_model(spec, model_dir))}
+
+
+def test_the_model_calls_the_tool_streaming_and_not_as_plain_decoding_does(family, agent_model) -> None:
+    import llama_mtp
+
+    kwargs = dict(tools=TOOLS, temperature=0, max_tokens=96)
+    with contextlib.closing(llama_mtp.MtpLlama(**agent_model, n_ctx=4096, verbose=False)) as llm, \
+            contextlib.closing(llama_mtp.MtpLlama(**agent_model, n_ctx=4096, verbose=False, n_draft=0)) as plain:
+        out = llm.create_chat_completion(USER, **kwargs)
+        (call,) = out["choices"][0]["message"]["tool_calls"]
+        assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+        assert out["choices"][0]["finish_reason"] == "tool_calls"
+        ref = plain.create_chat_completion(USER, **kwargs)
+        assert {k: v for k, v in ref["choices"][0]["message"].items() if k != "tool_calls"} == \
+            {k: v for k, v in out["choices"][0]["message"].items() if k != "tool_calls"}
+        assert [c["function"] for c in ref["choices"][0]["message"]["tool_calls"]] == [call["function"]]
+        assert out["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+        if out["usage"]["completion_tokens"] > 2:  # a reply of one chunk token leaves nothing to draft
+            assert out["usage"]["completion_tokens_details"]["accepted_prediction_tokens"] > 0
+        chunks = list(llm.create_chat_completion(USER, stream=True, **kwargs))
+        streamed = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+        assert streamed[0]["function"]["name"] == "get_weather" and streamed[0]["id"]
+        assert json.loads("".join(tc.get("function", {}).get("arguments", "") for tc in streamed)) == {"city": "Paris"}
+        assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"

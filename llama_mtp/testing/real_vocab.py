@@ -199,23 +199,41 @@ def script_from_text(vocab_name: str, text: str) -> tuple[int, ...]:
     return script
 
 
-def distinct_script(vocab_name: str, text: str, *, avoid: Sequence[int] = ()) -> tuple[int, ...]:
+def distinct_script(vocab_name: str, text: str, *, avoid: Sequence[int] = (), tries: int = 200,
+                    budget: int = 20000) -> tuple[int, ...]:
     """Ordinary tokens of ``vocab_name`` whose pieces spell ``text``, all distinct and none in
     ``avoid``: a script for text that repeats itself (newlines, tags), which llama.cpp's own
-    tokenization would spell with the same token twice. Longest pieces first, backtracking.
-    Raises ValueError when the vocabulary has no such spelling."""
+    tokenization would spell with the same token twice.
+
+    A depth-first search over spellings, longest pieces first; repeated markup makes some
+    prefixes dead ends that plain backtracking revisits exponentially often, so each try has a
+    node ``budget`` and later tries shuffle the pieces of equal length (seeded: deterministic).
+    Raises ValueError when no try finds a spelling.
+    """
+    import random
+
     vocab = real_vocab(vocab_name)
     by_piece = vocab._pieces_by_bytes
     data = text.encode("utf-8")
     longest = max(map(len, by_piece))
-    used = set(int(t) for t in avoid)
-    out: list[int] = []
+    # the pieces that fit at each position: (length, token), longest first
+    options = [[(n, tok) for n in range(min(longest, len(data) - pos), 0, -1)
+                for tok in by_piece.get(data[pos:pos + n], ())] for pos in range(len(data))]
+    rng = random.Random(0)
+    for attempt in range(tries):
+        order = options if attempt == 0 else [
+            sorted(opts, key=lambda o: (-o[0] + rng.random() * 3)) for opts in options]
+        used = set(int(t) for t in avoid)
+        out: list[int] = []
+        nodes = [0]
 
-    def search(pos: int) -> bool:
-        if pos == len(data):
-            return True
-        for n in range(min(longest, len(data) - pos), 0, -1):
-            for tok in by_piece.get(data[pos:pos + n], ()):
+        def search(pos: int) -> bool:
+            if pos == len(data):
+                return True
+            nodes[0] += 1
+            if nodes[0] > budget:
+                return False
+            for n, tok in order[pos]:
                 if tok in used:
                     continue
                 used.add(tok)
@@ -224,10 +242,10 @@ def distinct_script(vocab_name: str, text: str, *, avoid: Sequence[int] = ()) ->
                     return True
                 used.discard(tok)
                 out.pop()
-        return False
+            return False
 
-    if not search(0):
-        raise ValueError(f"{vocab_name} cannot spell {text!r} with distinct tokens")
-    script = tuple(out)
-    check_script(script, vocab.ordinary, vocab.token_texts)
-    return script
+        if search(0):
+            script = tuple(out)
+            check_script(script, vocab.ordinary, vocab.token_texts)
+            return script
+    raise ValueError(f"{vocab_name} cannot spell {text!r} with distinct tokens (searched {tries} x {budget} nodes)")

@@ -68,7 +68,7 @@ CONTEXT_MIN_MARGIN = 0.1
 _SYNTHETIC_N_VOCAB = 384
 # fields left out of recorded_fields at these (default) values: see TestModelSpec.vocab
 _LATE_FIELDS: dict[str, Any] = {"vocab": None, "script": (), "script_loop": False, "chat_template": "short",
-                                "script_eos": False}
+                                "script_eos": False, "script_text": ()}
 
 # value = llama_ftype (general.file_type); "q4_k_m" is written as f16, then quantized by llama.cpp
 FTYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
@@ -118,6 +118,9 @@ class TestModelSpec:
     # own template from llama.cpp's models/templates (ArchLayout.real_template_file)
     chat_template: str = "short"
     script_eos: bool = False        # pi(script[-1]) = EOS: greedy ends the script with end-of-generation
+    # the script as text chunks, on the synthetic vocabulary: each chunk not already one of its tokens
+    # becomes one (so text that repeats itself, like markup, is spelled with distinct tokens); sets script
+    script_text: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from .archs import get_arch
@@ -158,12 +161,12 @@ class TestModelSpec:
     def _resolve_vocab(self) -> None:
         """Set n_vocab (None: the vocabulary's own size) and check it and the script against the vocabulary."""
         from .archs import get_arch
-        from .vocab import check_script, min_vocab, vocab_for
+        from .vocab import check_script, min_vocab, text_token, vocab_for
 
         if self.vocab is None:
             if self.n_vocab is None:
                 object.__setattr__(self, "n_vocab", _SYNTHETIC_N_VOCAB)
-            if self.n_vocab < min_vocab(get_arch(self.arch).specials):
+            if self.n_vocab < min_vocab(get_arch(self.arch).specials) + len(self.script_text):
                 raise ValueError("n_vocab must leave room for 256 byte tokens, specials and merges")
         else:
             from .real_vocab import real_vocab
@@ -173,6 +176,17 @@ class TestModelSpec:
                 raise ValueError(f"vocab {self.vocab!r} has {n_real} tokens, got n_vocab={self.n_vocab} "
                                  "(leave n_vocab unset with a real vocab)")
             object.__setattr__(self, "n_vocab", n_real)
+        if self.script_text:
+            if self.vocab is not None:
+                raise ValueError("script_text spells the script on the synthetic vocabulary: leave vocab unset")
+            if len(set(self.script_text)) != len(self.script_text) or not all(self.script_text):
+                raise ValueError("script_text chunks must be distinct non-empty strings")
+            object.__setattr__(self, "script_text", tuple(str(c) for c in self.script_text))
+            tokens = vocab_for(self).tokens
+            spelled = tuple(tokens.index(text_token(c)) for c in self.script_text)
+            if self.script and tuple(self.script) != spelled:  # dataclasses.replace() passes both
+                raise ValueError("script_text sets the script: pass one or the other")
+            object.__setattr__(self, "script", spelled)
         if self.script:
             vocab = vocab_for(self)
             check_script(self.script, vocab.ordinary, vocab.tokens)

@@ -99,13 +99,24 @@ def min_vocab(specials: Specials) -> int:
     return 256 + len(MERGES) + len(specials.tokens) + 4
 
 
-def build_vocab(n_vocab: int, specials: Specials) -> Vocab:
-    """The synthetic vocabulary of ``n_vocab`` tokens with ``specials`` stored last."""
-    # ids 0..255 are the byte tokens in byte order, then merges, filler, specials last (as Qwen).
+def text_token(text: str) -> str:
+    """The byte-level BPE token string whose piece is ``text``."""
+    b2u = bytes_to_unicode()
+    return "".join(b2u[b] for b in text.encode("utf-8"))
+
+
+def build_vocab(n_vocab: int, specials: Specials, chunks: Sequence[str] = ()) -> Vocab:
+    """The synthetic vocabulary of ``n_vocab`` tokens with ``specials`` stored last; ``chunks``:
+    texts that get a token of their own (after the merges) unless one already spells them."""
+    # ids 0..255 are the byte tokens in byte order, then merges, chunks, filler, specials last (as Qwen).
     b2u = bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)]
     merges = list(MERGES)
     tokens += [m.replace(" ", "") for m in merges]
+    clash = [c for c in chunks if text_token(c) in specials.tokens]
+    if clash:  # llama.cpp refuses a vocabulary with a token text twice
+        raise ValueError(f"chunk {clash[0]!r} is a special token's text: spell it with that token instead")
+    tokens += [t for t in dict.fromkeys(map(text_token, chunks)) if t not in tokens]
     n_filler = n_vocab - len(tokens) - len(specials.tokens)
     # Filler: readable words (decodable by the byte-level decoder), never produced by merges.
     tokens += filler_words(n_filler)
@@ -125,7 +136,7 @@ def vocab_for(spec: TestModelSpec) -> Vocab:
     from .archs import get_arch
 
     if spec.vocab is None:
-        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials)
+        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials, spec.script_text)
     from .real_vocab import real_vocab
 
     real = real_vocab(spec.vocab)

@@ -33,7 +33,7 @@ import numpy as np
 
 from . import register
 from .base import ArchLayout, Shape, TensorList, moe_ffn, nextn_tensors, uniform
-from ..vocab import Specials, build_vocab
+from ..vocab import Specials, vocab_for
 
 if TYPE_CHECKING:
     from ..spec import TestModelSpec
@@ -221,7 +221,7 @@ class Glm4Moe(ArchLayout):
             return  # a real vocabulary's tokenizer keys are its file's, as they are
         # the converter's _set_vocab_glm also names end-of-turn / end-of-message tokens, which
         # llama.cpp adds to its end-of-generation set (the shared writer adds bos/eos/pad)
-        ids = {t: i for i, t in enumerate(build_vocab(spec.n_vocab, self.specials).tokens)
+        ids = {t: i for i, t in enumerate(vocab_for(spec).tokens)
                if t in self.specials.tokens}
         w.add_uint32("tokenizer.ggml.eot_token_id", ids["<|user|>"])
         w.add_uint32("tokenizer.ggml.unknown_token_id", ids["<|endoftext|>"])
