@@ -278,3 +278,23 @@ def test_server_splits_reasoning_and_renders_tool_turns(chat_server, llm) -> Non
     with pytest.raises(openai.BadRequestError, match="not in tools"):
         client.chat.completions.create(model=model, messages=USER, tools=TOOLS, max_tokens=8,
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_a_generated_call_that_breaks_the_grammar_ends_the_reply_as_content(model_dir, caplog) -> None:
+    """A token that triggers the lazy tool-call grammar and goes on with text its rules refuse: llama.cpp's
+    grammar throws on it (which would abort the process); the reply ends there, comes back as content
+    with a log line, and the model keeps serving."""
+    broken = "<tool_call>\nget_weather(Paris)\n</tool_call>"
+    spec = testing.TestModelSpec(arch="qwen35", chat_template="real", script_eos=True,
+                                 script_text=("\n", "Checking.\n</think>\n\n", broken))
+    path = _helpers.build_model(spec, model_dir)
+    with contextlib.closing(llama_mtp.MtpLlama(str(path), n_ctx=4096, verbose=False)) as llm, \
+            caplog.at_level(logging.WARNING):
+        for _ in range(2):  # and again: nothing broke
+            out = llm.create_chat_completion(USER, tools=TOOLS, temperature=0, max_tokens=32)
+            msg = out["choices"][0]["message"]
+            assert msg["content"] == broken and not msg.get("tool_calls")
+            assert msg["reasoning_content"].strip() == "Checking."
+            assert out["choices"][0]["finish_reason"] == "stop"
+    assert [r for r in caplog.records if "grammar refused" in r.getMessage()]
+    assert [r for r in caplog.records if "does not follow" in r.getMessage()]
