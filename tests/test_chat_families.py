@@ -296,3 +296,65 @@ def test_the_model_calls_the_tool_streaming_and_not_as_plain_decoding_does(famil
         assert streamed[0]["function"]["name"] == "get_weather" and streamed[0]["id"]
         assert json.loads("".join(tc.get("function", {}).get("arguments", "") for tc in streamed)) == {"city": "Paris"}
         assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+# ------------------------------------------------------------------------- the agent loop, over HTTP
+
+PARALLEL = [dict(CALL, id="call_1"), {"id": "call_2", "type": "function",
+                                      "function": {"name": "get_weather", "arguments": json.dumps({"city": "Rome"})}}]
+
+
+def test_agent_loop_through_the_server_with_the_openai_client(model_dir, tmp_path) -> None:
+    """qwen35's format through a real server and the official client: the model calls the tool
+    (whole and streamed, ``finish_reason: "tool_calls"``), the client sends the result and gets an
+    answer rendered from that history; a reply with two calls comes back as two parallel calls."""
+    openai = pytest.importorskip("openai")
+    from test_server import ServerProcess
+
+    bare = _helpers.build_model(testing.TestModelSpec(arch="qwen35", chat_template="real"), model_dir)
+    llm = _helpers.plain_llama(bare, n_ctx=512)
+    try:
+        with ChatTemplates(llm) as t:
+            chat = t.apply({"messages": USER, "tools": TOOLS})
+            two = t.apply({"messages": USER + [{"role": "assistant", "content": "", "tool_calls": PARALLEL},
+                                               {"role": "tool", "tool_call_id": "call_1", "content": "x"}],
+                           "tools": TOOLS}).prompt
+    finally:
+        llm.close()
+    # the reply the template writes for two calls, cut at its end-of-turn marker
+    reply = two[len(os.path.commonprefix([chat.prompt, two])):two.index("<|im_end|>", len(chat.prompt))]
+    spec = testing.TestModelSpec(arch="qwen35", chat_template="real", script_eos=True,
+                                 script_text=chunks_of("\n", reply))
+    srv = ServerProcess(_helpers.build_model(spec, model_dir), tmp_path / "server.log", "--n_ctx", "8192",
+                        chat_format=None)
+    try:
+        srv.wait_ready()
+        client = srv.client()
+        model = client.models.list().data[0].id
+        first = client.chat.completions.create(model=model, messages=USER, tools=TOOLS, temperature=0,
+                                               parallel_tool_calls=True, max_tokens=128)
+        choice = first.choices[0]
+        assert choice.finish_reason == "tool_calls"
+        calls = choice.message.tool_calls
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == \
+            [("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Rome"})]
+        assert len({c.id for c in calls}) == 2
+        stream = list(client.chat.completions.create(model=model, messages=USER, tools=TOOLS, temperature=0,
+                                                     parallel_tool_calls=True, max_tokens=128, stream=True))
+        deltas = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        by_index: Dict[int, str] = {}
+        for tc in deltas:
+            by_index[tc.index] = by_index.get(tc.index, "") + (tc.function.arguments or "")
+        assert {i: json.loads(a) for i, a in by_index.items()} == {0: {"city": "Paris"}, 1: {"city": "Rome"}}
+        assert stream[-1].choices[0].finish_reason == "tool_calls"
+        # the agent sends the results back: the history renders (the bigram test model answers as it
+        # always does: with the same calls) and is served
+        history = USER + [choice.message.model_dump(exclude_none=True)] + [
+            {"role": "tool", "tool_call_id": c.id, "content": f"sunny in {json.loads(c.function.arguments)['city']}"}
+            for c in calls]
+        nxt = client.chat.completions.create(model=model, messages=history, tools=TOOLS, temperature=0, max_tokens=128)
+        assert nxt.choices[0].finish_reason == "tool_calls" and nxt.usage.prompt_tokens > first.usage.prompt_tokens
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model=model, messages=history, tools=[{"type": "function"}], max_tokens=8)
+    finally:
+        srv.stop()
