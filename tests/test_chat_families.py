@@ -358,3 +358,56 @@ def test_agent_loop_through_the_server_with_the_openai_client(model_dir, tmp_pat
             client.chat.completions.create(model=model, messages=history, tools=[{"type": "function"}], max_tokens=8)
     finally:
         srv.stop()
+
+
+def test_gemma4_agent_loop_call_result_answer(model_dir, tmp_path) -> None:
+    """Gemma 4's template continues the model's turn after a tool result (no new turn header), so
+    the prompt of an agent's second request ends differently from its first: a test model with two
+    scripts (a call after the first prompt, an answer after the result) runs the whole loop through
+    the server with the official client, the MTP drafter being the gemma4-assistant GGUF."""
+    pytest.importorskip("openai")
+    from test_server import ServerProcess
+    from llama_mtp.testing.archs import gemma4
+
+    answer = "It is sunny in Paris, 24 C."
+    result = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"}
+    bare = _helpers.build_model(testing.TestModelSpec(arch="gemma4", chat_template="real"), model_dir)
+    llm = _helpers.plain_llama(bare, n_ctx=512)
+    try:
+        with ChatTemplates(llm) as t:
+            chat, rest = written_call(t)
+            second = t.apply({"messages": USER + [{"role": "assistant", "content": "", "tool_calls": [CALL]}, result],
+                              "tools": TOOLS}).prompt
+        ends = [llm.detokenize(llm.tokenize(p.encode(), add_bos=False, special=True)[-1:]).decode()
+                for p in (chat.prompt, second)]
+    finally:
+        llm.close()
+    assert ends[0] != ends[1]  # what lets a test model without attention tell the two turns apart
+    call = rest[:rest.index("<tool_call|>") + len("<tool_call|>")]
+    spec = testing.TestModelSpec(arch="gemma4", chat_template="real", script_eos=True,
+                                 script_text=chunks_of(ends[0], call), more_scripts_text=((ends[1], answer),))
+    with _helpers.models_cache(model_dir):
+        target, assistant, _ = gemma4.cached_gemma4_pair(spec)
+    srv = ServerProcess(target, tmp_path / "server.log", "--n_ctx", "8192", "--draft_model_path", str(assistant),
+                        chat_format=None)
+    try:
+        srv.wait_ready()
+        client = srv.client()
+        model = client.models.list().data[0].id
+        first = client.chat.completions.create(model=model, messages=USER, tools=TOOLS, temperature=0, max_tokens=64)
+        assert first.choices[0].finish_reason == "tool_calls"
+        (tc,) = first.choices[0].message.tool_calls
+        assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris"}
+        history = USER + [first.choices[0].message.model_dump(exclude_none=True), dict(result, tool_call_id=tc.id)]
+        for stream in (False, True):
+            out = client.chat.completions.create(model=model, messages=history, tools=TOOLS, temperature=0,
+                                                 max_tokens=64, stream=stream)
+            if stream:
+                chunks = list(out)
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+                finish = chunks[-1].choices[0].finish_reason
+            else:
+                text, finish = out.choices[0].message.content, out.choices[0].finish_reason
+            assert (text, finish) == (answer, "stop")
+    finally:
+        srv.stop()

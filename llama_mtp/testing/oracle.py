@@ -176,9 +176,11 @@ def _cycles(spec: TestModelSpec, ordinary: np.ndarray, rng: np.random.Generator)
     """One random cycle through the ordinary tokens; with a script, the script runs inside it
     (or, ``script_loop``, forms a cycle of its own next to one through the rest)."""
     script = np.asarray(spec.script, dtype=np.int64)
-    rest = ordinary[~np.isin(ordinary, script)]
+    extras = [np.asarray(m, dtype=np.int64) for m in spec.more_scripts()]  # chains ending in EOS (build_oracle)
+    rest = ordinary[~np.isin(ordinary, np.concatenate([script, *extras]))]
     rest = rest[rng.permutation(len(rest))]
     cycles = [script, rest] if spec.script_loop else [np.concatenate([script, rest])]
+    cycles += extras
     successor = np.empty(spec.n_vocab, dtype=np.int64)
     predecessor = np.empty(spec.n_vocab, dtype=np.int64)
     for c in cycles:
@@ -258,6 +260,8 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
         # the script's last token is followed by end-of-generation: the LM head's EOS row takes
         # the place of the row of the token the cycle would have gone on with (never output now)
         successor[spec.script[-1]] = vocab.eos_id
+        for extra in spec.more_scripts():
+            successor[extra[-1]] = vocab.eos_id
     head, eh = _projections(spec, u, vocab.ordinary, successor, decoys, hdecoys, tok_dims, h_dims)
 
     # the rule of TestModelInfo.mtp_draft, vectorised: token flag > h flag > own token
@@ -280,7 +284,8 @@ def _projections(spec: TestModelSpec, u: np.ndarray, ordinary: np.ndarray, succe
     g, e_len = math.sqrt(d), math.sqrt(1.0 + 2.0 * _FLAG_AMP**2)
     alpha = spec.logit_scale * e_len / g  # top-1 trunk logit = logit_scale
     head = np.zeros((spec.n_vocab, d), dtype=np.float32)
-    head[successor[ordinary], :d_u] = alpha * u[ordinary]
+    # (np.add.at: several scripts may end in EOS, whose row then sums their last tokens' directions)
+    np.add.at(head, (successor[ordinary], slice(0, d_u)), alpha * u[ordinary])
 
     eh = np.zeros((d, 2 * d), dtype=np.float32)
     eh[np.arange(d_u), np.arange(d_u)] = 1.0
@@ -318,7 +323,8 @@ def info_for(spec: TestModelSpec, o: Oracle) -> TestModelInfo:
         n_check = min(1024, max(256, 2**25 // spec.n_vocab))
         idx = np.sort(rng_for(spec.seed, "margin-sample").choice(ordinary, n_check, replace=False))
         if spec.script:
-            idx = np.union1d(idx, np.asarray(spec.script, dtype=np.int64))
+            idx = np.union1d(idx, np.asarray(spec.script + tuple(t for m in spec.more_scripts() for t in m),
+                                             dtype=np.int64))
     else:
         idx = ordinary
     return TestModelInfo(

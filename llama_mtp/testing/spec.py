@@ -68,7 +68,7 @@ CONTEXT_MIN_MARGIN = 0.1
 _SYNTHETIC_N_VOCAB = 384
 # fields left out of recorded_fields at these (default) values: see TestModelSpec.vocab
 _LATE_FIELDS: dict[str, Any] = {"vocab": None, "script": (), "script_loop": False, "chat_template": "short",
-                                "script_eos": False, "script_text": ()}
+                                "script_eos": False, "script_text": (), "more_scripts_text": ()}
 
 # value = llama_ftype (general.file_type); "q4_k_m" is written as f16, then quantized by llama.cpp
 FTYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
@@ -121,6 +121,10 @@ class TestModelSpec:
     # the script as text chunks, on the synthetic vocabulary: each chunk not already one of its tokens
     # becomes one (so text that repeats itself, like markup, is spelled with distinct tokens); sets script
     script_text: tuple[str, ...] = ()
+    # further scripts, as text chunks, each a chain of its own that ends in EOS (needs script_eos): greedy
+    # follows the one whose first chunk is the prompt's last token (e.g. an agent's next turn ending
+    # differently from its first); all chunks of all scripts distinct
+    more_scripts_text: tuple[tuple[str, ...], ...] = ()
 
     def __post_init__(self) -> None:
         from .archs import get_arch
@@ -176,6 +180,12 @@ class TestModelSpec:
                 raise ValueError(f"vocab {self.vocab!r} has {n_real} tokens, got n_vocab={self.n_vocab} "
                                  "(leave n_vocab unset with a real vocab)")
             object.__setattr__(self, "n_vocab", n_real)
+        if self.more_scripts_text:
+            object.__setattr__(self, "more_scripts_text", tuple(tuple(str(c) for c in m) for m in self.more_scripts_text))
+            every = list(self.script_text) + [c for m in self.more_scripts_text for c in m]
+            if not self.script_text or not self.script_eos or len(set(every)) != len(every) or not all(
+                    self.more_scripts_text):
+                raise ValueError("more_scripts_text needs script_text and script_eos, and distinct chunks in all")
         if self.script_text:
             if self.vocab is not None:
                 raise ValueError("script_text spells the script on the synthetic vocabulary: leave vocab unset")
@@ -202,6 +212,13 @@ class TestModelSpec:
             raise ValueError(f"chat_template must be 'short' or 'real', got {self.chat_template!r}")
         if self.chat_template == "real" and get_arch(self.arch).real_template_file is None:
             raise ValueError(f"{self.arch} has no real chat template in llama.cpp's models/templates")
+
+    def more_scripts(self) -> tuple[tuple[int, ...], ...]:
+        """The token ids of ``more_scripts_text`` on this spec's (synthetic) vocabulary."""
+        from .vocab import text_token, vocab_for
+
+        tokens = vocab_for(self).tokens
+        return tuple(tuple(tokens.index(text_token(c)) for c in m) for m in self.more_scripts_text)
 
     def param(self, name: str) -> Any:
         """An arch-specific knob: ``arch_params`` or the arch's default."""

@@ -136,7 +136,8 @@ def vocab_for(spec: TestModelSpec) -> Vocab:
     from .archs import get_arch
 
     if spec.vocab is None:
-        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials, spec.script_text)
+        chunks = spec.script_text + tuple(c for m in spec.more_scripts_text for c in m)
+        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials, chunks)
     from .real_vocab import real_vocab
 
     real = real_vocab(spec.vocab)
