@@ -76,8 +76,9 @@ def test_serve_run_config_autoscales_from_one_to_two_replicas(server_model, tmp_
     env["PYTHONPATH"] = os.pathsep.join([str(_helpers.REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     serve_bin = pathlib.Path(sys.executable).with_name("serve")
     log = open(tmp_path / "serve.log", "wb")
+    # SIGINT (Ctrl-C) is how serve run shuts down: undo an ignored SIGINT inherited from a background shell
     proc = subprocess.Popen([str(serve_bin), "run", str(config)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                            cwd=str(tmp_path))
+                            cwd=str(tmp_path), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     srv = ServerProcess.__new__(RayServer)  # only its HTTP helpers, on serve run's port
     srv.base, srv.api_key = f"http://{HOST}:{port}", None
 
@@ -99,8 +100,8 @@ def test_serve_run_config_autoscales_from_one_to_two_replicas(server_model, tmp_
         def load(i: int) -> int:
             n = 0
             while not stop:
-                client.completions.create(model=model, prompt=f"Load {i}: once upon a time", max_tokens=200,
-                                          temperature=0, extra_headers={"x-session-id": f"load-{i}"})
+                client.completions.create(model=model, prompt=f"Load {i}, request {n}: once upon a time",
+                                          max_tokens=200, temperature=0, extra_headers={"x-session-id": f"load-{i}"})
                 n += 1
             return n
 
