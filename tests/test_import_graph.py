@@ -24,7 +24,7 @@ LAYERS: List[Set[str]] = [
     {"generation", "engine", "chat_completion"},
     {"mtp_llama"},
     {"testing"},
-    {"server"},
+    {"server"},                                          # server.ray (Ray Serve app) included: above the app it serves
     {"", "cli", "__main__"},                                              # "": the package's own API
 ]
 

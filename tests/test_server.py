@@ -667,3 +667,20 @@ def test_cli_serve_subcommand_runs_the_server_main(tmp_path):
     proc = _run_server("llama_mtp", "serve", "--model", str(tmp_path / "missing.gguf"))
     assert proc.returncode == 2, proc.stderr
     assert "no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ray_flags(server_model, monkeypatch):
+    """--replicas / --ray_address / --ray_router / --ray_num_gpus parse into cfg.ray; Ray's own RAY_ADDRESS
+    (set inside every Ray worker) does not turn a plain server into a Ray one."""
+    from llama_mtp.server import settings
+
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    plain_cfg = settings.parse_config(["--model", str(server_model)], lambda: "unused")
+    assert not plain_cfg.ray.enabled and plain_cfg.ray.replicas == 0
+    cfg = settings.parse_config(["--model", str(server_model), "--replicas", "3", "--ray_router", "default",
+                                 "--ray_num_gpus", "0.5"], lambda: "unused")
+    assert (cfg.ray.replicas, cfg.ray.ray_router, cfg.ray.ray_num_gpus, cfg.ray.enabled) == (3, "default", 0.5, True)
+    joined = settings.parse_config(["--model", str(server_model), "--ray_address", "auto"], lambda: "unused")
+    assert joined.ray.enabled and joined.ray.ray_address == "auto"
+    with pytest.raises(settings.SettingsError, match="ray_router"):
+        settings.parse_config(["--model", str(server_model), "--ray_router", "random"], lambda: "unused")

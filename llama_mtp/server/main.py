@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
+
+if TYPE_CHECKING:
+    from .settings import ServeConfig
 
 log = logging.getLogger("llama_mtp.server")
 
@@ -31,6 +34,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except SettingsError as e:
         print(f"llama_mtp.server: error: {e}", file=sys.stderr)
         return 2
+
+    if cfg.ray.enabled:
+        return _serve_on_ray(cfg)
 
     from llama_mtp.errors import MtpError
 
@@ -59,6 +65,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         backend.close()  # if uvicorn never ran the lifespan (e.g. the port was taken)
     return 0
+
+
+def _serve_on_ray(cfg: "ServeConfig") -> int:
+    """--replicas / --ray_address: the same app on Ray Serve (the ``ray`` extra)."""
+    try:
+        from .ray.launch import serve_forever
+    except ImportError as e:
+        print(f"llama_mtp.server: --replicas/--ray_address need Ray Serve ({e.name or e} is not installed): "
+              "pip install 'llama-mtp[ray]'", file=sys.stderr)
+        return 2
+    from .settings import SettingsError
+
+    try:
+        return serve_forever(cfg)
+    except SettingsError as e:
+        print(f"llama_mtp.server: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llama_cpp.server.cli import add_args_from_model, parse_model_from_args
 from llama_cpp.server.settings import ConfigFileSettings, ModelSettings, ServerSettings, Settings
@@ -66,8 +66,34 @@ class MtpSettings(BaseSettings):
         return "auto" if isinstance(value, str) else value
 
 
+class RaySettings(BaseSettings):
+    """Serving on Ray Serve (``llama_mtp.server.ray``, the ``ray`` extra): replicas, each its own model copy.
+
+    Flags (or LLAMA_MTP_-prefixed environment variables: a bare RAY_ADDRESS is Ray's own, set inside
+    every Ray worker, and must not switch a plain server to Ray).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="LLAMA_MTP_")
+
+    replicas: int = Field(default=0, ge=0, description="Replicas on Ray Serve, each with its own engine and model "
+                          "copy, behind one port; 0: one process without Ray.")
+    ray_address: Optional[str] = Field(default=None, description="Join this Ray cluster (e.g. 'auto' or "
+                                       "'ray://head:10001') instead of starting a local Ray instance; implies Ray "
+                                       "Serve (with --replicas 1 unless given).")
+    ray_num_gpus: float = Field(default=0.0, ge=0, description="GPUs each replica declares to Ray (its CPU "
+                                "share is --n_threads).")
+    ray_router: Literal["affinity", "default"] = Field(default="affinity", description="'affinity': a "
+                                                        "conversation goes to the replica that holds its prefix "
+                                                        "(least loaded when that one is saturated); 'default': "
+                                                        "Ray Serve's power-of-two router.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.replicas > 0 or self.ray_address is not None
+
+
 class MtpConfigFileSettings(ConfigFileSettings, MtpSettings):
-    """llama_cpp.server's config file format; the engine's keys sit next to host/port."""
+    """llama_cpp.server's config file format; the engine's keys sit next to host/port (Ray's are flags)."""
 
 
 @dataclass
@@ -77,6 +103,7 @@ class ServeConfig:
     server: ServerSettings
     model: ModelSettings
     mtp: MtpSettings
+    ray: RaySettings = field(default_factory=RaySettings)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -165,12 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config_file", type=str, help="Path to a config file to load (llama_cpp.server's format; "
                         "one model; the engine's keys n_parallel, n_draft, n_draft_max, max_waiting, ctx_checkpoints, "
                         "cache_ram_mib, "
-                        "draft_model_path may sit next to host/port).")
-    for name, field in MtpSettings.model_fields.items():
-        # n_draft takes 'auto' or an int: parsed by MtpSettings, not argparse
-        parser.add_argument(f"--{name}", dest=name, type=str if name in ("n_draft", "draft_model_path") else int,
-                            help=f"{field.description} (default: {field.default})")
+                        "draft_model_path may sit next to host/port; Ray's settings are flags only).")
+    for cls in (MtpSettings, RaySettings):
+        for name, info in cls.model_fields.items():
+            # strings are parsed by the settings classes (n_draft takes 'auto' or an int), not argparse
+            parser.add_argument(f"--{name}", dest=name, type=_FLAG_TYPES.get(name, int),
+                                help=f"{info.description} (default: {info.default})")
     return parser
+
+
+_FLAG_TYPES: Dict[str, Callable[[str], Any]] = {"n_draft": str, "draft_model_path": str, "ray_address": str,
+                                                  "ray_router": str, "ray_num_gpus": float}
 
 
 def _load_config_file(path: str) -> MtpConfigFileSettings:
@@ -191,6 +223,7 @@ def parse_config(argv: Optional[List[str]], demo_model: Callable[[], str]) -> Se
     """
     args = build_parser().parse_args(argv)
     mtp_cli = {k: v for k, v in vars(args).items() if k in MtpSettings.model_fields and v is not None}
+    ray_cli = {k: v for k, v in vars(args).items() if k in RaySettings.model_fields and v is not None}
     try:
         config_file = os.environ.get("CONFIG_FILE", args.config_file)
         if config_file:
@@ -206,15 +239,17 @@ def parse_config(argv: Optional[List[str]], demo_model: Callable[[], str]) -> Se
             mtp_values: Dict[str, Any] = {k: getattr(file_cfg, k) for k in file_cfg.model_fields_set
                                           if k in MtpSettings.model_fields}
             mtp = MtpSettings(**{**mtp_values, **mtp_cli})
+            ray = RaySettings(**ray_cli)
         else:
             if args.model is None and not os.environ.get("MODEL"):
                 args.model = demo_model()
             server = parse_model_from_args(ServerSettings, args)
             model = parse_model_from_args(ModelSettings, args)
             mtp = MtpSettings(**mtp_cli)
+            ray = RaySettings(**ray_cli)
     except ValidationError as e:
         raise SettingsError(_one_line(e)) from None
-    cfg = ServeConfig(server=server, model=model, mtp=mtp)
+    cfg = ServeConfig(server=server, model=model, mtp=mtp, ray=ray)
     check_supported(cfg)
     return cfg
 
