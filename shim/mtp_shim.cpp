@@ -65,8 +65,8 @@ struct seq_state {
 
 // Draft-context decodes that process() deferred (defer_catchup): row i pairs token
 // tok[i] at position pos[i] with the target's hidden state before it, h[i].
-// detached (mtp_session_forget): the sequence's draft memory was emptied on purpose and the
-// rows, if any, are all the history it gets back; an empty memory may restart anywhere.
+// An empty draft memory may restart anywhere, the rows (if any) being all the history it gets
+// back; detached only marks that a forget emptied it (counted once per forget run in the stats).
 struct deferred_rows {
     std::vector<llama_token> tok;
     std::vector<llama_pos>   pos;
@@ -149,11 +149,14 @@ void sync_deferred(mtp_session * s, int32_t sid, llama_pos upto) {
     deferred_rows & d = s->deferred[sid];
     if (d.size() == 0) return;
     const llama_pos mem_max = pos_max(s->dft, sid);
-    if (d.detached && mem_max < 0 && upto > d.pos.back() + 1) {
-        d.resize(0, (size_t) s->n_embd); // a detached history that the caller's start does not continue
-        return;
-    }
-    if (mem_max != (d.detached ? -1 : d.pos.front() - 1)) {
+    if (mem_max < 0) {
+        // an empty memory: the rows restart it wherever they start, if the caller's start continues
+        // them; rows it would skip past, or that all lie at or after it, are dropped
+        if (upto > d.pos.back() + 1 || upto <= d.pos.front()) {
+            d.resize(0, (size_t) s->n_embd);
+            return;
+        }
+    } else if (mem_max != d.pos.front() - 1) {
         d.clear();
         return;
     }
@@ -166,7 +169,9 @@ void sync_deferred(mtp_session * s, int32_t sid, llama_pos upto) {
 llama_pos drafter_pos_max(mtp_session * s, int32_t sid, llama_pos upto) {
     const deferred_rows & d = s->deferred[sid];
     const llama_pos mem_max = pos_max(s->dft, sid);
-    if (d.detached && mem_max < 0) return upto - 1; // an emptied memory continues from anywhere
+    // an empty memory continues from anywhere (after a forget, or trimmed back to nothing after a
+    // draft restarted it): drafts then see a shorter past, and the output is exact all the same
+    if (mem_max < 0) return upto - 1;
     if (d.size() == 0 || mem_max != d.pos.front() - 1) return mem_max;
     return std::max(mem_max, std::min(d.pos.back(), upto - 1));
 }
@@ -448,6 +453,11 @@ MTP_EXPORT int32_t mtp_session_begin(mtp_session * s, int32_t seq_id, const int3
         if (!s->defer_catchup) { // upstream's drafter is unused then, and would warn about deferred rows
             const llama_tokens prompt(tokens, tokens + n_tokens);
             common_speculative_begin(s->spec, seq_id, prompt);
+        } else {
+            // a new sequence continues what the target holds of the slot (a reused prefix): deferred
+            // rows past it are the last occupant's tail (kept by a forget), which a later catch-up
+            // decode would otherwise put into the draft memory ahead of the new prefill
+            sync_deferred(s, seq_id, pos_max(s->tgt, seq_id) + 1);
         }
         s->seqs[seq_id] = seq_state{};
     });

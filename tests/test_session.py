@@ -26,6 +26,7 @@ from llama_mtp.errors import (
     ShimUnavailableError,
 )
 
+import _helpers
 from _helpers import (
     ORACLE_HALF_SPEC,
     ORACLE_RANDOM_SPEC,
@@ -987,6 +988,42 @@ def test_forget_drops_the_draft_history_and_drafting_goes_on(oracle_model):
         (d, _), = s.draft_many([llama_mtp.DraftRequest(0, p0 + 1, int(logits[-1].argmax()), 2)])
         assert len(d) == 2
         assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == p0  # the one row since the forget
+    finally:
+        s.close()
+        draft.close()
+        target.close()
+
+
+def test_a_draft_memory_trimmed_to_nothing_continues_from_anywhere(model_dir):
+    """Regression (served requests got HTTP 500): a forget, then a draft that restarts the draft
+    memory past 0 with the kept rows, then a prompt-cache reuse of a shorter prefix, which trims
+    both contexts below that restart: the draft memory is empty, and the next target decode must
+    be accepted wherever it starts (drafts see a shorter past; output is exact all the same).
+    (An attention-only target, which can drop any suffix: glm4moe.)"""
+    target, draft = load_pair(_helpers.build_model(testing.TestModelSpec(arch="glm4moe", accept=1.0), model_dir))
+    s = llama_mtp.MtpSession(target, draft, defer_catchup=True, backend_sampling=False)
+    try:
+        dec, n_past, id_last = _started(target, draft, s)
+        for _ in range(24):
+            logits = dec.decode(0, [id_last], n_past)
+            s.process(dec.batch)
+            n_past, id_last = n_past + 1, int(logits[-1].argmax())
+        kept = s.forget(0, keep=4)
+        assert kept >= 1
+        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 2)])
+        mem = llama_cpp.llama_get_memory(native_context(draft))
+        assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == n_past - kept > 5  # restarted past 0 by the draft
+        got = _verify(s, dec, n_past, id_last, d)
+        s.accept(0, len(d))
+        # a new request reuses only the first 5 tokens of this slot: both contexts are cut there
+        p0 = 5
+        assert seq_rm(target, 0, p0) and seq_rm(draft, 0, p0)
+        assert pos_max(draft, 0) == -1 and s.drafter_rows(0, p0) == p0
+        s.begin(0, [])
+        logits = dec.decode(0, [int(got[-1])], p0)
+        s.process(dec.batch)  # raised MtpProcessError ("the drafter has seen positions up to -1")
+        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, p0 + 1, int(logits[-1].argmax()), 2)])
+        assert len(d) == 2 and llama_cpp.llama_memory_seq_pos_min(mem, 0) == p0
     finally:
         s.close()
         draft.close()
