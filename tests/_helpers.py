@@ -557,3 +557,29 @@ def assert_chat_like_plain(llm, plain, messages: list, max_tokens: int) -> dict:
         assert got["choices"][0]["message"] == parser.update(_choice_text(mine), final=True).message
     assert got["choices"][0]["finish_reason"] == mine["choices"][0]["finish_reason"]
     return got
+
+
+def stream_parse(chat, text: str, pieces: int):
+    """Feed ``text`` to a ChatPrompt's stream parser in ``pieces`` chunks: (every delta, the final update)."""
+    deltas = []
+    with chat.parser(stream=True) as parser:
+        step = max(1, len(text) // pieces)
+        for i in range(0, len(text), step):
+            deltas += parser.update(text[i:i + step]).deltas
+        final = parser.update("", final=True)
+    return deltas + final.deltas, final
+
+
+def wait_for(what: str, ready, timeout: float, poll: float = 0.05, detail=lambda: ""):
+    """Poll ``ready()`` until it returns something true, and return that; after ``timeout`` seconds
+    fail, naming ``what`` (a state the test needs, never a delay it hopes is enough) and ``detail()``."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = ready()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout} s: {what}{detail()}")
+        time.sleep(poll)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import pathlib
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator
 
 import pytest
 
@@ -146,13 +146,7 @@ QWEN_CALL = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</pa
 def parse(templates: ChatTemplates, text: str, *, pieces: int = 1, **body: Any) -> Dict[str, Any]:
     """Parse a recorded reply as a stream of ``pieces`` chunks; check the deltas add up to the message."""
     chat = templates.apply({"messages": USER, "tools": TOOLS, **body})
-    deltas: List[Dict[str, Any]] = []
-    with chat.parser(stream=True) as parser:
-        step = max(1, len(text) // pieces)
-        for i in range(0, len(text), step):
-            deltas += parser.update(text[i:i + step]).deltas
-        final = parser.update("", final=True)
-    deltas += final.deltas
+    deltas, final = _helpers.stream_parse(chat, text, pieces)
     msg = final.message
     assert "".join(d.get("content") or "" for d in deltas) == (msg.get("content") or "")
     calls: Dict[int, Dict[str, str]] = {}

@@ -26,6 +26,7 @@ pytest.importorskip("ray.serve")
 
 import httpx  # noqa: E402  (after the skips: test_server's own skips cover these)
 import openai  # noqa: E402
+import _helpers  # noqa: E402
 
 from test_server import (  # noqa: E402,F401  (plain and server_model are fixtures)
     SERVER_SAMPLING,
@@ -102,14 +103,7 @@ def _model(srv: ServerProcess) -> str:
 
 
 def _wait(what: str, ready: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = ready()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.2)
+    return _helpers.wait_for(what, ready, timeout, poll=0.2)
 
 
 # --------------------------------------------------------------------------- same answers as one process

@@ -126,14 +126,7 @@ class ServerProcess:
     def wait_until(self, what: str, ready: Callable[[], Any], timeout: float = 30) -> Any:
         """Poll ``ready()`` until it returns something true, and return that; after ``timeout``
         seconds fail, naming ``what`` (a state the test needs, never a delay it hopes is enough)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            value = ready()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout} s: {what} (health: {self.health()})\n{self.log()}")
-            time.sleep(0.05)
+        return _helpers.wait_for(what, ready, timeout, detail=lambda: f" (health: {self.health()})\n{self.log()}")
 
     def quiesce(self, timeout: float = 30) -> None:
         """Wait until no request runs or waits."""

@@ -115,7 +115,8 @@ class TestModelSpec:
     script: tuple[int, ...] = ()    # ordinary tokens greedy follows: pi(script[i]) = script[i + 1]
     script_loop: bool = False       # pi(script[-1]) = script[0]: the script is its own cycle
     # "short": the arch's shortened chat template (no tool-call branches); "real": the family's
-    # own template from llama.cpp's models/templates (ArchLayout.real_template_file)
+    # own template from llama.cpp's models/templates (ArchLayout.real_template_file); or the name
+    # of another file there (e.g. "GLM-4.7-Flash.jinja")
     chat_template: str = "short"
     script_eos: bool = False        # pi(script[-1]) = EOS: greedy ends the script with end-of-generation
     # the script as text chunks, on the synthetic vocabulary: each chunk not already one of its tokens
@@ -208,8 +209,9 @@ class TestModelSpec:
             raise ValueError("script_loop needs a script")
         if self.script_eos and (self.script_loop or not self.script):
             raise ValueError("script_eos needs a script that is not a loop")
-        if self.chat_template not in ("short", "real"):
-            raise ValueError(f"chat_template must be 'short' or 'real', got {self.chat_template!r}")
+        if self.chat_template not in ("short", "real") and not self.chat_template.endswith(".jinja"):
+            raise ValueError(f"chat_template must be 'short', 'real' or a file of llama.cpp's models/templates, "
+                             f"got {self.chat_template!r}")
         if self.chat_template == "real" and get_arch(self.arch).real_template_file is None:
             raise ValueError(f"{self.arch} has no real chat template in llama.cpp's models/templates")
 

@@ -161,7 +161,7 @@ def tokenizer_metadata(vocab: Vocab, layout: ArchLayout, spec: TestModelSpec) ->
     if vocab.real is not None:
         from .real_vocab import real_vocab
 
-        return real_vocab(vocab.real).metadata(chat_template, replace=spec.chat_template == "real")
+        return real_vocab(vocab.real).metadata(chat_template, replace=spec.chat_template != "short")
     kvs = [
         KeyValue("tokenizer.ggml.model", "gpt2", V.STRING),
         KeyValue("tokenizer.ggml.pre", layout.tokenizer_pre, V.STRING),

@@ -161,10 +161,11 @@ class ArchLayout:
 
     def template_for(self, spec: TestModelSpec) -> str | None:
         """The chat template a model of ``spec`` carries (see TestModelSpec.chat_template)."""
-        if spec.chat_template == "real" and self.real_template_file:
+        name = self.real_template_file if spec.chat_template == "real" else spec.chat_template
+        if name and name.endswith(".jinja"):
             from ..real_vocab import vocab_dir
 
-            return (vocab_dir() / "templates" / self.real_template_file).read_text()
+            return (vocab_dir() / "templates" / name).read_text()
         return self.chat_template
 
     # ----------------------------------------------------------------------- data
