@@ -4,7 +4,8 @@ For each arch's real template (llama.cpp's models/templates, on the arch's real 
 - **render**: our prompt equals native ``llama-server``'s ``/apply-template`` answer for the same
   bodies (tools, an agent's tool turn, reasoning in the history, enable_thinking off);
 - **parse**: the call the template itself writes into the history parses back into the same
-  tool call, whole and streamed in pieces (the deltas add up to the message);
+  tool call, whole and streamed in pieces (the deltas add up to the message); thinking in the
+  family's own tags splits out into reasoning_content;
 - **grammar**: ``tool_choice: "required"``'s grammar accepts that call after the generation
   prompt (tokens fed to llama.cpp's grammar sampler), and refuses a corrupted one;
 - **agent**: a model whose greedy reply is that call (scripted on the synthetic vocabulary) calls
@@ -167,6 +168,25 @@ def test_the_templates_own_call_parses_back_whole_and_streamed(family, templates
     for pieces in (1, 5, len(reply)):
         (call,) = parsed_call(chat, reply, pieces)["tool_calls"]
         assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+def test_reasoning_splits_out_whole_and_streamed(family, templates) -> None:
+    """A reply that thinks in the family's own tags (the template's answer names them): the
+    thinking comes back as reasoning_content, the rest as content, streamed as deltas of each. A
+    template upstream finds no thinking in (MiMo-VL's) keeps everything as content."""
+    chat = templates.apply({"messages": USER})
+    start, ends = chat.raw["thinking_start_tag"], chat.raw["thinking_end_tags"]
+    opened = bool(start) and chat.generation_prompt.rstrip().endswith(start.strip())
+    reply = ("" if opened else start) + "It is summer." + (ends[0] if ends else "") + "Sunny."
+    for pieces in (1, 6, len(reply)):
+        deltas, final = _helpers.stream_parse(chat, reply, pieces)
+        msg = final.message
+        if chat.raw["supports_thinking"]:
+            assert (msg["reasoning_content"].strip(), msg["content"]) == ("It is summer.", "Sunny.")
+        else:
+            assert msg.get("reasoning_content") is None and msg["content"] == reply
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == (msg.get("reasoning_content") or "")
+        assert "".join(d.get("content", "") for d in deltas) == msg["content"]
 
 
 def test_required_grammar_accepts_the_templates_own_call(family, templates) -> None:
