@@ -102,12 +102,20 @@ class ChatPrompt:
         return ChatParser(dict(self.raw, stream=bool(stream)))
 
 
-def uses_llama_cpp_templates(llm: llama_cpp.Llama, chat_format: Optional[str], chat_handler: Any) -> bool:
+def llama_cpp_templates(llm: llama_cpp.Llama, chat_format: Optional[str], chat_handler: Any) -> Optional["ChatTemplates"]:
     """The one rule for who formats chats: llama.cpp's templates (llama-server's default ``--jinja``
     behaviour: tool calls, reasoning, every family's format) when the GGUF carries a chat template
-    and the user named no chat format or handler of llama-cpp-python's; else llama-cpp-python's
-    handler for that format."""
-    return chat_format is None and chat_handler is None and bool((llm.metadata or {}).get("tokenizer.chat_template"))
+    and the user named no chat format or handler of llama-cpp-python's; else None, and
+    llama-cpp-python's handler for that format. A template llama.cpp's jinja engine cannot load
+    falls back to llama-cpp-python's handler, with one warning (llama-server would refuse to start)."""
+    if chat_format is not None or chat_handler is not None or not (llm.metadata or {}).get("tokenizer.chat_template"):
+        return None
+    try:
+        return ChatTemplates(llm)
+    except MtpArgumentError as e:
+        log.warning("llama.cpp cannot load the model's chat template (%s): chats go through llama-cpp-python's "
+                    "handler instead, without tool-call or reasoning parsing", e)
+        return None
 
 
 class ChatTemplates:

@@ -15,7 +15,7 @@ import llama_cpp
 
 from . import _compat
 from .chat_completion import create_chat_completion
-from .chat_templates import ChatTemplates, uses_llama_cpp_templates
+from .chat_templates import ChatTemplates, llama_cpp_templates
 from .checkpoint import rollback_capacity
 from .checks import NDraft, n_draft as check_n_draft
 from .core import sequence_params
@@ -88,9 +88,8 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         self._mtp_tokens: List[int] = []
         self._recurrent = rollback_capacity(self) is not None
         # llama.cpp's chat templates (tool calls, reasoning) unless a llama-cpp-python chat format was named
-        self.mtp_chat_templates: Optional[ChatTemplates] = None
-        if uses_llama_cpp_templates(self, llama_kwargs.get("chat_format"), llama_kwargs.get("chat_handler")):
-            self.mtp_chat_templates = ChatTemplates(self)
+        self.mtp_chat_templates: Optional[ChatTemplates] = llama_cpp_templates(
+            self, llama_kwargs.get("chat_format"), llama_kwargs.get("chat_handler"))
 
     @property
     def mtp_draft_mode(self) -> DraftMode:

@@ -77,21 +77,31 @@ def write_model_without_mtp(src: os.PathLike, dst: os.PathLike) -> pathlib.Path:
     of those blocks. Per-layer metadata arrays (a sliding-window pattern, ...) are cut
     to the trunk.
     """
+    return rewrite_model(src, dst, keep_mtp=False)
+
+
+def rewrite_model(src: os.PathLike, dst: os.PathLike, *, keep_mtp: bool = True,
+                  chat_template: Optional[str] = None) -> pathlib.Path:
+    """Copy a generated GGUF, without its MTP blocks (``keep_mtp=False``, see
+    write_model_without_mtp) and/or with another ``chat_template``."""
     import gguf
 
     reader = gguf.GGUFReader(os.fspath(src))
     arch = str(reader.fields["general.architecture"].contents())
     n_all = int(reader.fields[f"{arch}.block_count"].contents())
-    n_layer = n_all - int(reader.fields[f"{arch}.nextn_predict_layers"].contents())
+    n_layer = n_all if keep_mtp else n_all - int(reader.fields[f"{arch}.nextn_predict_layers"].contents())
     writer = gguf.GGUFWriter(os.fspath(dst), arch)
     try:
         for name, fld in reader.fields.items():
             if name.startswith("GGUF.") or name == "general.architecture":
                 continue
+            if name == "tokenizer.chat_template" and chat_template is not None:
+                writer.add_string(name, chat_template)
+                continue
             if name == f"{arch}.block_count":
                 writer.add_uint32(name, n_layer)
                 continue
-            if name == f"{arch}.nextn_predict_layers":
+            if name == f"{arch}.nextn_predict_layers" and not keep_mtp:
                 writer.add_uint32(name, 0)
                 continue
             vtype = fld.types[0]

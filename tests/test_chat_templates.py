@@ -292,3 +292,20 @@ def test_a_generated_call_that_breaks_the_grammar_ends_the_reply_as_content(mode
             assert out["choices"][0]["finish_reason"] == "stop"
     assert [r for r in caplog.records if "grammar refused" in r.getMessage()]
     assert [r for r in caplog.records if "does not follow" in r.getMessage()]
+
+
+def test_a_template_llama_cpp_cannot_load_falls_back_to_llama_cpp_pythons_handler(oracle_model, tmp_path,
+                                                                               caplog) -> None:
+    """jinja2 takes ``{% with %}``, llama.cpp's jinja engine does not: such a GGUF still loads, with
+    one warning, and chats go through llama-cpp-python's handler (llama-server would not start)."""
+    path = _helpers.rewrite_model(oracle_model, tmp_path / "with.gguf", chat_template=(
+        "{% for m in messages %}{% with c = m['content'] %}<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n"
+        "{% endwith %}{% endfor %}<|im_start|>assistant\n"))
+    with caplog.at_level(logging.WARNING, logger="llama_mtp.chat"), \
+            contextlib.closing(llama_mtp.MtpLlama(str(path), n_ctx=256, verbose=False)) as llm, \
+            contextlib.closing(_helpers.plain_llama(path, n_ctx=256)) as plain:
+        assert llm.mtp_chat_templates is None
+        got = llm.create_chat_completion(USER, max_tokens=8, temperature=0)
+        want = plain.create_chat_completion(USER, max_tokens=8, temperature=0)
+        _helpers.assert_capped_like_plain(got, want, 8)  # llama-cpp-python's handler, its formatting
+    assert [r for r in caplog.records if "cannot load the model's chat template" in r.getMessage()]

@@ -16,7 +16,7 @@ from typing import Any, List, Optional, Set
 import llama_cpp
 
 from llama_mtp import _compat
-from llama_mtp.chat_templates import ChatTemplates, uses_llama_cpp_templates
+from llama_mtp.chat_templates import ChatTemplates, llama_cpp_templates
 from llama_mtp.engine import Engine, RequestHandle
 from llama_mtp.loading import load
 from llama_mtp.results import GenerationResult
@@ -176,7 +176,7 @@ def load_backend(cfg: ServeConfig) -> Backend:
                          draft_model_path=cfg.mtp.draft_model_path, **kwargs)
     try:
         handler = resolve_handler(target, cfg.model)
-        templates = ChatTemplates(target) if uses_llama_cpp_templates(target, cfg.model.chat_format, None) else None
+        templates = llama_cpp_templates(target, cfg.model.chat_format, None)
         engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting,
                         ctx_checkpoints=cfg.mtp.ctx_checkpoints, cache_ram_mib=cfg.mtp.cache_ram_mib)
     except BaseException:
