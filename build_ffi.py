@@ -230,12 +230,17 @@ def _compile(cxx: str, flags: list[str], src: pathlib.Path, obj: pathlib.Path) -
         raise _CompileFailed(src, proc.stderr)
 
 
-def _compile_upstream(cxx: str, flags: list[str], tree: pathlib.Path, src: pathlib.Path, obj: pathlib.Path) -> None:
+def _headers_digest(tree: pathlib.Path) -> str:
+    """The upstream headers an upstream object depends on (part of its cache key)."""
+    return _sha256(*sorted((tree / "common").rglob("*.h")), tree / "include" / "llama.h")
+
+
+def _compile_upstream(cxx: str, flags: list[str], tree: pathlib.Path, headers: str, src: pathlib.Path,
+                      obj: pathlib.Path) -> None:
     """Compile one upstream common/ file, reusing an object compiled before from the same file,
-    tree headers and flags: a shim change then recompiles only the shim (upstream's chat and
-    speculative code take minutes on 2 cores)."""
-    headers = sorted((tree / "common").rglob("*.h")) + [tree / "include" / "llama.h"]
-    key = hashlib.sha256(json.dumps([cxx, flags, str(src.relative_to(tree)), _sha256(src, *headers)]).encode())
+    tree headers (``headers``: their digest) and flags: a shim change then recompiles only the shim
+    (upstream's chat and speculative code take minutes on 2 cores)."""
+    key = hashlib.sha256(json.dumps([cxx, flags, str(src.relative_to(tree)), headers, _sha256(src)]).encode())
     cached = cache_root() / "objects" / f"{key.hexdigest()[:24]}.o"
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -291,11 +296,12 @@ def build(force: bool = False, quiet: bool = False) -> pathlib.Path:
         upstream += sorted(p for pattern in COMMON_GLOBS for p in (tree / "common").glob(pattern))
         ours = [build_info, *(sources_root() / src for src in SHIM_SOURCES)]
         objects = [work / f"{i:02d}-{src.stem}.o" for i, src in enumerate(upstream + ours)]
+        headers = _headers_digest(tree)
 
         def compile_one(i: int) -> None:
             src, obj = (upstream + ours)[i], objects[i]
             if i < len(upstream):
-                _compile_upstream(cxx, flags, tree, src, obj)
+                _compile_upstream(cxx, flags, tree, headers, src, obj)
             else:
                 _compile(cxx, flags, src, obj)
 

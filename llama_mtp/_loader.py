@@ -82,5 +82,11 @@ def load() -> Tuple[Any, Any]:
         return _loaded
 
 
+def last_error() -> str:
+    """The shim's message for the calling thread's last failed call (mtp_last_error)."""
+    ffi, lib = load()
+    return ffi.string(lib.mtp_last_error()).decode("utf-8", "replace")
+
+
 def is_loaded() -> bool:
     return _loaded is not None

@@ -43,7 +43,7 @@ def _call_json(status: int, out: Any, what: str) -> Dict[str, Any]:
     ffi, lib = _loader.load()
     try:
         if status != lib.MTP_OK:
-            message = ffi.string(lib.mtp_last_error()).decode("utf-8", "replace")
+            message = _loader.last_error()
             if status in (lib.MTP_ERR_ARG, lib.MTP_ERR_NULL):
                 raise MtpArgumentError(message)
             raise MtpError(f"{what}: {message}")
@@ -138,7 +138,7 @@ class ChatTemplates:
         status = lib.mtp_chat_templates_init(model, (override or "").encode("utf-8"), out)
         if status != lib.MTP_OK:
             raise MtpArgumentError("the chat template does not load: "
-                                   + ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
+                                   + _loader.last_error())
         self._handle: Any = out[0]
         self._info: Optional[Dict[str, Any]] = None
         _compat.on_close(llm, self.close)  # the templates hold the model's bos/eos text only; freed with it
@@ -208,7 +208,7 @@ class ChatParser:
         out = ffi.new("mtp_chat_stream **")
         status = lib.mtp_chat_stream_new(_json_arg(dict(params)), out)
         if status != lib.MTP_OK:
-            raise MtpArgumentError(ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
+            raise MtpArgumentError(_loader.last_error())
         self._handle: Any = ffi.gc(out[0], lib.mtp_chat_stream_free)  # backstop; close() frees first
         self._format = params.get("format", "")
 
@@ -271,7 +271,7 @@ class ToolGrammar(llama_cpp.LlamaGrammar):
             ffi.new("int32_t[]", self.prefill) if self.prefill else ffi.NULL, len(self.prefill), out)
         if status != lib.MTP_OK:
             raise MtpArgumentError("the tool-call grammar cannot be used: "
-                                   + ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
+                                   + _loader.last_error())
         return int(ffi.cast("uintptr_t", out[0]))
 
 

@@ -60,7 +60,7 @@ def draft_mode_of(target: ContextLike, draft: ContextLike) -> DraftMode:
     status = lib.mtp_probe_mode(ffi.cast("struct llama_context *", ptr_tgt),
                                 ffi.cast("struct llama_context *", ptr_dft), mode, heads)
     if status != 0:
-        raise MtpInitError(ffi.string(lib.mtp_last_error()).decode("utf-8", "replace"))
+        raise MtpInitError(_loader.last_error())
     return DraftMode(DRAFT_MODES[mode[0]], int(heads[0]))
 
 
@@ -427,7 +427,7 @@ class MtpSession:
                                "load it with llama_mtp.load() so its MTP layers are present")
 
     def _last_error(self) -> str:
-        return self._ffi.string(self._lib.mtp_last_error()).decode("utf-8", "replace")
+        return _loader.last_error()
 
     def _raise_for(self, status: int, seq_id: Optional[int] = None) -> None:
         if status == 0:

@@ -125,10 +125,10 @@ class MatchVerifier:
         ctx = self._ffi.cast("struct llama_context *", _compat.context_address(self.ctx, "target"))
         status = self._lib.mtp_sampler_sample(self._chain, ctx, row, self._out, self._out + 1)
         if status != self._lib.MTP_OK:
-            raise MtpError(f"sampling failed: {self._ffi.string(self._lib.mtp_last_error()).decode('utf-8', 'replace')}")
+            raise MtpError(f"sampling failed: {_loader.last_error()}")
         tok = int(self._out[0])
         if self._out[1]:
-            self.refused = self._ffi.string(self._lib.mtp_last_error()).decode("utf-8", "replace")
+            self.refused = _loader.last_error()
             log.warning("the grammar refused the model's token %d (%s); the reply ends there", tok, self.refused)
         if raw is not None:
             self.logprobs.append(top_logprobs(raw, tok, int(self.n_logprobs or 0)))

@@ -81,7 +81,7 @@ def chat_call(body: ChatCompletionRequest, backend: Backend) -> Dict[str, Any]:
     if not body.messages:
         raise ApiError("messages must not be empty", param="messages")
     response_format = llama_response_format(body.response_format)
-    max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+    max_tokens = _max_tokens(body)
     # OpenAI: logprobs=true alone returns the sampled tokens' logprobs (top_logprobs 0)
     top_logprobs = body.top_logprobs if body.top_logprobs is not None else (0 if body.logprobs else None)
     return {**body.model_dump(include=CHAT_FIELDS), **_derived(body, backend), "response_format": response_format,
@@ -95,11 +95,15 @@ def templated_chat_call(body: ChatCompletionRequest, backend: Backend) -> Dict[s
     if body.stream and body.logprobs:
         raise ApiError("logprobs are not streamed for chats formatted by the model's template",
                        param="logprobs", code="unsupported_parameter")
-    max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
     sampling = body.model_dump(include=_SAMPLING_FIELDS)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     return {**sampling, "model": body.model or backend.model_alias, "logit_bias": _logit_bias(body, backend),
-            "max_tokens": max_tokens, "logprobs": logprobs}
+            "max_tokens": _max_tokens(body), "logprobs": logprobs}
+
+
+def _max_tokens(body: ChatCompletionRequest) -> Optional[int]:
+    """max_tokens, or OpenAI's newer name for it."""
+    return body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
 
 
 def _check(body: AnyRequest, backend: Backend) -> None:
