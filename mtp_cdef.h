@@ -9,7 +9,7 @@
  * message for the calling thread. No function aborts on bad input.
  */
 
-#define MTP_ABI_VERSION 10
+#define MTP_ABI_VERSION 11
 
 struct llama_context;
 struct llama_batch;
@@ -169,6 +169,7 @@ int32_t mtp_session_stats(mtp_session * s, mtp_stats * out,
  * Errors in a request (a bad message list, tools, tool_choice, a template's raise_exception)
  * return MTP_ERR_ARG with the message upstream gives. */
 struct llama_model;
+struct llama_vocab;
 typedef struct mtp_chat_templates mtp_chat_templates;
 typedef struct mtp_chat_stream mtp_chat_stream;
 
@@ -182,7 +183,8 @@ int32_t mtp_chat_templates_info(mtp_chat_templates * t, char ** out_json);
 /* An OpenAI chat body -> {"prompt", "format", "format_id", "grammar", "grammar_lazy", "grammar_type",
  * "grammar_triggers": [{"type", "value", "token"}], "preserved_tokens", "additional_stops",
  * "generation_prompt", "supports_thinking", "thinking_start_tag", "thinking_end_tags", "parser",
- * "parse_tool_calls", "reasoning_format", "is_continuation", "enable_thinking"}.
+ * "parse_tool_calls", "reasoning_format", "is_continuation", "enable_thinking",
+ * "message_delimiters": [{"role", "delimiter"}] (autoparsed templates; else empty)}.
  * options_json (may be NULL): server defaults {"reasoning_format", "enable_thinking",
  * "prefill_assistant", "chat_template_kwargs": {name: JSON text}}. */
 int32_t mtp_chat_apply(mtp_chat_templates * t, const char * body_json, const char * options_json, char ** out_json);
@@ -195,13 +197,17 @@ void    mtp_chat_stream_free(mtp_chat_stream * s);
 int32_t mtp_chat_stream_update(mtp_chat_stream * s, const char * text, size_t n_text, int32_t is_partial,
                                char ** out_json);
 void    mtp_string_free(char * s);
+/* Where each message of a tokenized prompt starts, as llama-server finds them to checkpoint at
+ * (common_chat_msg_delimiters::tokenize on vocab, then ::split): delimiters_json is mtp_chat_apply's
+ * "message_delimiters" array -> [{"role", "pos", "len"}] in prompt order. */
+int32_t mtp_chat_message_spans(const struct llama_vocab * vocab, const char * delimiters_json,
+                               const int32_t * tokens, int32_t n_tokens, char ** out_json);
 
 /* llama-server's grammar sampler for a chat template's grammar (common_sampler_init): lazy
  * (waiting for one of the trigger regex patterns or tokens) or eager, with the generation
  * prompt's tokens accepted first (prefill). The caller owns *out (llama_sampler_free, or a
  * sampler chain it is added to). A grammar that does not parse, or a prefill it refuses,
  * returns MTP_ERR_ARG and no sampler. */
-struct llama_vocab;
 struct llama_sampler;
 int32_t mtp_grammar_sampler_new(const struct llama_vocab * vocab, const char * grammar, int32_t lazy,
                                 const char ** patterns, int32_t n_patterns, const int32_t * tokens, int32_t n_tokens,

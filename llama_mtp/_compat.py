@@ -101,6 +101,14 @@ def vocab_ptr(llm: llama_cpp.Llama) -> Any:
     return llm._model.vocab
 
 
+def vocab_address(llm: llama_cpp.Llama) -> int:
+    """The native llama_vocab of a Llama, as an address (for the shim); refuses a freed model."""
+    address = _address(llm._model.vocab) if llm._model is not None else None
+    if not address:
+        raise SessionClosedError("the model has been freed (was the Llama closed?)")
+    return address
+
+
 def context_type(ctx: _internals.LlamaContext) -> int:
     """The llama_context_type the context was created with (llama.h has no getter)."""
     return int(getattr(ctx.params, "ctx_type", llama_cpp.LLAMA_CONTEXT_TYPE_DEFAULT))
@@ -181,7 +189,7 @@ def _sampler_chain(llm: llama_cpp.Llama, init: Callable[..., _internals.LlamaSam
         raise MtpArgumentError("a chat template's tool-call grammar cannot be combined with logits processors")
     native = chain.sampler
     rest = [llama_cpp.llama_sampler_chain_remove(native, 1) for _ in range(llama_cpp.llama_sampler_chain_n(native) - 1)]
-    grammar_sampler = ctypes.cast(ctypes.c_void_p(make(_address(llm._model.vocab))), llama_cpp.llama_sampler_p_ctypes)
+    grammar_sampler = ctypes.cast(ctypes.c_void_p(make(vocab_address(llm))), llama_cpp.llama_sampler_p_ctypes)
     llama_cpp.llama_sampler_chain_add(native, grammar_sampler)
     for sampler in rest:
         llama_cpp.llama_sampler_chain_add(native, sampler)

@@ -19,7 +19,8 @@ import uuid
 from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Union
 
 from . import _compat
-from .chat_templates import ChatParser, ChatPrompt, ChatTemplates, ParsedReply, sampling_plan
+from .chat_templates import ChatParser, ChatPrompt, ChatTemplates, ParsedReply, sampling_plan, user_spans
+from .core import tokenize_prompt
 from .errors import MtpArgumentError
 
 ChatCompletion = Dict[str, Any]
@@ -43,8 +44,8 @@ def create_chat_completion(templates: ChatTemplates, llm: Any, complete: Complet
                            model: str, stream: bool = False, stop: Any = None,
                            **completion_kwargs: Any) -> Union[ChatCompletion, Iterator[ChatCompletion]]:
     """One chat completion: ``body``'s template fields render the prompt (see TEMPLATE_FIELDS),
-    ``complete(prompt, stream=..., stop=..., grammar=..., special_ids=..., **completion_kwargs)``
-    generates the reply. ``llm``: the Llama whose vocabulary tokenizes the template's markers.
+    ``complete(prompt_tokens, stream=..., stop=..., grammar=..., special_ids=..., user_spans=...,
+    **completion_kwargs)`` generates the reply. ``llm``: the Llama whose vocabulary tokenizes the template's markers.
 
     Raises MtpArgumentError for a request the template refuses, before anything is generated.
     """
@@ -52,15 +53,17 @@ def create_chat_completion(templates: ChatTemplates, llm: Any, complete: Complet
     grammar, special_ids = sampling_plan(chat, llm)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stops += [s for s in chat.additional_stops if s not in stops]
-    kwargs = dict(completion_kwargs, stop=stops or None, special_ids=special_ids)
+    tokens = tokenize_prompt(llm, chat.prompt)
+    kwargs = dict(completion_kwargs, stop=stops or None, special_ids=special_ids,
+                  user_spans=user_spans(chat, llm, tokens))
     if grammar is not None:
         kwargs["grammar"] = grammar
     elif completion_kwargs.get("grammar") is not None:
         raise MtpArgumentError("a grammar must go through the template (the body's grammar field)")
     reply = _Reply(chat, model)
     if not stream:
-        return reply.whole(complete(chat.prompt, stream=False, **kwargs))
-    chunks = complete(chat.prompt, stream=True, **kwargs)
+        return reply.whole(complete(tokens, stream=False, **kwargs))
+    chunks = complete(tokens, stream=True, **kwargs)
     return reply.stream(chunks)
 
 

@@ -38,7 +38,7 @@ SERVER_DEFAULTS: Mapping[str, Any] = {
 }
 
 
-def _call_json(status: int, out: Any, what: str) -> Dict[str, Any]:
+def _call_json(status: int, out: Any, what: str) -> Any:
     """Read a shim JSON answer (and free it); a failed status raises with the shim's message."""
     ffi, lib = _loader.load()
     try:
@@ -86,6 +86,8 @@ class ChatPrompt:
     reasoning_format: str
     enable_thinking: bool
     raw: Mapping[str, Any] = field(repr=False)  # the shim's answer, what the parser is built from
+    # (role, text) where each message starts, as the template renders it (autoparsed templates only)
+    message_delimiters: Tuple[Tuple[str, str], ...] = ()
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "ChatPrompt":
@@ -95,7 +97,9 @@ class ChatPrompt:
             grammar_triggers=tuple(GrammarTrigger(t["type"], t["value"], int(t["token"])) for t in d["grammar_triggers"]),
             preserved_tokens=tuple(d["preserved_tokens"]), additional_stops=tuple(d["additional_stops"]),
             generation_prompt=d["generation_prompt"], parse_tool_calls=bool(d["parse_tool_calls"]),
-            reasoning_format=d["reasoning_format"], enable_thinking=bool(d["enable_thinking"]), raw=dict(d))
+            reasoning_format=d["reasoning_format"], enable_thinking=bool(d["enable_thinking"]), raw=dict(d),
+            message_delimiters=tuple((m["role"], m["delimiter"]) for m in d.get("message_delimiters") or ()
+                                     if m.get("role") and m.get("delimiter")))
 
     def parser(self, *, stream: bool) -> "ChatParser":
         """A parser for the reply to this prompt (``stream``: as llama-server streams it)."""
@@ -275,6 +279,26 @@ class ToolGrammar(llama_cpp.LlamaGrammar):
         return int(ffi.cast("uintptr_t", out[0]))
 
 
+def _template_tokens(llm: llama_cpp.Llama, text: str) -> List[int]:
+    """A template marker's tokens, as llama-server tokenizes them (special tokens parsed, no BOS)."""
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+
+
+def user_spans(chat: ChatPrompt, llm: llama_cpp.Llama, tokens: Sequence[int]) -> Tuple[Tuple[int, int], ...]:
+    """(start, end) of each user message of the tokenized prompt, as llama-server finds them to
+    checkpoint at (upstream's common_chat_msg_delimiters, through the shim): a message runs to the
+    next one's delimiter. None for a template whose format gives no message delimiters."""
+    if not chat.message_delimiters or not tokens:
+        return ()
+    ffi, lib = _loader.load()
+    out = ffi.new("char **")
+    delims = [{"role": role, "delimiter": text} for role, text in chat.message_delimiters]
+    status = lib.mtp_chat_message_spans(ffi.cast("struct llama_vocab *", _compat.vocab_address(llm)),
+                                        _json_arg(delims), ffi.new("int32_t[]", list(tokens)), len(tokens), out)
+    return tuple((int(span["pos"]), int(span["pos"]) + int(span["len"]))
+                 for span in _call_json(status, out, "message spans") if span["role"] == "user")
+
+
 def sampling_plan(chat: ChatPrompt, llm: llama_cpp.Llama) -> Tuple[Optional[ToolGrammar], FrozenSet[int]]:
     """The grammar and the preserved token ids of a reply, as llama-server derives them from the
     template's answer (tools/server/server-schema.cpp, common/sampling.cpp).
@@ -283,7 +307,7 @@ def sampling_plan(chat: ChatPrompt, llm: llama_cpp.Llama) -> Tuple[Optional[Tool
     thinking markers): they are rendered even when they are control tokens.
     """
     def tokenize(text: str) -> List[int]:
-        return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        return _template_tokens(llm, text)
 
     preserved = frozenset(ids[0] for ids in map(tokenize, chat.preserved_tokens) if len(ids) == 1)
     if not chat.grammar:

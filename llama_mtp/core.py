@@ -43,7 +43,7 @@ from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as chec
 from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
-from .prompt_cache import SlotCache
+from .prompt_cache import SlotCache, user_checkpoints
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
@@ -71,6 +71,10 @@ class SequenceParams:
     raw: bool = False                   # commit every token (no EOG/stop/max_tokens): Llama.generate's contract
     cache_prompt: bool = True           # reuse what a slot's memory holds (llama-server's cache_prompt)
     special_ids: FrozenSet[int] = frozenset()  # rendered in the text even if control tokens (chat templates' preserved)
+    # (start, end) of a chat template's user messages in the prompt (chat_templates.user_spans): the
+    # slot cache checkpoints a recurrent target at their starts, and tells a slot's conversation from
+    # another by the end of the last one
+    user_spans: Tuple[Tuple[int, int], ...] = ()
 
 
 def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
@@ -81,7 +85,8 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                     n_draft: Optional[NDraft] = None, verify: str = "match", mirostat_mode: int = 0,
                     mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, tfs_z: float = 1.0,
                     penalize_nl: bool = True, raw: bool = False, cache_prompt: bool = True,
-                    special_ids: Collection[int] = frozenset()) -> SequenceParams:
+                    special_ids: Collection[int] = frozenset(),
+                    user_spans: Seq[Tuple[int, int]] = ()) -> SequenceParams:
     """Validate one sequence's settings (llama-cpp-python's names and defaults for sampling)."""
     integer("max_tokens", max_tokens, 1)
     temp = number("temperature", temperature, 0.0)
@@ -115,9 +120,21 @@ def sequence_params(*, max_tokens: int = 256, temperature: float = 0.0, top_k: i
                     mirostat_tau=mirostat_tau, mirostat_eta=mirostat_eta, penalize_nl=penalize_nl, grammar=grammar)
     return SequenceParams(sampling=sampling, max_tokens=max_tokens, seed=seed, stop=stops, n_draft=n_draft,
                           verify=verify, logit_bias=logit_bias or None, logprobs=logprobs, raw=raw,
-                          cache_prompt=cache_prompt, special_ids=frozenset(int(t) for t in special_ids))
+                          cache_prompt=cache_prompt, special_ids=frozenset(int(t) for t in special_ids),
+                          user_spans=_spans(user_spans))
 
 
+
+
+def _spans(spans: Seq[Tuple[int, int]]) -> Tuple[Tuple[int, int], ...]:
+    """Validated (start, end) prompt spans, in order."""
+    try:
+        out = sorted((int(start), int(end)) for start, end in spans)
+    except (TypeError, ValueError):
+        raise MtpArgumentError("user_spans must be (start, end) pairs of prompt positions") from None
+    if any(not 0 <= start <= end for start, end in out):
+        raise MtpArgumentError(f"user_spans must be (start, end) pairs with 0 <= start <= end, got {out}")
+    return tuple(out)
 
 
 def tokenize_prompt(llm: llama_cpp.Llama, prompt: Prompt) -> List[int]:
@@ -193,6 +210,9 @@ class Sequence:
         self.t_added = time.perf_counter()
         self.t_gen = 0.0
         self.idle = 1  # deferred catch-up rows since its last draft (the draft context's backlog)
+        users = [(start, end) for start, end in params.user_spans if end <= len(prompt_tokens)]
+        self.user_end: Optional[int] = users[-1][1] if users else None  # where the last user message ends
+        self.user_stops = user_checkpoints([start for start, _ in users])
 
     @property
     def prefilling(self) -> bool:
@@ -781,11 +801,12 @@ class StepEngine:
         n_ubatch and 4 tokens before the prompt's end, as llama-server does (a next turn's history
         often diverges there: chat templates render a reply differently from its generation
         prompt), and 16 before it (a generation prompt ending in a thinking-block opener spans
-        more than 4 tokens on a vocabulary without a <think> token); besides the end of the head."""
+        more than 4 tokens on a vocabulary without a <think> token), and at user-message starts
+        as llama-server does (prompt_cache.user_checkpoints); besides the end of the head."""
         if not self._checkpoints_prompts:
             return ()
         n = len(seq.tokens_prompt)
-        return tuple(p for p in (n - 4 - self.n_ubatch, n - 16, n - 4) if 0 < p < len(seq.head))
+        return tuple(p for p in (*seq.user_stops, n - 4 - self.n_ubatch, n - 16, n - 4) if 0 < p < len(seq.head))
 
     def _chunk_end(self, seq: Sequence, start: int, budget: int) -> int:
         """Where a prompt chunk from ``start`` ends: ``budget`` tokens on, or at a checkpoint stop."""
@@ -841,7 +862,7 @@ class StepEngine:
                     self.cache.forget(seq.seq_id)
                 self._clear_memory(seq.seq_id)
             elif self.cache is not None:
-                self.cache.release(seq.seq_id, seq.held_tokens())
+                self.cache.release(seq.seq_id, seq.held_tokens(), seq.user_end)
         seq.close()
 
     def _clear_memory(self, sid: int, p0: int = 0) -> None:

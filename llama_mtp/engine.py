@@ -24,7 +24,7 @@ import queue
 import random
 import threading
 from collections import deque
-from typing import Any, Collection, Deque, Iterator, List, Optional, Tuple, Union
+from typing import Any, Collection, Deque, Iterator, List, Optional, Sequence as Seq, Tuple, Union
 
 import llama_cpp
 
@@ -178,8 +178,13 @@ class Engine:
                frequency_penalty: float = 0.0, presence_penalty: float = 0.0, seed: Optional[int] = None,
                stop: Any = None, grammar: Any = None, logit_bias: Any = None, logprobs: Optional[int] = None,
                n_draft: Optional[NDraft] = None, verify: Optional[str] = None,
-               cache_prompt: bool = True, special_ids: Collection[int] = frozenset()) -> RequestHandle:
+               cache_prompt: bool = True, special_ids: Collection[int] = frozenset(),
+               user_spans: Seq[Tuple[int, int]] = ()) -> RequestHandle:
         """Queue a generation; returns its handle at once.
+
+        ``user_spans``: (start, end) of each user message of a chat template in the prompt
+        (chat_templates.user_spans): the slot cache checkpoints recurrent targets at their starts,
+        and tells conversations apart by them.
 
         Raises MtpArgumentError for bad input (an empty or too long prompt, a bad
         sampling value), QueueFullError when ``max_waiting`` requests already wait,
@@ -194,7 +199,7 @@ class Engine:
                                  frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
                                  stop=stop, grammar=grammar, logit_bias=logit_bias, logprobs=logprobs,
                                  n_draft=n_draft, verify=verify or self.verify, cache_prompt=cache_prompt,
-                                 special_ids=special_ids)
+                                 special_ids=special_ids, user_spans=user_spans)
         tokens = tokenize_prompt(self.target, prompt)  # the vocabulary is read-only: any thread may
         self._core.check_request(tokens, params)  # touches no context: safe off the worker thread
         self._core.drafter.check_verify(params.verify)

@@ -257,9 +257,12 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         return create_chat_completion(self.mtp_chat_templates, self, self._templated_completion, body,
                                       model=model, stream=stream, **kwargs)
 
-    def _templated_completion(self, prompt: str, *, stream: bool, special_ids: FrozenSet[int],
-                              **kwargs: Any) -> Any:
-        """create_completion with the chat template's preserved tokens rendered in the text."""
+    def _templated_completion(self, prompt: List[int], *, stream: bool, special_ids: FrozenSet[int],
+                              user_spans: Any = (), **kwargs: Any) -> Any:
+        """create_completion with the chat template's preserved tokens rendered in the text.
+        ``user_spans`` go unused: the one conversation goes on in seq 0, whose checkpoints at each
+        prompt's and each generation's end serve its next turn."""
+        del user_spans
         if not stream:
             with _compat.rendering_special(self, special_ids):
                 return self.create_completion(prompt, stream=False, **kwargs)

@@ -9,8 +9,9 @@ Attention-only targets keep what llama-cpp-python keeps: the longest common pref
 the new prompt with the context (positions past it are dropped on both contexts).
 Hybrid/recurrent targets cannot cut their recurrent state back to an arbitrary
 position, so (as llama.cpp's server "context checkpoints") the recurrent part of the
-target's sequence state is saved at chosen positions -- the end of each prompt prefill
-and the end of each generation -- in a small LRU. A later prompt restores the latest
+target's sequence state is saved at chosen positions -- near the end of each prompt, at
+user-message starts (a chat template's message delimiters), the end of each generation --
+in a small LRU. A later prompt restores the latest
 checkpoint at a position p <= its common prefix (attention KV trimmed to p), or, with
 none usable, decodes from 0. A checkpoint at p is usable only while the context still
 holds the tokens it was taken after (checked token for token).
@@ -23,7 +24,7 @@ import logging
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
@@ -35,6 +36,30 @@ log = logging.getLogger("llama_mtp.prompt_cache")
 
 # the length of the longest common prefix of two token sequences: llama-cpp-python's own
 common_prefix = llama_cpp.Llama.longest_token_prefix
+
+Checkpoint = Tuple[Tuple[int, ...], ctypes.Array]  # (the tokens the state is the one after, the state)
+
+
+def checkpoint_reach(keys: Iterable[Tuple[int, ...]], context: Sequence[int], limit: int) -> int:
+    """The position of the latest checkpoint (by the tokens it follows) at or before ``limit``
+    whose tokens ``context`` holds; 0: none."""
+    return max((len(k) for k in keys if len(k) <= limit and common_prefix(context, k) == len(k)), default=0)
+
+
+# llama-server's --checkpoint-min-step default: user messages closer than this to the last
+# checkpoint get none of their own (the last user message always does)
+CHECKPOINT_MIN_STEP = 8192
+
+def user_checkpoints(starts: Sequence[int], min_step: int = CHECKPOINT_MIN_STEP) -> Tuple[int, ...]:
+    """The user-message starts llama-server checkpoints a prompt at (server-context.cpp): the first,
+    the last, and those more than ``min_step`` tokens past the previous one kept. A conversation's
+    system prompt thus ends in a checkpoint another conversation reuses, and each turn's history
+    in one its next turn does."""
+    kept: List[int] = []
+    for i, pos in enumerate(starts):
+        if pos > 0 and (not kept or i == len(starts) - 1 or pos > kept[-1] + min_step):
+            kept.append(pos)
+    return tuple(kept)
 
 
 class PromptCheckpoints:
@@ -75,14 +100,18 @@ class PromptCheckpoints:
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
+    def keys(self) -> List[Tuple[int, ...]]:
+        return list(self._items)
+
     def restore_best(self, context: Sequence[int], limit: int) -> int:
         """Restore the latest checkpoint at a position <= limit whose tokens the context still
         holds; returns its position (0: none). Checkpoints the context no longer holds are dropped."""
         for key in [k for k in self._items if common_prefix(context, k) < len(k)]:
             del self._items[key]
-        best = max((k for k in self._items if len(k) <= limit), key=len, default=None)
-        if best is None:
+        n = checkpoint_reach(self._items, context, limit)
+        if not n:
             return 0
+        best = next(k for k in self._items if len(k) == n)
         buf = self._items[best]
         restore_partial_state(self._llm, buf, len(buf), self.seq_id, "prompt checkpoint")
         self._items.move_to_end(best)
@@ -90,6 +119,15 @@ class PromptCheckpoints:
 
     def clear(self) -> None:
         self._items.clear()
+
+    def export(self) -> Tuple[Checkpoint, ...]:
+        """The checkpoints, oldest first, to travel with a slot saved to host memory (a buffer is
+        never written after its save, so the slot and the saved copy can share it)."""
+        return tuple(self._items.items())
+
+    def adopt(self, items: Sequence[Checkpoint]) -> None:
+        """Replace the checkpoints with a restored slot's (a state restores into any sequence)."""
+        self._items = OrderedDict(items[-self.capacity:] if self.capacity else ())
 
 
 def reusable(held: Sequence[int], prompt: Sequence[int], limit: int, checkpoints: Optional[PromptCheckpoints]) -> int:
@@ -120,15 +158,19 @@ class CacheStats:
 
 @dataclass
 class SavedSlot:
-    """A slot's whole sequence state in host memory: the target's and the draft context's."""
+    """A slot's whole sequence state in host memory: the target's and the draft context's, and (on
+    a recurrent target) its checkpoints, so a prompt that leaves the slot's last turn reuses what
+    a checkpoint holds (llama-server's saved prompts keep theirs)."""
 
     tokens: Tuple[int, ...]
     target: bytes
     draft: bytes
+    checkpoints: Tuple[Checkpoint, ...] = ()
+    user_end: Optional[int] = None
 
     @property
     def nbytes(self) -> int:
-        return len(self.target) + len(self.draft)
+        return len(self.target) + len(self.draft) + sum(len(buf) for _, buf in self.checkpoints)
 
 
 def save_seq(ctx: Any, seq_id: int) -> bytes:
@@ -138,7 +180,7 @@ def save_seq(ctx: Any, seq_id: int) -> bytes:
         return b""
     buf = (ctypes.c_uint8 * size)()
     n = int(llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id))
-    return bytes(buf[:n])
+    return ctypes.string_at(buf, n)  # one memcpy (slicing a ctypes array builds a list of ints)
 
 
 def restore_seq(ctx: Any, data: bytes, seq_id: int) -> bool:
@@ -173,11 +215,11 @@ class RamCache:
             self._items.popitem(last=False)
         return True
 
-    def best(self, prompt: Sequence[int], usable: "Callable[[Tuple[int, ...]], int]") -> Tuple[Optional[SavedSlot], int]:
-        """The saved slot that lets ``prompt`` reuse the most (``usable(tokens)``), and how much."""
+    def best(self, prompt: Sequence[int], usable: "Callable[[SavedSlot], int]") -> Tuple[Optional[SavedSlot], int]:
+        """The saved slot that lets ``prompt`` reuse the most (``usable(saved)``), and how much."""
         best, n_best = None, 0
-        for tokens, saved in self._items.items():
-            n = usable(tokens)
+        for saved in list(self._items.values()):
+            n = usable(saved)
             if n > n_best:
                 best, n_best = saved, n
         return best, n_best
@@ -197,8 +239,9 @@ class SlotCache:
     tokens share the longest prefix with the prompt, if that prefix is more than ``SIMILARITY`` of
     the prompt; else the least recently used free slot. Hybrid/recurrent targets keep up to
     ``ctx_checkpoints`` recurrent-state checkpoints per slot (4, 16 and 4 + n_ubatch tokens before
-    each prompt's end, the end of its head, the end of each generation; StepEngine decides where),
-    as llama-server's ``--ctx-checkpoints``.
+    each prompt's end, user-message starts, the end of its head, the end of each generation;
+    StepEngine decides where), as llama-server's ``--ctx-checkpoints``. With a host-memory budget,
+    a slot about to take another conversation is saved with its checkpoints (see ``swap``).
 
     The cache is only right while nothing else decodes on the target: ``seal`` records llama.cpp's
     decode counter when its owner stops using it, ``check`` forgets every slot if it moved since.
@@ -215,6 +258,8 @@ class SlotCache:
         self._recurrent = recurrent
         self._held: List[List[int]] = [[] for _ in range(n_slots)]
         self._used = [0] * n_slots
+        # where the last user message of what each slot holds ends (None: unknown, not a chat)
+        self._user_end: List[Optional[int]] = [None] * n_slots
         self._clock = 0
         self._checkpoints = [PromptCheckpoints(target, ctx_checkpoints, sid) if recurrent else None
                              for sid in range(n_slots)]
@@ -247,30 +292,46 @@ class SlotCache:
             best = min(reversed(list(free)), key=lambda sid: self._used[sid])
         return best
 
-    def _usable(self, tokens: Sequence[int], prompt: Sequence[int]) -> int:
-        """Prompt tokens a slot holding ``tokens`` (its state the one after them) could keep: the
-        common prefix, or on a recurrent target all of them when the prompt extends them."""
+    def _usable(self, tokens: Sequence[int], prompt: Sequence[int], checkpoints: Iterable[Tuple[int, ...]]) -> int:
+        """Prompt tokens a memory holding ``tokens`` (its state the one after them, with recurrent
+        checkpoints after each of ``checkpoints``) could keep: the common prefix; on a recurrent
+        target all of them when the prompt extends them, else the latest checkpoint within it."""
         n = min(common_prefix(tokens, prompt), len(prompt) - 1)
-        if self._recurrent:
-            return len(tokens) if n == len(tokens) else 0
-        return n
+        if not self._recurrent or n == len(tokens):
+            return n
+        return checkpoint_reach(checkpoints, tokens, n)
+
+    def _leaves(self, sid: int, prompt: Sequence[int], keep: int) -> bool:
+        """Whether ``prompt`` leaves what slot ``sid`` holds for good, so that it is worth saving:
+        the prompt does not hold the slot's last user message whole (another conversation, or an
+        edited history), where the slot knows where that message ends (chat templates' message
+        delimiters); else, as llama-server decides, it keeps under half of what the slot holds."""
+        held, user_end = self._held[sid], self._user_end[sid]
+        if keep >= len(held):
+            return False
+        if user_end is not None:
+            return common_prefix(held, prompt) < user_end
+        return keep < len(held) / 2
 
     def swap(self, sid: int, prompt: Sequence[int], target_ctx: Any, draft_ctx: Any,
              catch_up: Callable[[int], None]) -> None:
         """Host-memory cache, before slot ``sid`` takes ``prompt``: save what the slot holds if the
-        prompt would lose most of it (llama-server: under half kept), and bring back a saved slot
-        that gives the prompt more than the slot's own memory does. ``catch_up(sid)`` first puts the
-        drafter's deferred rows into the draft context, so the saved draft memory is whole. A
-        restore that fails leaves the slot empty (the prompt is then decoded in full), logged once."""
+        prompt leaves it (see _leaves) or a saved slot serves the prompt better, and bring that
+        saved slot back. ``catch_up(sid)`` first puts the drafter's deferred rows into the draft
+        context, so the saved draft memory is whole. A restore that fails leaves the slot empty
+        (the prompt is then decoded in full), logged once."""
         if self.ram is None:
             return
         held = self._held[sid]
-        keep = self._usable(held, prompt) if held else 0
-        saved, n = self.ram.best(prompt, lambda tokens: self._usable(tokens, prompt))
-        if held and (keep < len(held) / 2 or n > keep):
+        cps = self._checkpoints[sid]
+        keep = self._usable(held, prompt, cps.keys() if cps is not None else ()) if held else 0
+        saved, n = self.ram.best(prompt, lambda entry: self._usable(entry.tokens, prompt,
+                                                                    (k for k, _ in entry.checkpoints)))
+        if held and (n > keep or self._leaves(sid, prompt, keep)):
             catch_up(sid)
             if self.ram.put(SavedSlot(tuple(held), save_seq(target_ctx, sid),
-                                      save_seq(draft_ctx, sid) if draft_ctx is not None else b"")):
+                                      save_seq(draft_ctx, sid) if draft_ctx is not None else b"",
+                                      cps.export() if cps is not None else (), self._user_end[sid])):
                 self.stats.ram_saves += 1
         if saved is None or n <= keep:
             return
@@ -291,6 +352,9 @@ class SlotCache:
             return
         self.stats.ram_restores += 1
         self._held[sid] = list(saved.tokens)
+        self._user_end[sid] = saved.user_end
+        if cps is not None:
+            cps.adopt(saved.checkpoints)
 
     def take(self, sid: int, prompt: Sequence[int], reuse: bool = True, limit: Optional[int] = None) -> int:
         """A new sequence takes slot ``sid``: the prompt tokens its memory keeps (restoring a
@@ -299,6 +363,7 @@ class SlotCache:
         limit = len(prompt) - 1 if limit is None else min(limit, len(prompt) - 1)
         n = reusable(self._held[sid], prompt, limit, self._checkpoints[sid]) if reuse and limit > 0 else 0
         self._held[sid] = []
+        self._user_end[sid] = None
         self._clock += 1
         self._used[sid] = self._clock
         if n:
@@ -316,10 +381,11 @@ class SlotCache:
         if cps is not None:
             cps.save(tokens)
 
-    def release(self, sid: int, tokens: Sequence[int]) -> None:
+    def release(self, sid: int, tokens: Sequence[int], user_end: Optional[int] = None) -> None:
         """The slot's sequence ended with both contexts holding ``tokens`` (and, on a recurrent
-        target, the state after them)."""
+        target, the state after them); its prompt's last user message ended at ``user_end`` (if known)."""
         self._held[sid] = [int(t) for t in tokens]
+        self._user_end[sid] = user_end
         self.checkpoint(sid, tokens)
 
     def forget_all(self) -> None:
@@ -331,6 +397,7 @@ class SlotCache:
 
     def forget(self, sid: int) -> None:
         self._held[sid] = []
+        self._user_end[sid] = None
         if self._checkpoints[sid] is not None:
             self._checkpoints[sid].clear()
 

@@ -274,6 +274,9 @@ json apply(const mtp_chat_templates & t, const json & body, const json & opt) {
     out["reasoning_format"]   = common_reasoning_format_name(inputs.reasoning_format);
     out["is_continuation"]    = inputs.continue_final_message != COMMON_CHAT_CONTINUATION_NONE;
     out["enable_thinking"]    = inputs.enable_thinking;
+    // where each message starts ({role, delimiter} text; autoparsed templates only): llama-server
+    // checkpoints a recurrent target's prompt at user-message starts (server-context.cpp)
+    out["message_delimiters"] = params.message_delimiters.to_json();
     return out;
 }
 
@@ -403,6 +406,29 @@ MTP_EXPORT int32_t mtp_chat_templates_info(mtp_chat_templates * t, char ** out_j
             {"caps", caps},
         };
         *out_json = to_c_string(info.dump());
+    });
+}
+
+MTP_EXPORT int32_t mtp_chat_message_spans(const llama_vocab * vocab, const char * delimiters_json,
+                                          const int32_t * tokens, int32_t n_tokens, char ** out_json) {
+    return guarded([&] {
+        if (!vocab || !delimiters_json || !out_json || (n_tokens > 0 && !tokens) || n_tokens < 0) {
+            fail(MTP_ERR_NULL, "mtp_chat_message_spans: NULL argument or negative length");
+        }
+        *out_json = nullptr;
+        const json delims_json = json::parse_no_throw(delimiters_json);
+        if (delims_json.is_discarded() || !delims_json.is_array()) {
+            fail(MTP_ERR_ARG, "the message delimiters are not a JSON array");
+        }
+        // server-context.cpp (task params): parse, tokenize on the model's vocabulary, split
+        common_chat_msg_delimiters delims = common_chat_msg_delimiters_parse(delims_json);
+        delims.tokenize(vocab);
+        const common_chat_msg_spans spans = delims.split(llama_tokens(tokens, tokens + n_tokens));
+        json out = json::array();
+        for (const auto & span : spans.spans) {
+            out.push_back({{"role", common_chat_role_to_string(span.role)}, {"pos", span.pos}, {"len", span.len}});
+        }
+        *out_json = to_c_string(out.dump());
     });
 }
 

@@ -91,6 +91,29 @@ def test_template_kwargs_and_generation_prompt(llm) -> None:
     assert no_gen.endswith("<|im_end|>\n") and "assistant" not in no_gen
 
 
+def test_user_spans_are_llama_servers_message_spans(llm) -> None:
+    """Where each user message of the tokenized prompt starts and ends (the slot cache checkpoints
+    at the starts): upstream's message delimiters, split on the prompt's tokens. Qwen's template
+    renders a tool result as a user turn, so it is one too."""
+    from llama_mtp.chat_templates import user_spans
+    from llama_mtp.core import tokenize_prompt
+
+    body = {"messages": [{"role": "system", "content": "You are terse."}] + TOOL_TURN
+            + [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "And tomorrow?"}],
+            "tools": TOOLS}
+    chat = llm.mtp_chat_templates.apply(body)
+    tokens = tokenize_prompt(llm, chat.prompt)
+    spans = user_spans(chat, llm, tokens)
+    user_open = llm.tokenize(b"<|im_start|>user", add_bos=False, special=True)
+    turn_open = llm.tokenize(b"<|im_start|>", add_bos=False, special=True)
+    starts = [i for i in range(len(tokens)) if tokens[i:i + len(user_open)] == user_open]
+    assert [start for start, _ in spans] == starts and len(starts) == 3  # the question, the tool result, the last
+    for start, end in spans:  # each runs to the next message's opening (the assistant's)
+        assert tokens[end:end + len(turn_open)] == turn_open and turn_open[0] not in tokens[start + 1:end]
+    assert chat.prompt.endswith("<|im_start|>assistant\n<think>\n")  # the last one ends at the generation prompt
+    assert llm.detokenize(tokens[spans[-1][1]:], special=True).decode() == "<|im_start|>assistant\n<think>\n"
+
+
 # ------------------------------------------------------------------------- replies
 
 

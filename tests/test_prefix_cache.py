@@ -15,7 +15,7 @@ import pytest
 import llama_mtp
 from llama_mtp import testing as T
 from llama_mtp.checkpoint import rollback_capacity
-from llama_mtp.prompt_cache import SlotCache
+from llama_mtp.prompt_cache import SlotCache, common_prefix
 
 import _helpers
 
@@ -176,7 +176,8 @@ def test_cached_tokens_in_usage_of_mtp_llama_and_the_server(tmp_path) -> None:
         llm.close()
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == again["usage"]["prompt_tokens"] - 1
-    server = ServerProcess(path, tmp_path / "server.log", "--n_parallel", "2", "--n_ctx", "1024", "--cache_ram_mib", "16")
+    server = ServerProcess(path, tmp_path / "server.log", "--n_parallel", "2", "--n_ctx", "1024", "--cache_ram_mib", "16",
+                           chat_format=None)  # the GGUF's template, through llama.cpp's chat code
     try:
         server.wait_ready()
         client = server.client()
@@ -191,6 +192,15 @@ def test_cached_tokens_in_usage_of_mtp_llama_and_the_server(tmp_path) -> None:
                                                      stream=True, stream_options={"include_usage": True}))
         usage = next(c.usage for c in reversed(chunks) if c.usage is not None)
         assert usage.prompt_tokens_details.cached_tokens == two.usage.prompt_tokens - 1
+        # another conversation with the same system prompt: the chat template's message spans put a
+        # checkpoint at the first one's user-message start (the default arch is hybrid: without it,
+        # nothing within the shared prefix would be reusable)
+        system = {"role": "system", "content": "You are a storyteller who always speaks in rhyme."}
+        firsts = [client.chat.completions.create(model=str(path), messages=[system, {"role": "user", "content": c}],
+                                                 max_tokens=8, temperature=0)
+                  for c in ("Tell me a story", "Sing me a song")]
+        assert firsts[0].usage.prompt_tokens_details.cached_tokens == 0
+        assert 0 < firsts[1].usage.prompt_tokens_details.cached_tokens < firsts[1].usage.prompt_tokens - 4
         cold = client.chat.completions.create(model=str(path), messages=messages, max_tokens=8, temperature=0,
                                               extra_body={"cache_prompt": False})
         assert cold.usage.prompt_tokens_details.cached_tokens == 0
@@ -198,7 +208,8 @@ def test_cached_tokens_in_usage_of_mtp_llama_and_the_server(tmp_path) -> None:
         metrics = server.metrics()
         hits = sum(v for (name, _), v in metrics.items() if name == "llama_mtp:prefix_cache_hits_total")
         cached = sum(v for (name, _), v in metrics.items() if name == "llama_mtp:prompt_tokens_cached_total")
-        assert hits == 2 and cached == two.usage.prompt_tokens_details.cached_tokens + usage.prompt_tokens_details.cached_tokens
+        assert hits == 3 and cached == (two.usage.prompt_tokens_details.cached_tokens + usage.prompt_tokens_details.cached_tokens
+                                        + firsts[1].usage.prompt_tokens_details.cached_tokens)
     finally:
         server.stop()
 
@@ -263,3 +274,69 @@ def test_a_next_turn_that_rewrites_the_prompts_end_reuses_a_checkpoint_before_it
         assert r2.stats.n_cached_tokens == len(base) - 4  # the checkpoint 4 tokens before the end
     else:
         assert r2.stats.n_cached_tokens == common  # an attention-only target trims its KV anywhere
+
+
+SYSTEM = "Once upon a time there was a king who ruled the land of the far north with a heavy hand"
+USERS = (" and every morning the queen walked along the river to the old mill by the bridge",
+         " but one winter a dragon came down from the mountains and burned the harvest of the valley")
+
+
+def test_a_user_message_start_checkpoints_the_shared_system_prompt(pair) -> None:
+    """Two conversations with one system prompt, one after the other: the first prompt is checkpointed at
+    its user message's start (llama-server's message spans), so on a recurrent target the second
+    conversation resumes after the system prompt instead of decoding it again. Without the span,
+    no checkpoint lies within the common prefix (those near the end are past it)."""
+    path, target, draft = pair
+    system = _helpers.tokenize(target, SYSTEM)
+    first, second = (system + _helpers.tokenize(target, text)[1:] for text in USERS)  # [1:]: no second BOS
+    assert common_prefix(first, second) == len(system) and len(first) - 16 > len(system)
+    spans = [(len(system), len(first))], [(len(system), len(second))]
+    recurrent = rollback_capacity(target) is not None
+    for with_spans in (True, False):
+        llama_mtp.generate(target, draft, "Unrelated words here", max_tokens=2)  # the slots start empty
+        with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+            a = engine.submit(first, max_tokens=N, user_spans=spans[0] if with_spans else ()).result()
+            b = engine.submit(second, max_tokens=N, user_spans=spans[1] if with_spans else ()).result()
+        assert a.tokens == reference(path, first) and b.tokens == reference(path, second)
+        if recurrent:
+            assert b.stats.n_cached_tokens == (len(system) if with_spans else 0), with_spans
+        else:
+            assert b.stats.n_cached_tokens == len(system)  # an attention-only target trims its KV anywhere
+
+
+def test_a_slot_another_conversation_takes_is_saved_whole_and_comes_back(pair) -> None:
+    """Host-memory cache with chat spans: a conversation with the same (long) system prompt takes a
+    slot and keeps over half of what it holds, so llama-server's rule (save under half kept) would
+    drop the first conversation's turn; knowing where its last user message ends, the cache saves
+    it, with its checkpoints, and its next turn (diverging inside the reply, as a re-rendered
+    history does) gets it back: the attention-only target to the divergence, the recurrent one to
+    the checkpoint at its prompt's end. Exact either way."""
+    path, target, draft = pair
+    system = _helpers.tokenize(target, SYSTEM + " and his three sons rode out every spring to hunt in the forest")
+    users = [_helpers.tokenize(target, text)[1:] for text in
+             (" queens walked to the mill", " dragons burned the harvest", " rivers froze in May")]
+    firsts = [system + u for u in users]
+    assert all(common_prefix(a, b) == len(system) for a, b in zip(firsts, firsts[1:]))
+    more = _helpers.tokenize(target, " What happened next?")[1:]
+    recurrent = rollback_capacity(target) is not None
+    for with_spans in (True, False):
+        llama_mtp.generate(target, draft, "Unrelated words here", max_tokens=2)  # the slots start empty
+        with llama_mtp.Engine(target, draft, n_draft=3, cache_ram_mib=64) as engine:
+            def submit(prompt: List[int], user_starts: List[int]) -> llama_mtp.GenerationResult:
+                ends = user_starts[1:] + [len(prompt)]
+                spans = list(zip(user_starts, ends)) if with_spans else []
+                return engine.submit(prompt, max_tokens=N, user_spans=spans).result()
+
+            replies = [submit(p, [len(system)]) for p in firsts]
+            restores = engine._core.cache.stats.ram_restores
+            second = firsts[0] + replies[0].tokens[:N - 3] + more
+            again = submit(second, [len(system), len(firsts[0]) + N - 3])
+            restores = engine._core.cache.stats.ram_restores - restores
+        assert [r.tokens for r in replies] == [reference(path, p) for p in firsts]
+        assert again.tokens == reference(path, second)
+        assert (len(firsts[0]) + N - 1) / 2 < len(system)  # what the slot held: llama-server's rule keeps it
+        whole = len(firsts[0]) - 1 if recurrent else len(firsts[0]) + N - 3
+        if with_spans or recurrent:  # (a recurrent target without spans keeps nothing: saved as well)
+            assert (again.stats.n_cached_tokens, restores) == (whole, 1), with_spans
+        else:
+            assert (again.stats.n_cached_tokens, restores) == (len(system), 0)

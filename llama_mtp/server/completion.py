@@ -20,7 +20,7 @@ import codecs
 import threading
 import time
 import uuid
-from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Union
+from typing import Any, Dict, FrozenSet, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 
@@ -116,6 +116,7 @@ class EngineLlama:
         grammar: Optional[llama_cpp.LlamaGrammar] = None,
         logit_bias: Optional[Dict[Any, float]] = None,
         special_ids: FrozenSet[int] = frozenset(),
+        user_spans: Sequence[Tuple[int, int]] = (),
     ) -> Union[Completion, Iterator[Completion]]:
         """``llama_cpp.Llama.create_completion``, run as one engine sequence.
 
@@ -124,7 +125,8 @@ class EngineLlama:
         stops on the EOS token, which the engine stops on anyway (every EOG token).
         ``tfs_z`` is ignored, as llama-cpp-python's own sampler chain ignores it.
         ``special_ids``: tokens the text renders even if they are control tokens (llama.cpp's chat
-        templates' preserved tokens).
+        templates' preserved tokens); ``user_spans``: where a chat template's user messages start and end
+        (see Engine.submit).
         """
         del tfs_z, mirostat_tau, mirostat_eta, stopping_criteria
         b = self._backend
@@ -146,7 +148,8 @@ class EngineLlama:
             prompt, max_tokens=int(max_tokens), temperature=float(temperature), top_k=int(top_k),
             top_p=float(top_p), min_p=float(min_p), typical_p=float(typical_p), repeat_penalty=float(repeat_penalty),
             frequency_penalty=float(frequency_penalty or 0.0), presence_penalty=float(presence_penalty or 0.0),
-            seed=seed, stop=stops or None, grammar=grammar, logit_bias=bias, logprobs=logprobs, special_ids=special_ids)
+            seed=seed, stop=stops or None, grammar=grammar, logit_bias=bias, logprobs=logprobs, special_ids=special_ids,
+            user_spans=user_spans)
         shape = _Shape(b, prompt, model or b.model_alias, logprobs)
         return self._chunks(rec, shape) if stream else self._whole(rec, shape, echo)
 

@@ -42,13 +42,15 @@ class MtpSettings(BaseSettings):
                              "rollback the contexts keep).")
     max_waiting: int = Field(default=64, ge=0, description="Requests that may wait for a free slot; beyond that "
                              "the server answers 503.")
-    ctx_checkpoints: int = Field(default=8, ge=0, description="Recurrent-state checkpoints kept per slot on "
-                                 "hybrid/recurrent models (llama-server's --ctx-checkpoints), so a conversation's "
-                                 "next turn resumes from its prefix; 0: none.")
-    cache_ram_mib: int = Field(default=0, ge=0, description="Host-memory cache for more conversations than slots "
-                               "(llama-server's --cache-ram), in MiB: a slot about to lose most of what it holds "
-                               "is saved there, and a prompt that extends a saved one gets it back instead of "
-                               "decoding it; 0: off.")
+    ctx_checkpoints: int = Field(default=32, ge=0, description="Recurrent-state checkpoints kept per slot on "
+                                 "hybrid/recurrent models (llama-server's --ctx-checkpoints and its default), taken "
+                                 "near each prompt's end and at user-message starts, so a conversation's next turn, "
+                                 "or another conversation with the same system prompt, resumes from its prefix; "
+                                 "0: none.")
+    cache_ram_mib: int = Field(default=8192, ge=0, description="Host-memory cache for more conversations than "
+                               "slots (llama-server's --cache-ram and its default), in MiB, an upper bound: a slot "
+                               "about to take another conversation is saved there (with its checkpoints), and a "
+                               "prompt that goes on from a saved one gets it back instead of decoding it; 0: off.")
     draft_model_path: Optional[str] = Field(default=None, description="External MTP drafter GGUF for a --model "
                                             "without MTP heads (a gemma4-assistant for its gemma4 target); its "
                                             "context shares the model's KV.")
