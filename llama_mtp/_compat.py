@@ -101,6 +101,14 @@ def vocab_ptr(llm: llama_cpp.Llama) -> Any:
     return llm._model.vocab
 
 
+def swa_window(llm: llama_cpp.Llama) -> int:
+    """The sliding window a context's SWA layers keep only (its ``swa_full=False``); 0 with a
+    full-size SWA cache (llama.cpp's and llama-cpp-python's default) or no SWA layers."""
+    if llm.context_params.swa_full:
+        return 0
+    return max(0, int(llama_cpp.llama_model_n_swa(llm._model.model)))
+
+
 def vocab_address(llm: llama_cpp.Llama) -> int:
     """The native llama_vocab of a Llama, as an address (for the shim); refuses a freed model."""
     address = _address(llm._model.vocab) if llm._model is not None else None

@@ -43,7 +43,7 @@ from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as chec
 from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
-from .prompt_cache import SlotCache, user_checkpoints
+from .prompt_cache import SlotCache, swa_floor, user_checkpoints
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
@@ -546,7 +546,7 @@ class StepEngine:
                 # prompt token is decoded again, so the emptied memory restarts from a processed row
                 self.session.forget(sid, 0)
                 limit = min(self.session.drafter_rows(sid, held), len(prompt) - 2)
-        return sid, self.cache.take(sid, prompt, params.cache_prompt, limit)
+        return sid, self.cache.take(sid, prompt, params.cache_prompt, limit, swa_floor(self.target, sid))
 
     def cancel(self, seq: Sequence) -> None:
         """End a sequence between steps (finish_reason "cancelled") and free its slot."""

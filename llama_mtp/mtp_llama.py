@@ -23,7 +23,7 @@ from .drafter import resolve_drafter
 from .errors import MtpArgumentError
 from .generation import OneSequenceRun
 from .loading import MtpTargetLlama, open_pair
-from .prompt_cache import PromptCheckpoints, common_prefix, reusable
+from .prompt_cache import PromptCheckpoints, common_prefix, reusable, swa_floor
 from .results import GenerationStats
 from .session import DraftMode, MtpSession
 
@@ -198,7 +198,7 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
             # With nothing left to prefill, the first draft reads that state: unless it is the one
             # after prompt[:limit], the target re-decodes the last reused token to renew it
             limit -= 1
-        return reusable(held, prompt, limit, self.mtp_checkpoints if self._recurrent else None)
+        return reusable(held, prompt, limit, self.mtp_checkpoints if self._recurrent else None, swa_floor(self, 0))
 
     def _settled(self, run: Optional[OneSequenceRun]) -> None:
         """After a run: record what both contexts hold; after a failure, hold nothing."""

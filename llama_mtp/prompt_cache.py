@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
+from . import _compat
 from .checkpoint import restore_partial_state, rollback_capacity, save_partial_state
 from .checks import integer
 
@@ -130,12 +131,27 @@ class PromptCheckpoints:
         self._items = OrderedDict(items[-self.capacity:] if self.capacity else ())
 
 
-def reusable(held: Sequence[int], prompt: Sequence[int], limit: int, checkpoints: Optional[PromptCheckpoints]) -> int:
+def swa_floor(llm: llama_cpp.Llama, seq_id: int) -> int:
+    """The fewest held tokens a sequence can keep when its target's sliding-window layers keep only
+    their window (``swa_full=False``): the next token attends over the n_swa before it, which the
+    window must still hold (llama-server's pos_min check); 0 with a full-size SWA cache
+    (llama-cpp-python's default, where reuse anywhere is exact) or no SWA layers."""
+    n_swa = _compat.swa_window(llm)
+    if not n_swa:
+        return 0
+    pos_min = int(llama_cpp.llama_memory_seq_pos_min(llama_cpp.llama_get_memory(_compat.native_context(llm)), seq_id))
+    return pos_min + n_swa if pos_min > 0 else 0
+
+
+def reusable(held: Sequence[int], prompt: Sequence[int], limit: int, checkpoints: Optional[PromptCheckpoints],
+             floor: int = 0) -> int:
     """Leading tokens of ``prompt`` a sequence holding ``held`` keeps, at most ``limit``: the common
     prefix on an attention-only target; on a recurrent one (``checkpoints`` given) everything held
     when the prompt extends it (the state is the one after it), else the latest checkpoint at or
-    before the limit, which is restored (0: none)."""
+    before the limit, which is restored (0: none). Fewer than ``floor`` (swa_floor) keep nothing."""
     limit = min(limit, common_prefix(held, prompt))
+    if limit < floor:
+        return 0
     if checkpoints is None:
         return limit
     if len(held) <= limit:
@@ -356,12 +372,13 @@ class SlotCache:
         if cps is not None:
             cps.adopt(saved.checkpoints)
 
-    def take(self, sid: int, prompt: Sequence[int], reuse: bool = True, limit: Optional[int] = None) -> int:
+    def take(self, sid: int, prompt: Sequence[int], reuse: bool = True, limit: Optional[int] = None,
+             floor: int = 0) -> int:
         """A new sequence takes slot ``sid``: the prompt tokens its memory keeps (restoring a
         checkpoint on a recurrent target), at most ``limit`` (default len(prompt) - 1). Until
-        :meth:`release`, the slot holds nothing the cache vouches for."""
+        :meth:`release`, the slot holds nothing the cache vouches for. ``floor``: see swa_floor."""
         limit = len(prompt) - 1 if limit is None else min(limit, len(prompt) - 1)
-        n = reusable(self._held[sid], prompt, limit, self._checkpoints[sid]) if reuse and limit > 0 else 0
+        n = reusable(self._held[sid], prompt, limit, self._checkpoints[sid], floor) if reuse and limit > 0 else 0
         self._held[sid] = []
         self._user_end[sid] = None
         self._clock += 1

@@ -33,8 +33,8 @@ def pair(request) -> Iterator[Tuple[str, llama_mtp.MtpTargetLlama, llama_mtp.Mtp
     target.close()
 
 
-def reference(path: str, prompt: List[int], n: int = N) -> List[int]:
-    tokens, margins = T.reference_greedy(path, prompt, n)
+def reference(path: str, prompt: List[int], n: int = N, **llama_kwargs) -> List[int]:
+    tokens, margins = T.reference_greedy(path, prompt, n, **llama_kwargs)
     assert margins.min() > 1e-2, "near-tie in the greedy reference: pick another prompt"
     return tokens
 
@@ -340,3 +340,32 @@ def test_a_slot_another_conversation_takes_is_saved_whole_and_comes_back(pair) -
             assert (again.stats.n_cached_tokens, restores) == (whole, 1), with_spans
         else:
             assert (again.stats.n_cached_tokens, restores) == (len(system), 0)
+
+
+@pytest.mark.parametrize("swa_full", [True, False])
+def test_a_sliding_window_target_reuses_only_what_its_window_holds(swa_full, model_dir) -> None:
+    """mimo2 (sliding window 128): llama-cpp-python's default full-size SWA cache keeps every
+    position, so a prompt may reuse any common prefix. With ``swa_full=False`` the window layers keep
+    only the last positions (llama-server's default): a prefix that ends before what they hold
+    leaves the next token without its window, so it is decoded again (llama-server's pos_min
+    check); one ending inside the window is reused. Exact either way."""
+    import random
+
+    path = _helpers.build_model(T.TestModelSpec(recipe="context", arch="mimo2"), model_dir)
+    target, draft = _helpers.load_pair(path, n_seq=2, n_ctx=2048, swa_full=swa_full)
+    rng = random.Random(1)
+    words = [rng.randrange(10, 300) for _ in range(1300)]
+    first = words[:900]
+    far, near = first[:100] + words[900:1200], first[:850] + words[1200:1300]  # diverging before / inside the window
+    try:
+        for prompt, shared in ((far, 100), (near, 850)):
+            llama_mtp.generate(target, draft, "Unrelated words here", max_tokens=2)  # the slots start empty
+            with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+                a = engine.submit(first, max_tokens=N).result()
+                b = engine.submit(prompt, max_tokens=N).result()
+            assert a.tokens == reference(path, first, n_ctx=2048) and b.tokens == reference(path, prompt, n_ctx=2048)
+            window_holds_it = swa_full or shared == 850
+            assert b.stats.n_cached_tokens == (shared if window_holds_it else 0), (shared, swa_full)
+    finally:
+        draft.close()
+        target.close()
