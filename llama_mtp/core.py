@@ -38,12 +38,12 @@ import llama_cpp
 
 from . import _compat
 from .adaptive import FORGET_AT, FORGET_KEEP, Acceptance, DraftChoice, Planner, StepCosts
-from .checkpoint import TargetCheckpoint, rollback_capacity
+from .checkpoint import TargetCheckpoint, restore_partial_state, rollback_capacity
 from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as check_n_draft, number
 from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
-from .prompt_cache import SlotCache, swa_floor, user_checkpoints
+from .prompt_cache import SlotCache, common_prefix, swa_floor, user_checkpoints
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
@@ -169,6 +169,18 @@ def auto_planner(target: llama_cpp.Llama) -> Planner:
 
 
 
+@dataclass(frozen=True)
+class Donor:
+    """Another slot's sequence whose first ``n`` prompt tokens a new sequence copies."""
+
+    seq: "Sequence"
+    n: int
+
+
+# a prefix shorter than this is decoded again rather than copied from another slot (or waited for)
+MIN_SHARED_PREFIX = 32
+
+
 class Sequence:
     """One generation in a slot: its settings, sampler chain, policy, progress and stats."""
 
@@ -213,6 +225,7 @@ class Sequence:
         users = [(start, end) for start, end in params.user_spans if end <= len(prompt_tokens)]
         self.user_end: Optional[int] = users[-1][1] if users else None  # where the last user message ends
         self.user_stops = user_checkpoints([start for start, _ in users])
+        self.donor: Optional[Donor] = None  # another slot's prefix this one copies once decoded there
 
     @property
     def prefilling(self) -> bool:
@@ -512,9 +525,12 @@ class StepEngine:
         seq.n_prefilled = n_reuse
         self.session.begin(sid, [])
         self.slots[sid] = seq
+        if self.cache is not None and params.cache_prompt and seq.prefilling:
+            self._find_donor(seq)
         if not seq.prefilling:
             self._begin(seq)
         elif self.prefill == "separate":
+            seq.donor = None  # every other prompt is decoded already: what was not copied is decoded here
             self._prefill_now(seq)
         return seq
 
@@ -643,6 +659,74 @@ class StepEngine:
             p.seq.checkpoint.save(p.seq.seq_id)
         return replace(p, tokens=[p.seq.id_last, *proposal], proposal=tuple(proposal), q=q, checkpoint=checkpoint)
 
+    # -- prefixes shared across slots ------------------------------------------------------
+
+    def _find_donor(self, seq: Sequence) -> None:
+        """A prompt that shares a prefix with another slot's prompt (a system prompt every client
+        sends) copies it from that slot rather than decoding it again (llama-server decodes it in
+        each slot): at once if it is decoded there, else once it is (the sequence waits, and the
+        batch goes to the other prompt meanwhile)."""
+        best: Optional[Donor] = None
+        for other in self.active:
+            if other is seq or other.donor is not None:
+                continue
+            n = self._copy_point(other, seq)
+            if n >= seq.n_prefilled + MIN_SHARED_PREFIX and (best is None or n > best.n):
+                best = Donor(other, n)
+        seq.donor = best
+        self._take_from_donor(seq)
+
+    def _copy_point(self, donor: Sequence, seq: Sequence) -> int:
+        """How much of ``seq``'s prompt it can copy from ``donor``'s slot: their common prefix (at
+        least one prompt token left to decode); on a recurrent target only up to a position the
+        donor's slot has, or will have on its way through its prompt, a checkpoint at."""
+        common = min(common_prefix(donor.head, seq.head), len(seq.head) - 1)
+        if self.rollback_cap is None:
+            return common
+        assert self.cache is not None
+        ahead = [p for p in (*self._checkpoint_stops(donor), len(donor.head)) if p >= donor.n_prefilled]
+        return max([p for p in (*ahead, *self.cache.checkpoint_positions(donor.seq_id, seq.head)) if p <= common],
+                   default=0)
+
+    def _take_from_donor(self, seq: Sequence) -> None:
+        """Copy the donor's prefix into ``seq``'s slot if the donor has decoded it; give up if the
+        donor is gone or the checkpoint it was to leave is not there."""
+        donor = seq.donor
+        if donor is None:
+            return
+        if self.slots[donor.seq.seq_id] is not donor.seq or donor.seq.error is not None:
+            seq.donor = None
+            return
+        if donor.seq.n_prefilled < donor.n:
+            return  # not decoded there yet
+        seq.donor = None
+        assert self.cache is not None
+        state = None
+        if self.rollback_cap is not None:
+            state = self.cache.checkpoint_state(donor.seq.seq_id, seq.head[:donor.n])
+            if state is None:
+                return
+        sid, n = seq.seq_id, donor.n
+        own_memory = self.drafter.mode != "mem_shared"
+        if own_memory:
+            self.session.catch_up(donor.seq.seq_id)  # the donor's deferred draft rows, into its memory first
+        # a whole-sequence copy, then a trim: llama.cpp copies across KV streams (one per sequence,
+        # llama-cpp-python's default) only whole
+        for ctx in (self.target, self.draft) if own_memory else (self.target,):
+            memory = llama_cpp.llama_get_memory(_compat.native_context(ctx))
+            llama_cpp.llama_memory_seq_rm(memory, sid, -1, -1)
+            llama_cpp.llama_memory_seq_cp(memory, donor.seq.seq_id, sid, -1, -1)
+        if state is not None:
+            # the recurrent state after the prefix (the copy gave the slot the donor's current one)
+            restore_partial_state(self.target, state, len(state), sid, "shared prefix checkpoint")
+            self.cache.checkpoint_from(sid, seq.head[:n], state)
+        self._clear_memory(sid, n)
+        if own_memory and self.session.drafter_rows(sid, n) < n:
+            # the draft rows stop short of the prefix: drop them (drafts see a shorter past; exact all the same)
+            self.session.forget(sid, 0)
+        self.cache.shared(seq.n_prefilled, n)
+        seq.n_prefilled = seq.stats.n_cached_tokens = n
+
     def _add_prefill(self, rec: StepRecord) -> None:
         """prefill="shared": joining sequences' next prompt chunks fill the rest of the batch.
 
@@ -652,9 +736,11 @@ class StepEngine:
         """
         budget = self.n_batch - sum(len(p.tokens) for p in rec.parts)
         for seq in self.active:
+            self._take_from_donor(seq)
+        for seq in self.active:
             if budget <= 0:
                 break
-            if not seq.prefilling:
+            if not seq.prefilling or seq.donor is not None:
                 continue
             start = seq.n_prefilled
             chunk = seq.head[start: self._chunk_end(seq, start, budget)]

@@ -92,17 +92,27 @@ class PromptCheckpoints:
         """Checkpoint the target's recurrent state, which must be that after ``tokens``."""
         if not self.capacity or not tokens:
             return
-        key = tuple(int(t) for t in tokens)
         buf, n = save_partial_state(self._llm, self.seq_id)
         if n != len(buf):
             return  # nothing usable to keep (llama.cpp logged why)
-        self._items.pop(key, None)  # supersede one at the same prefix
-        self._items[key] = buf
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+        self.put(tokens, buf)
 
     def keys(self) -> List[Tuple[int, ...]]:
         return list(self._items)
+
+    def get(self, tokens: Sequence[int]) -> Optional[ctypes.Array]:
+        """The state saved after exactly ``tokens`` (None: none)."""
+        return self._items.get(tuple(int(t) for t in tokens))
+
+    def put(self, tokens: Sequence[int], state: ctypes.Array) -> None:
+        """Keep a state saved elsewhere (another slot's) as the one after ``tokens``."""
+        if not self.capacity or not tokens:
+            return
+        key = tuple(int(t) for t in tokens)
+        self._items.pop(key, None)  # supersede one at the same prefix
+        self._items[key] = state
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
 
     def restore_best(self, context: Sequence[int], limit: int) -> int:
         """Restore the latest checkpoint at a position <= limit whose tokens the context still
@@ -391,6 +401,29 @@ class SlotCache:
             if self._checkpoints[sid] is not None:
                 self._checkpoints[sid].clear()
         return n
+
+    def checkpoint_positions(self, sid: int, prompt: Sequence[int]) -> List[int]:
+        """Positions of slot ``sid``'s checkpoints taken after a prefix of ``prompt``."""
+        cps = self._checkpoints[sid]
+        return [len(k) for k in cps.keys() if common_prefix(prompt, k) == len(k)] if cps is not None else []
+
+    def checkpoint_state(self, sid: int, tokens: Sequence[int]) -> Optional[ctypes.Array]:
+        """Slot ``sid``'s checkpoint taken after exactly ``tokens`` (None: it has none)."""
+        cps = self._checkpoints[sid]
+        return cps.get(tokens) if cps is not None else None
+
+    def checkpoint_from(self, sid: int, tokens: Sequence[int], state: ctypes.Array) -> None:
+        """Slot ``sid`` holds ``state`` after ``tokens`` now (copied from another slot): keep it."""
+        cps = self._checkpoints[sid]
+        if cps is not None:
+            cps.put(tokens, state)
+
+    def shared(self, n_before: int, n_after: int) -> None:
+        """A new sequence that kept ``n_before`` of its slot copied ``n_after`` from another slot."""
+        if not n_before:
+            self.stats.hits += 1
+            self.stats.misses -= 1
+        self.stats.cached_tokens += n_after - n_before
 
     def checkpoint(self, sid: int, tokens: Sequence[int]) -> None:
         """The slot's recurrent state is the one after ``tokens`` now: keep a checkpoint of it."""

@@ -369,3 +369,27 @@ def test_a_sliding_window_target_reuses_only_what_its_window_holds(swa_full, mod
     finally:
         draft.close()
         target.close()
+
+
+def test_a_prefix_another_slot_decodes_is_copied_not_decoded_again(pair) -> None:
+    """Two conversations with one system prompt at once, in two slots: the second copies the
+    system prompt from the first's slot (KV with llama_memory_seq_cp; a recurrent state from the
+    checkpoint at the first's user-message start), waiting for it if it is not decoded yet, rather
+    than decoding it too. Exact; cached_tokens counts the copy."""
+    path, target, draft = pair
+    system = _helpers.tokenize(target, SYSTEM + " and his three sons rode out every spring to hunt in the forest")
+    prompts = [system + _helpers.tokenize(target, text)[1:] for text in USERS]
+    for wait in (True, False):
+        llama_mtp.generate(target, draft, "Unrelated words here", max_tokens=2)  # the slots start empty
+        with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+            first = engine.submit(prompts[0], max_tokens=N if wait else 1, user_spans=[(len(system), len(prompts[0]))])
+            if not wait:
+                first.result()  # the first prompt is decoded (and its slot free) before the second comes
+            second = engine.submit(prompts[1], max_tokens=N, user_spans=[(len(system), len(prompts[1]))])
+            a, b = first.result(), second.result()
+            stats = engine._core.cache.stats
+        if wait:
+            assert a.tokens == reference(path, prompts[0])
+        assert b.tokens == reference(path, prompts[1])
+        assert (a.stats.n_cached_tokens, b.stats.n_cached_tokens) == (0, len(system)), wait
+        assert stats.hits >= 1
