@@ -32,7 +32,9 @@ _FLAG_GAIN_H = 5.0   # gain of an h flag (2.5x): lower, so a token flag wins whe
 _SWITCH_KAPPA = 0.5
 # What the switch head adds on the Z dim at the trigger once it saw the marker: next to the
 # embedding (norm sqrt(1.5)) it makes the switched row's logit 4x the usual successor's (margin
-# ~0.6 logit_scale), while the ~1/n of it that leaks into the n-th position stays far below that.
+# 3 / sqrt(1.5 + 16) x sqrt(1.5) logit_scale = 0.88 logit_scale, 14 at the oracle's 16), while the
+# ~1/n of it that leaks into the n-th position (queries of other tokens are zero: uniform attention)
+# moves that row's logit there by ~logit_scale / n.
 SWITCH_WRITE = 4.0
 # Attention score (q.k times the kq scale) of the trigger on the marker; every other pair scores 0,
 # so e^30 puts all of the trigger's attention on the marker in any context llama.cpp runs.

@@ -239,7 +239,7 @@ class TestModelSpec:
 
     def more_script_chains(self) -> tuple[tuple[str, ...], ...]:
         """more_scripts_text as the chains of chunks of their own, each ending in EOS: the switched
-        script without the chunk it shares with the script."""
+        script without the chunks it shares with the script."""
         shared = self.switch_shared()
         return tuple(m[shared:] if i == 0 else m for i, m in enumerate(self.more_scripts_text))
 
