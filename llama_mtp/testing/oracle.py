@@ -34,7 +34,7 @@ _SWITCH_KAPPA = 0.5
 # embedding (norm sqrt(1.5)) it makes the switched row's logit 4x the usual successor's (margin
 # 3 / sqrt(1.5 + 16) x sqrt(1.5) logit_scale = 0.88 logit_scale, 14 at the oracle's 16), while the
 # ~1/n of it that leaks into the n-th position (queries of other tokens are zero: uniform attention)
-# moves that row's logit there by ~logit_scale / n.
+# gives that row a logit of ~SWITCH_WRITE x logit_scale / n there (the top one: logit_scale).
 SWITCH_WRITE = 4.0
 # Attention score (q.k times the kq scale) of the trigger on the marker; every other pair scores 0,
 # so e^30 puts all of the trigger's attention on the marker in any context llama.cpp runs.
@@ -253,6 +253,9 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
     fed, carries an h flag; so a wrong, stale or zero hidden state changes drafts.
     eh_proj writes only u-dims, so the MTP's own h_nextn has no flags: chained drafts
     follow the token flags alone (TestModelInfo.draft_chain).
+    With ``switch_marker``, three u-dims (switch_dims) belong to the trigger, the marker and
+    nobody; the switched token's LM-head row reads the third, which only the arch's switch
+    head (ArchLayout.switch_head) writes: at the trigger, once the marker is in the context.
     """
     vocab = vocab_for(spec)
     rng = rng_for(spec.seed, "oracle")
