@@ -4,6 +4,7 @@ context-recipe margins and the q4_k_m copy made by llama.cpp's quantizer."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 
 import numpy as np
@@ -87,6 +88,60 @@ def test_q4_k_m_follows_the_oracle(arch: str, no_extra_bufts, model_dir: pathlib
     prompt = list(b"Hello world")
     assert _helpers.greedy_tokens(llm, prompt, N_GEN) == info.greedy_continuation(prompt[-1], N_GEN)
     llm.close()
+
+
+# the archs with a switch head (TestModelSpec.switch_marker)
+SWITCH_ARCHS = [a for a in ARCH_NAMES if T.ARCHS[a].switch_head(T.TestModelSpec(arch=a)) is not None]
+MARKER = "<tool_response>"
+# batched and one-token decoding of the same tokens differ by up to ~1e-2 in logits
+SWITCH_MIN_MARGIN = 1e-2
+
+
+def switch_spec(arch: str, shared: bool) -> T.TestModelSpec:
+    """A call script and an answer script that part after their shared "\n" (``shared``) or, sharing
+    nothing, after the control token a prompt ends with; the answer once MARKER was in the prompt."""
+    first = ("\n",) if shared else ()
+    return T.TestModelSpec(arch=arch, script_text=first + (" call", " get_weather"), script_eos=True,
+                           more_scripts_text=(first + (" sunny", " today."),), switch_marker=MARKER)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["after-a-shared-chunk", "after-a-control-token"])
+@pytest.mark.parametrize("arch", SWITCH_ARCHS)
+def test_switch_marker_turns_greedy_to_the_switched_script(arch: str, shared: bool) -> None:
+    spec = switch_spec(arch, shared)
+    path, info = T.cached_test_model_info(spec)
+    end = "\n" if shared else T.ARCHS[arch].specials.eos
+    llm = _load(llama_cpp, path)
+    try:
+        plain, marked = (llm.tokenize(text.encode(), add_bos=False, special=True) for text in (
+            "What is the weather in Paris?" + end,
+            f"What is the weather in Paris?{MARKER}sunny, 24 C</tool_response> So?" + end))
+    finally:
+        llm.close()
+    assert info.switch is not None and info.switch.marker in marked and info.switch.marker not in plain
+    # the prompts end where the scripts part: on their shared chunk, or on a control token (every
+    # special token reads as the trigger, the script's predecessor)
+    assert plain[-1] == marked[-1]
+    assert plain[-1] == info.switch.trigger if shared else plain[-1] in info.special_ids
+    answer = spec.more_scripts()[0]
+    for prompt, want in ((plain, spec.script[shared:]), (marked, answer)):
+        tokens, margins = T.reference_greedy(path, prompt, len(want) + 1)
+        assert tokens == [*want, info.eos_id]
+        assert margins.min() > SWITCH_MIN_MARGIN, margins
+
+
+def test_switch_marker_validation() -> None:
+    assert "switch_marker" not in T.TestModelSpec().recorded_fields()  # the specs before it keep their keys
+    assert switch_spec(SWITCH_ARCHS[0], True).key() != switch_spec(SWITCH_ARCHS[0], False).key()
+    for arch in set(ARCH_NAMES) - set(SWITCH_ARCHS):
+        with pytest.raises(ValueError, match="switch"):
+            switch_spec(arch, True)
+    arch = SWITCH_ARCHS[0]
+    for bad, match in ((dict(recipe="context"), "oracle"), (dict(more_scripts_text=()), "more_scripts_text"),
+                       (dict(more_scripts_text=(("\n", " call"),)), "more_scripts_text"),
+                       (dict(switch_marker=" call"), "already a token"), (dict(switch_marker="a"), "already a token")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(switch_spec(arch, True), **bad)
 
 
 @pytest.mark.parametrize("arch", [a for a in ARCH_NAMES if T.ARCHS[a].chat_template])

@@ -10,7 +10,11 @@ For each arch's real template (llama.cpp's models/templates, on the arch's real 
   prompt (tokens fed to llama.cpp's grammar sampler), and refuses a corrupted one;
 - **agent**: a model whose greedy reply is that call (scripted on the synthetic vocabulary) calls
   the tool through MtpLlama's chat, streaming and not, under ``tool_choice: "auto"``'s lazy
-  grammar, exactly as plain decoding does.
+  grammar, exactly as plain decoding does;
+- **agent loop** (every arch's own real template): call -> result -> answer through our server with
+  the official openai client, whole and streamed (the answer after the result: a second script the
+  test model takes where the result's prompt ends differently, or, ending alike, after its
+  switch_marker ``<tool_response>``).
 
 llama-server is built once from the same sources (bench/native.py, several minutes on 2 cores).
 """
@@ -229,10 +233,15 @@ def _free(sampler_address: int) -> None:
     llama_cpp.llama_sampler_free(ctypes.cast(ctypes.c_void_p(sampler_address), llama_cpp.llama_sampler_p_ctypes))
 
 
+def until_control(text: str, control_texts: List[str]) -> str:
+    """``text`` up to its first control token (the turn's end-of-generation and what follows it)."""
+    return text[:min([text.find(c) for c in control_texts if c in text] + [len(text)])]
+
+
 def full_reply(chat: ChatPrompt, rest: str, control_texts: List[str]) -> str:
     """The whole reply the template writes for the call: the longest prefix of ``rest`` that still
     parses into the call and holds no control token (the turn's end-of-generation and after)."""
-    rest = rest[:min([rest.find(c) for c in control_texts if c in rest] + [len(rest)])]
+    rest = until_control(rest, control_texts)
     best = reply_of(chat, rest)
     for end in range(len(best) + 1, len(rest) + 1):
         text = rest[:end]
@@ -244,15 +253,15 @@ def full_reply(chat: ChatPrompt, rest: str, control_texts: List[str]) -> str:
     return best
 
 
-def chunks_of(first: str, reply: str) -> Tuple[str, ...]:
-    """``reply`` cut into distinct chunks (lines, a repeated one joined to the next), after ``first``
-    (the prompt's last token, where greedy decoding picks up the script)."""
+def chunks_of(first: str, reply: str, taken: Tuple[str, ...] = ()) -> Tuple[str, ...]:
+    """``reply`` cut into distinct chunks (lines, a repeated one, or one in ``taken``, joined to the
+    next), after ``first`` (the prompt's last token, where greedy decoding picks up the script)."""
     lines = reply.splitlines(keepends=True)
     out: List[str] = [first]
     pending = ""
     for line in lines:
         pending += line
-        if pending not in out:
+        if pending not in out and pending not in taken:
             out.append(pending)
             pending = ""
     if pending:
@@ -260,38 +269,56 @@ def chunks_of(first: str, reply: str) -> Tuple[str, ...]:
     return tuple(out)
 
 
-@pytest.fixture(scope="module")
-def agent_model(family, model_dir) -> Dict[str, str]:
-    """A model of the family's arch (synthetic vocabulary, real template) whose greedy reply to USER is
-    the template's own call of get_weather, then end-of-generation."""
+def control_texts(llm) -> List[str]:
     import llama_cpp
 
-    arch, template, _ = family
-    bare = _helpers.build_model(testing.TestModelSpec(arch=arch, chat_template=template), model_dir)
-    llm = _helpers.plain_llama(bare, n_ctx=512)
-    try:
-        with ChatTemplates(llm) as t:
-            chat, rest = written_call(t)
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        controls = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llm.n_vocab())
-                    if llama_cpp.llama_vocab_is_control(vocab, i)]
-        reply = full_reply(chat, rest, [c for c in controls if c])
-        last = llm.tokenize(chat.prompt.encode(), add_bos=False, special=True)[-1]
-        # a special token as the prompt's end (a turn marker, <think>) leads into the script by
-        # itself (the generator's specials alias the script's predecessor); an ordinary one starts it
-        ordinary = llama_cpp.llama_vocab_get_attr(vocab, last) & llama_cpp.LLAMA_TOKEN_ATTR_NORMAL
-        first = llm.detokenize([last]).decode() if ordinary else ""
-    finally:
-        llm.close()
-    chunks = chunks_of(first, reply)[0 if first else 1:]
-    spec = testing.TestModelSpec(arch=arch, chat_template=template, script_text=chunks, script_eos=True)
-    if not ARCHS[arch].has_mtp_heads:  # gemma4: its MTP drafter is an assistant GGUF of its own
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    texts = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llm.n_vocab())
+             if llama_cpp.llama_vocab_is_control(vocab, i)]
+    return [t for t in texts if t]
+
+
+def prompt_end(llm, prompt: str) -> Tuple[int, str]:
+    """The prompt's last token and its text where it is ordinary ("" for a special one).
+
+    A special token as the prompt's end (a turn marker, <think>) leads into the script by itself (the
+    generator's specials alias the script's predecessor); an ordinary one is the script's first chunk."""
+    import llama_cpp
+
+    last = llm.tokenize(prompt.encode(), add_bos=False, special=True)[-1]
+    ordinary = llama_cpp.llama_vocab_get_attr(llama_cpp.llama_model_get_vocab(llm.model), last) & \
+        llama_cpp.LLAMA_TOKEN_ATTR_NORMAL
+    return last, llm.detokenize([last]).decode() if ordinary else ""
+
+
+def model_files(spec: testing.TestModelSpec, model_dir) -> Dict[str, str]:
+    """The model of ``spec`` as MtpLlama's (and the server's) model_path / draft_model_path."""
+    if not ARCHS[spec.arch].has_mtp_heads:  # gemma4: its MTP drafter is an assistant GGUF of its own
         from llama_mtp.testing.archs import gemma4
 
         with _helpers.models_cache(model_dir):
             target, assistant, _ = gemma4.cached_gemma4_pair(spec)
         return {"model_path": str(target), "draft_model_path": str(assistant)}
     return {"model_path": str(_helpers.build_model(spec, model_dir))}
+
+
+@pytest.fixture(scope="module")
+def agent_model(family, model_dir) -> Dict[str, str]:
+    """A model of the family's arch (synthetic vocabulary, real template) whose greedy reply to USER is
+    the template's own call of get_weather, then end-of-generation."""
+    arch, template, _ = family
+    bare = _helpers.build_model(testing.TestModelSpec(arch=arch, chat_template=template), model_dir)
+    llm = _helpers.plain_llama(bare, n_ctx=512)
+    try:
+        with ChatTemplates(llm) as t:
+            chat, rest = written_call(t)
+        reply = full_reply(chat, rest, control_texts(llm))
+        first = prompt_end(llm, chat.prompt)[1]
+    finally:
+        llm.close()
+    chunks = chunks_of(first, reply)[0 if first else 1:]
+    return model_files(testing.TestModelSpec(arch=arch, chat_template=template, script_text=chunks, script_eos=True),
+                       model_dir)
 
 
 def test_the_model_calls_the_tool_streaming_and_not_as_plain_decoding_does(family, agent_model) -> None:
@@ -380,54 +407,96 @@ def test_agent_loop_through_the_server_with_the_openai_client(model_dir, tmp_pat
         srv.stop()
 
 
-def test_gemma4_agent_loop_call_result_answer(model_dir, tmp_path) -> None:
-    """Gemma 4's template continues the model's turn after a tool result (no new turn header), so
-    the prompt of an agent's second request ends differently from its first: a test model with two
-    scripts (a call after the first prompt, an answer after the result) runs the whole loop through
-    the server with the official client, the MTP drafter being the gemma4-assistant GGUF."""
-    pytest.importorskip("openai")
-    from test_server import ServerProcess
-    from llama_mtp.testing.archs import gemma4
+ANSWER = "It is sunny in Paris, 24 C."
+RESULT = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"}
+# the tag a tool result comes in: a token of its own in the real vocabularies (an added token), and
+# in the test model's the switch_marker that turns its greedy reply from the call to the answer
+MARKER = "<tool_response>"
 
-    answer = "It is sunny in Paris, 24 C."
-    result = {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24 C"}
-    bare = _helpers.build_model(testing.TestModelSpec(arch="gemma4", chat_template="real"), model_dir)
+
+def agent_loop_spec(arch: str, template: str, model_dir) -> testing.TestModelSpec:
+    """A model of ``arch`` (synthetic vocabulary, ``template``) that runs an agent's loop: its greedy
+    reply to USER is the template's own call of get_weather, and after the tool's result the
+    template's own assistant turn saying ANSWER, each then end-of-generation.
+
+    Where the result's prompt ends on a token of its own (Gemma 4, DeepSeek-V3.1), the answer is a
+    chain of its own starting there; where it ends like the first prompt, the answer's chunks part
+    from the call's after those they share, once MARKER (in the result's prompt only) was read."""
+    bare = _helpers.build_model(testing.TestModelSpec(arch=arch, chat_template=template), model_dir)
     llm = _helpers.plain_llama(bare, n_ctx=512)
     try:
         with ChatTemplates(llm) as t:
             chat, rest = written_call(t)
-            second = t.apply({"messages": USER + [{"role": "assistant", "content": "", "tool_calls": [CALL]}, result],
-                              "tools": TOOLS}).prompt
-        ends = [llm.detokenize(llm.tokenize(p.encode(), add_bos=False, special=True)[-1:]).decode()
-                for p in (chat.prompt, second)]
+            history = USER + [{"role": "assistant", "content": "", "tool_calls": [CALL]}, RESULT]
+            second = t.apply({"messages": history, "tools": TOOLS}).prompt
+            answered = t.apply({"messages": history + [{"role": "assistant", "content": ANSWER}], "tools": TOOLS}).prompt
+        controls = control_texts(llm)
+        call = full_reply(chat, rest, controls)
+        answer = until_control(answered[len(os.path.commonprefix([second, answered])):], controls)
+        (end1, first), (end2, first2) = prompt_end(llm, chat.prompt), prompt_end(llm, second)
     finally:
         llm.close()
-    assert ends[0] != ends[1]  # what lets a test model without attention tell the two turns apart
-    call = rest[:rest.index("<tool_call|>") + len("<tool_call|>")]
-    spec = testing.TestModelSpec(arch="gemma4", chat_template="real", script_eos=True,
-                                 script_text=chunks_of(ends[0], call), more_scripts_text=((ends[1], answer),))
-    with _helpers.models_cache(model_dir):
-        target, assistant, _ = gemma4.cached_gemma4_pair(spec)
-    srv = ServerProcess(target, tmp_path / "server.log", "--n_ctx", "8192", "--draft_model_path", str(assistant),
+    script = chunks_of(first, call)[0 if first else 1:]
+    base = dict(arch=arch, chat_template=template, script_text=script, script_eos=True)
+    if end2 != end1 and first2:
+        return testing.TestModelSpec(**base, more_scripts_text=((first2, *chunks_of("", answer, script)[1:]),))
+    assert MARKER in second and MARKER not in chat.prompt
+    # the answer may open like the call (the think block both start with): greedy follows those chunks
+    # either way, and the two part after the last of them
+    shared, text = 0, first + answer
+    while shared < len(script) and text.startswith(script[shared]) and len(script[shared]) < len(text):
+        text = text[len(script[shared]):]
+        shared += 1
+    return testing.TestModelSpec(**base, switch_marker=MARKER,
+                                 more_scripts_text=(script[:shared] + chunks_of("", text, script)[1:],))
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_agent_loop_call_result_answer(arch: str, model_dir, tmp_path) -> None:
+    """An agent's whole loop through the server with the official client, in every arch's real
+    template: the model calls the tool (``finish_reason: "tool_calls"``), the client sends the result
+    and gets the answer (``"stop"``), whole and streamed; MTP drafting on (gemma4: its assistant GGUF)."""
+    pytest.importorskip("openai")
+    from test_server import ServerProcess
+
+    files = model_files(agent_loop_spec(arch, ARCHS[arch].real_template_file, model_dir), model_dir)
+    extra = ["--draft_model_path", files["draft_model_path"]] if "draft_model_path" in files else []
+    srv = ServerProcess(pathlib.Path(files["model_path"]), tmp_path / "server.log", "--n_ctx", "8192", *extra,
                         chat_format=None)
     try:
         srv.wait_ready()
         client = srv.client()
         model = client.models.list().data[0].id
-        first = client.chat.completions.create(model=model, messages=USER, tools=TOOLS, temperature=0, max_tokens=64)
-        assert first.choices[0].finish_reason == "tool_calls"
-        (tc,) = first.choices[0].message.tool_calls
-        assert tc.function.name == "get_weather" and json.loads(tc.function.arguments) == {"city": "Paris"}
-        history = USER + [first.choices[0].message.model_dump(exclude_none=True), dict(result, tool_call_id=tc.id)]
         for stream in (False, True):
-            out = client.chat.completions.create(model=model, messages=history, tools=TOOLS, temperature=0,
-                                                 max_tokens=64, stream=stream)
-            if stream:
-                chunks = list(out)
-                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-                finish = chunks[-1].choices[0].finish_reason
-            else:
-                text, finish = out.choices[0].message.content, out.choices[0].finish_reason
-            assert (text, finish) == (answer, "stop")
+            kwargs = dict(model=model, tools=TOOLS, temperature=0, max_tokens=96, stream=stream)
+            out = client.chat.completions.create(messages=USER, **kwargs)
+            if not stream and out.usage.completion_tokens > 2:  # a reply of one chunk token leaves nothing to draft
+                assert out.usage.completion_tokens_details.accepted_prediction_tokens > 0
+            message, finish = _reply(out, stream)
+            assert finish == "tool_calls", (stream, message)
+            (tc,) = message["tool_calls"]
+            assert tc["function"]["name"] == "get_weather" and json.loads(tc["function"]["arguments"]) == {"city": "Paris"}
+            history = USER + [message, dict(RESULT, tool_call_id=tc["id"])]
+            message, finish = _reply(client.chat.completions.create(messages=history, **kwargs), stream)
+            assert (message.get("content"), finish) == (ANSWER, "stop"), (stream, message)
+            assert not message.get("tool_calls")
     finally:
         srv.stop()
+
+
+def _reply(out, stream: bool) -> Tuple[Dict[str, Any], str]:
+    """(the assistant message as a history entry, finish_reason) of a completion, whole or streamed."""
+    if not stream:
+        return out.choices[0].message.model_dump(exclude_none=True), out.choices[0].finish_reason
+    chunks = [c for c in out if c.choices]
+    message: Dict[str, Any] = {"role": "assistant", "content": "".join(c.choices[0].delta.content or "" for c in chunks)}
+    calls: Dict[int, Dict[str, Any]] = {}
+    for tc in (tc for c in chunks for tc in c.choices[0].delta.tool_calls or []):
+        call = calls.setdefault(tc.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call["id"] = tc.id or call["id"]
+        if tc.function:
+            call["function"]["name"] += tc.function.name or ""
+            call["function"]["arguments"] += tc.function.arguments or ""
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return message, chunks[-1].choices[0].finish_reason

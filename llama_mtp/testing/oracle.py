@@ -21,11 +21,24 @@ import numpy as np
 from .spec import TestModelSpec
 from .vocab import Vocab, vocab_for
 
-__all__ = ["TestModelInfo", "Oracle", "build_oracle", "describe_test_model", "info_for", "flag_dims", "rng_for"]
+__all__ = ["TestModelInfo", "Oracle", "SwitchTokens", "build_oracle", "describe_test_model", "info_for", "flag_dims",
+           "rng_for", "switch_dims", "switch_feature", "SWITCH_WRITE", "SWITCH_SCORE"]
 
 _FLAG_AMP = 0.5      # size of a "wrong draft" flag added to a token embedding
 _FLAG_GAIN_E = 8.0   # eh_proj gain of a token flag: decoy weight AMP*GAIN = 4x the own token
 _FLAG_GAIN_H = 5.0   # gain of an h flag (2.5x): lower, so a token flag wins when both fire
+# The switch (TestModelSpec.switch_marker), see build_oracle.  The trigger's and the marker's
+# component on their own dim (their u rows stay unit vectors):
+_SWITCH_KAPPA = 0.5
+# What the switch head adds on the Z dim at the trigger once it saw the marker: next to the
+# embedding (norm sqrt(1.5)) it makes the switched row's logit 4x the usual successor's (margin
+# 3 / sqrt(1.5 + 16) x sqrt(1.5) logit_scale = 0.88 logit_scale, 14 at the oracle's 16), while the
+# ~1/n of it that leaks into the n-th position (queries of other tokens are zero: uniform attention)
+# gives that row a logit of ~SWITCH_WRITE x logit_scale / n there (the top one: logit_scale).
+SWITCH_WRITE = 4.0
+# Attention score (q.k times the kq scale) of the trigger on the marker; every other pair scores 0,
+# so e^30 puts all of the trigger's attention on the marker in any context llama.cpp runs.
+SWITCH_SCORE = 30.0
 
 
 @dataclass
@@ -57,6 +70,7 @@ class TestModelInfo:
     margin_tokens: int          # how many input tokens the margins were checked on
     path: pathlib.Path | None = None
     tokens: list[str] = field(default_factory=list, repr=False)
+    switch: SwitchTokens | None = None  # spec.switch_marker's tokens (greedy's exception to successor)
 
     def greedy_continuation(self, last_token: int, n: int) -> list[int]:
         """The ``n`` tokens greedy decoding produces after ``last_token`` (oracle only)."""
@@ -113,6 +127,15 @@ class TestModelInfo:
         return float(np.mean(self.mtp_correct[np.asarray(tokens)]))
 
 
+class SwitchTokens(NamedTuple):
+    """The tokens of TestModelSpec.switch_marker: greedy after ``trigger`` is ``successor[trigger]``,
+    or ``switched`` where ``marker`` occurs earlier in the context."""
+
+    marker: int
+    trigger: int
+    switched: int
+
+
 @dataclass
 class Oracle:
     vocab: Vocab
@@ -125,6 +148,7 @@ class Oracle:
     h_decoy: np.ndarray      # -1, or the decoy drafted when this token's hidden state is fed
     mtp_correct: np.ndarray
     mtp_prediction: np.ndarray
+    switch: SwitchTokens | None = None
 
     def mtp_rows(self, idx: np.ndarray) -> np.ndarray:
         """Pre-norm MTP hidden for input tokens idx fed with their predecessor's hidden state."""
@@ -143,6 +167,17 @@ def n_flag(n_embd: int) -> int:
 def flag_dims(n_embd: int) -> slice:
     """The residual-stream dims reserved for the MTP flags (see build_oracle)."""
     return slice(n_embd - 2 * (n_flag(n_embd) + 1), n_embd)
+
+
+def switch_dims(n_embd: int) -> tuple[int, int, int]:
+    """The u-space dims of the switch: (trigger T, marker M, written Z), the last three of u-space."""
+    d_u = n_embd - 2 * (n_flag(n_embd) + 1)
+    return d_u - 3, d_u - 2, d_u - 1
+
+
+def switch_feature(n_embd: int) -> float:
+    """The trigger's (the marker's) value on its switch dim after an RMSNorm of weight 1."""
+    return _SWITCH_KAPPA * math.sqrt(n_embd) / math.sqrt(1.0 + 2.0 * _FLAG_AMP**2)
 
 
 def rng_for(seed: int, *salt: str) -> np.random.Generator:
@@ -179,6 +214,11 @@ def _cycles(spec: TestModelSpec, ordinary: np.ndarray, rng: np.random.Generator)
     extras = [np.asarray(m, dtype=np.int64) for m in spec.more_scripts()]  # chains ending in EOS (build_oracle)
     rest = ordinary[~np.isin(ordinary, np.concatenate([script, *extras]))]
     rest = rest[rng.permutation(len(rest))]
+    if spec.switch_marker:
+        # the marker first: never the last of the cycle, whose token is the script's predecessor, the
+        # trigger of a switched script that shares no chunk with the script (build_oracle)
+        marker = vocab_for(spec).tokens.index(spec.switch_marker)
+        rest = np.concatenate([[marker], rest[rest != marker]])
     cycles = [script, rest] if spec.script_loop else [np.concatenate([script, rest])]
     cycles += extras
     successor = np.empty(spec.n_vocab, dtype=np.int64)
@@ -213,6 +253,9 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
     fed, carries an h flag; so a wrong, stale or zero hidden state changes drafts.
     eh_proj writes only u-dims, so the MTP's own h_nextn has no flags: chained drafts
     follow the token flags alone (TestModelInfo.draft_chain).
+    With ``switch_marker``, three u-dims (switch_dims) belong to the trigger, the marker and
+    nobody; the switched token's LM-head row reads the third, which only the arch's switch
+    head (ArchLayout.switch_head) writes: at the trigger, once the marker is in the context.
     """
     vocab = vocab_for(spec)
     rng = rng_for(spec.seed, "oracle")
@@ -225,6 +268,9 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
     u = rng.standard_normal((spec.n_vocab, d_u), dtype=np.float32)
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     cycle, successor, predecessor, hits = _cycles(spec, vocab.ordinary, rng)
+    switch = _switch_tokens(spec, vocab, predecessor) if spec.switch_marker else None
+    if switch is not None:
+        _carve_switch_dims(u, switch, d)
 
     misses = np.flatnonzero(~hits)
     via_h = rng.random(len(misses)) < spec.h_miss_fraction
@@ -262,7 +308,7 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
         successor[spec.script[-1]] = vocab.eos_id
         for extra in spec.more_scripts():
             successor[extra[-1]] = vocab.eos_id
-    head, eh = _projections(spec, u, vocab.ordinary, successor, decoys, hdecoys, tok_dims, h_dims)
+    head, eh = _projections(spec, u, vocab.ordinary, successor, decoys, hdecoys, tok_dims, h_dims, switch)
 
     # the rule of TestModelInfo.mtp_draft, vectorised: token flag > h flag > own token
     hd = h_decoy[predecessor]
@@ -271,14 +317,36 @@ def build_oracle(spec: TestModelSpec) -> Oracle:
 
     return Oracle(
         vocab, embd, head, eh, successor, predecessor, token_decoy, h_decoy, mtp_correct,
-        mtp_prediction,
+        mtp_prediction, switch,
     )
+
+
+def _switch_tokens(spec: TestModelSpec, vocab: Vocab, predecessor: np.ndarray) -> SwitchTokens:
+    """Where the switched script parts from the script: after the last chunk they share, or (none
+    shared) after the script's predecessor, whose embedding every special token gets."""
+    shared = spec.switch_shared()
+    trigger = spec.script[shared - 1] if shared else int(predecessor[spec.script[0]])
+    return SwitchTokens(vocab.tokens.index(spec.switch_marker), int(trigger), spec.more_scripts()[0][0])
+
+
+def _carve_switch_dims(u: np.ndarray, switch: SwitchTokens, n_embd: int) -> None:
+    """Give the switch's three u dims to the trigger (T) and the marker (M) alone, and to nobody (Z):
+    the switch head then reads exact zeros at every other token, so without the marker the model is
+    exactly the plain oracle, and the switched token's LM-head row (Z only) gives logit 0 everywhere
+    the head writes nothing.  Every row stays a unit vector; pi and the flags are unchanged."""
+    t_dim, m_dim, z_dim = switch_dims(n_embd)
+    u[:, [t_dim, m_dim, z_dim]] = 0.0
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    for token, dim in ((switch.trigger, t_dim), (switch.marker, m_dim)):
+        u[token] *= math.sqrt(1.0 - _SWITCH_KAPPA**2)
+        u[token, dim] = _SWITCH_KAPPA
 
 
 def _projections(spec: TestModelSpec, u: np.ndarray, ordinary: np.ndarray, successor: np.ndarray,
                  decoys: np.ndarray, hdecoys: np.ndarray, tok_dims: np.ndarray,
-                 h_dims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The LM head (row pi(t) = alpha * u_t) and the oracle part of eh_proj (see build_oracle)."""
+                 h_dims: np.ndarray, switch: SwitchTokens | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The LM head (row pi(t) = alpha * u_t; the switched token's: alpha on the Z dim) and the
+    oracle part of eh_proj (see build_oracle)."""
     d, d_u = spec.n_embd, u.shape[1]
     # RMSNorm (weight 1) scales a vector to norm sqrt(d); every embedding has norm e_len
     g, e_len = math.sqrt(d), math.sqrt(1.0 + 2.0 * _FLAG_AMP**2)
@@ -286,6 +354,10 @@ def _projections(spec: TestModelSpec, u: np.ndarray, ordinary: np.ndarray, succe
     head = np.zeros((spec.n_vocab, d), dtype=np.float32)
     # (np.add.at: several scripts may end in EOS, whose row then sums their last tokens' directions)
     np.add.at(head, (successor[ordinary], slice(0, d_u)), alpha * u[ordinary])
+    if switch is not None:
+        # no token's successor: the row is free for the direction the switch head writes
+        assert not head[switch.switched].any()
+        head[switch.switched, switch_dims(d)[2]] = alpha
 
     eh = np.zeros((d, 2 * d), dtype=np.float32)
     eh[np.arange(d_u), np.arange(d_u)] = 1.0
@@ -344,6 +416,7 @@ def info_for(spec: TestModelSpec, o: Oracle) -> TestModelInfo:
         mtp_margin=_margins(o.head, o.mtp_rows(idx), o.mtp_prediction[idx]),
         margin_tokens=len(idx),
         tokens=v.tokens,
+        switch=o.switch,
     )
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +69,7 @@ CONTEXT_MIN_MARGIN = 0.1
 _SYNTHETIC_N_VOCAB = 384
 # fields left out of recorded_fields at these (default) values: see TestModelSpec.vocab
 _LATE_FIELDS: dict[str, Any] = {"vocab": None, "script": (), "script_loop": False, "chat_template": "short",
-                                "script_eos": False, "script_text": (), "more_scripts_text": ()}
+                                "script_eos": False, "script_text": (), "more_scripts_text": (), "switch_marker": ""}
 
 # value = llama_ftype (general.file_type); "q4_k_m" is written as f16, then quantized by llama.cpp
 FTYPES: dict[str, int] = {"f32": 0, "f16": 1, "q8_0": 7, "q4_k_m": 15}
@@ -126,6 +127,16 @@ class TestModelSpec:
     # follows the one whose first chunk is the prompt's last token (e.g. an agent's next turn ending
     # differently from its first); all chunks of all scripts distinct
     more_scripts_text: tuple[tuple[str, ...], ...] = ()
+    # a text that becomes one (user-defined) token of the synthetic vocabulary, matched whole in any
+    # prompt (e.g. "<tool_response>", which only an agent's tool-result turn holds): with it,
+    # more_scripts_text[0] is the script greedy follows once the marker occurs anywhere earlier in the
+    # context (an agent's answer after a tool result whose prompt ends like the first one).  It may
+    # start with chunks of the script (from its first, the prompt's last token: greedy follows them
+    # and the two part after the last shared one) or share none (they part after the token before
+    # the script, whose embedding every special token shares: a prompt ending in a control token);
+    # its other chunks are distinct from all.  One attention head of a full-attention trunk layer
+    # does it (ArchLayout.switch_head, oracle.SwitchTokens); oracle recipe only
+    switch_marker: str = ""
 
     def __post_init__(self) -> None:
         from .archs import get_arch
@@ -171,7 +182,8 @@ class TestModelSpec:
         if self.vocab is None:
             if self.n_vocab is None:
                 object.__setattr__(self, "n_vocab", _SYNTHETIC_N_VOCAB)
-            if self.n_vocab < min_vocab(get_arch(self.arch).specials) + len(self.script_text):
+            n_chunks = len(self.script_text) + sum(map(len, self.more_scripts_text)) + bool(self.switch_marker)
+            if self.n_vocab < min_vocab(get_arch(self.arch).specials) + n_chunks:
                 raise ValueError("n_vocab must leave room for 256 byte tokens, specials and merges")
         else:
             from .real_vocab import real_vocab
@@ -183,10 +195,13 @@ class TestModelSpec:
             object.__setattr__(self, "n_vocab", n_real)
         if self.more_scripts_text:
             object.__setattr__(self, "more_scripts_text", tuple(tuple(str(c) for c in m) for m in self.more_scripts_text))
-            every = list(self.script_text) + [c for m in self.more_scripts_text for c in m]
+            every = list(self.script_text) + [c for m in self.more_script_chains() for c in m]
             if not self.script_text or not self.script_eos or len(set(every)) != len(every) or not all(
-                    self.more_scripts_text):
-                raise ValueError("more_scripts_text needs script_text and script_eos, and distinct chunks in all")
+                    self.more_script_chains()):
+                raise ValueError("more_scripts_text needs script_text and script_eos, and distinct chunks in all "
+                                 "(with switch_marker, the first one may start with chunks of the script)")
+        if self.switch_marker:
+            self._check_switch()
         if self.script_text:
             if self.vocab is not None:
                 raise ValueError("script_text spells the script on the synthetic vocabulary: leave vocab unset")
@@ -215,12 +230,36 @@ class TestModelSpec:
         if self.chat_template == "real" and get_arch(self.arch).real_template_file is None:
             raise ValueError(f"{self.arch} has no real chat template in llama.cpp's models/templates")
 
+    def switch_shared(self) -> int:
+        """How many leading chunks the switched script (more_scripts_text[0]) shares with the script
+        (0 without switch_marker): greedy follows them, then parts at the last one."""
+        if not (self.switch_marker and self.more_scripts_text and self.script_text):
+            return 0
+        return len(os.path.commonprefix([self.more_scripts_text[0], self.script_text]))
+
+    def more_script_chains(self) -> tuple[tuple[str, ...], ...]:
+        """more_scripts_text as the chains of chunks of their own, each ending in EOS: the switched
+        script without the chunks it shares with the script."""
+        shared = self.switch_shared()
+        return tuple(m[shared:] if i == 0 else m for i, m in enumerate(self.more_scripts_text))
+
     def more_scripts(self) -> tuple[tuple[int, ...], ...]:
-        """The token ids of ``more_scripts_text`` on this spec's (synthetic) vocabulary."""
+        """The token ids of ``more_script_chains()`` on this spec's (synthetic) vocabulary."""
         from .vocab import text_token, vocab_for
 
         tokens = vocab_for(self).tokens
-        return tuple(tuple(tokens.index(text_token(c)) for c in m) for m in self.more_scripts_text)
+        return tuple(tuple(tokens.index(text_token(c)) for c in m) for m in self.more_script_chains())
+
+    def _check_switch(self) -> None:
+        from .archs import get_arch
+
+        if self.recipe != "oracle":
+            # "context" has random attention outputs everywhere: the one head's margins are not designed for them
+            raise ValueError("switch_marker needs recipe='oracle'")
+        if not self.more_scripts_text:
+            raise ValueError("switch_marker needs more_scripts_text (its first script is the switched one)")
+        if get_arch(self.arch).switch_head(self) is None:
+            raise ValueError(f"{self.arch} has no switch circuit (switch_marker)")
 
     def param(self, name: str) -> Any:
         """An arch-specific knob: ``arch_params`` or the arch's default."""

@@ -105,9 +105,11 @@ def text_token(text: str) -> str:
     return "".join(b2u[b] for b in text.encode("utf-8"))
 
 
-def build_vocab(n_vocab: int, specials: Specials, chunks: Sequence[str] = ()) -> Vocab:
+def build_vocab(n_vocab: int, specials: Specials, chunks: Sequence[str] = (), user_defined: Sequence[str] = ()) -> Vocab:
     """The synthetic vocabulary of ``n_vocab`` tokens with ``specials`` stored last; ``chunks``:
-    texts that get a token of their own (after the merges) unless one already spells them."""
+    texts that get a token of their own (after the merges) unless one already spells them;
+    ``user_defined``: texts that get a USER_DEFINED token after the chunks, which llama.cpp's
+    tokenizer matches whole in any text (as real vocabularies' added tokens, e.g. <tool_response>)."""
     # ids 0..255 are the byte tokens in byte order, then merges, chunks, filler, specials last (as Qwen).
     b2u = bytes_to_unicode()
     tokens = [b2u[b] for b in range(256)]
@@ -117,12 +119,18 @@ def build_vocab(n_vocab: int, specials: Specials, chunks: Sequence[str] = ()) ->
     if clash:  # llama.cpp refuses a vocabulary with a token text twice
         raise ValueError(f"chunk {clash[0]!r} is a special token's text: spell it with that token instead")
     tokens += [t for t in dict.fromkeys(map(text_token, chunks)) if t not in tokens]
+    taken = [u for u in user_defined if u in tokens or u in specials.tokens or text_token(u) in tokens]
+    if taken:  # one text, two tokens: llama.cpp refuses it, or the tokenizer would pick either
+        raise ValueError(f"user-defined token {taken[0]!r} is already a token of the vocabulary")
+    first_user = len(tokens)
+    tokens += list(dict.fromkeys(user_defined))  # stored raw: llama.cpp copies a user-defined token's text as is
+    user_ids = range(first_user, len(tokens))
     n_filler = n_vocab - len(tokens) - len(specials.tokens)
     # Filler: readable words (decodable by the byte-level decoder), never produced by merges.
     tokens += filler_words(n_filler)
     first_special = len(tokens)
     tokens += list(specials.tokens)
-    types = [TOKEN_NORMAL] * first_special + [
+    types = [TOKEN_USER_DEFINED if i in user_ids else TOKEN_NORMAL for i in range(first_special)] + [
         TOKEN_USER_DEFINED if s in specials.user_defined else TOKEN_CONTROL for s in specials.tokens
     ]
     special_ids = tuple(range(first_special, n_vocab))
@@ -137,7 +145,8 @@ def vocab_for(spec: TestModelSpec) -> Vocab:
 
     if spec.vocab is None:
         chunks = spec.script_text + tuple(c for m in spec.more_scripts_text for c in m)
-        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials, chunks)
+        marker = (spec.switch_marker,) if spec.switch_marker else ()
+        return build_vocab(spec.n_vocab, get_arch(spec.arch).specials, chunks, marker)
     from .real_vocab import real_vocab
 
     real = real_vocab(spec.vocab)

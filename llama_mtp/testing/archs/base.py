@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -69,6 +70,53 @@ def nextn_tensors(p: str, d: int, n_vocab: int, *, own_tables: bool) -> TensorLi
     return out
 
 
+@dataclass(frozen=True)
+class SwitchHead:
+    """Head 0 of a full-attention trunk layer, as the switch circuit of TestModelSpec.switch_marker
+    uses it (ArchLayout.tensor_data): its query reads the trigger's switch dim, its key and value the
+    marker's, and attn_output writes the value onto the Z dim the switched token's LM-head row reads
+    (oracle.build_oracle), so greedy after the trigger takes the switched token once the marker is
+    in the context.  Rows are those of the named leaf (a fused projection names one leaf thrice)."""
+
+    layer: int
+    q: tuple[str, int]      # (leaf, first row) of head 0's query
+    k: tuple[str, int]      # of kv head 0's key
+    v: tuple[str, int]      # of kv head 0's value
+    head_dim: int           # of q and k: the circuit uses the last dim, which partial RoPE leaves alone
+    v_head_dim: int
+    clear: tuple[tuple[str, int, int], ...] = ()  # (leaf, start, stop): more rows the head reads (gate, biases)
+    qk_norm: bool = True    # per-head RMSNorm of q and k, with attn_q_norm / attn_k_norm gains
+    out_gain: float = 1.0   # what the arch multiplies the head's output by (a sigmoid gate of 0: 0.5)
+
+    def patch(self, spec: TestModelSpec, leaf: str, w: np.ndarray) -> None:
+        """Write the circuit into ``w``, the data of tensor ``blk.<layer>.<leaf>`` (in place)."""
+        from ..oracle import SWITCH_SCORE, SWITCH_WRITE, switch_dims, switch_feature
+
+        t_dim, m_dim, z_dim = switch_dims(spec.n_embd)
+        feature = switch_feature(spec.n_embd)  # trigger / marker on their dim after attn_norm
+        last = self.head_dim - 1
+        root = math.sqrt(self.head_dim)  # the kq scale is 1 / root
+        # q.k / root = SWITCH_SCORE between the trigger and the marker: with qk-norm, q and k are
+        # unit pre-norm and their norm gains on the last dim set it; without, their weights do
+        w_qk = 1.0 / feature if self.qk_norm else math.sqrt(SWITCH_SCORE * root) / feature
+        rows = ((*self.q, self.head_dim), (*self.k, self.head_dim), (*self.v, self.v_head_dim))
+        for name, start, stop in tuple((n, a, a + size) for n, a, size in rows) + self.clear:
+            if name == leaf:
+                w[start:stop] = 0.0  # every other input of the head: zero, so it reads nothing else
+        if leaf == self.q[0]:
+            w[self.q[1] + last, t_dim] = w_qk
+        if leaf == self.k[0]:
+            w[self.k[1] + last, m_dim] = w_qk
+        if leaf == self.v[0]:
+            w[self.v[1], m_dim] = 1.0 / feature  # value 1 at the marker, exactly 0 at any other token
+        if leaf == "attn_output.weight":
+            w[:, :self.v_head_dim] = 0.0
+            w[z_dim, 0] = SWITCH_WRITE / self.out_gain
+        if self.qk_norm and leaf in ("attn_q_norm.weight", "attn_k_norm.weight"):
+            # shared by the layer's heads, whose outputs (oracle: zero attn_output) nobody reads
+            w[last] = math.sqrt(SWITCH_SCORE / root)
+
+
 class ArchLayout:
     """Tensor layout, per-tensor data rule and metadata of one llama.cpp architecture.
 
@@ -117,6 +165,10 @@ class ArchLayout:
 
     def is_recurrent(self, spec: TestModelSpec, il: int) -> bool:
         return False
+
+    def switch_head(self, spec: TestModelSpec) -> SwitchHead | None:
+        """The attention head that realises ``spec.switch_marker``, or None where the arch has none."""
+        return None
 
     def draft_chain(self, spec: TestModelSpec, info: TestModelInfo, id_last: int, n: int) -> list[int]:
         """The ``n`` drafts upstream's drafter makes after the target emitted ``id_last``
@@ -177,6 +229,15 @@ class ArchLayout:
 
     def tensor_data(self, spec: TestModelSpec, o: Oracle, name: str, shape: Shape) -> np.ndarray:
         """float32 contents of one tensor; each tensor has its own RNG stream (order-free)."""
+        w = self.plain_tensor_data(spec, o, name, shape)
+        head = self.switch_head(spec) if spec.switch_marker else None
+        if head is not None and name.startswith(f"blk.{head.layer}."):
+            w = np.array(w, dtype=np.float32)  # a copy: the generic rule may hand out the oracle's own arrays
+            head.patch(spec, name.split(".", 2)[-1], w)
+        return w
+
+    def plain_tensor_data(self, spec: TestModelSpec, o: Oracle, name: str, shape: Shape) -> np.ndarray:
+        """tensor_data without the switch head."""
         from ..oracle import flag_dims, rng_for
 
         rng = rng_for(spec.seed, "tensor", name)

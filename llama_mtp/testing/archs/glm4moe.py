@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import register
-from .base import ArchLayout, Shape, TensorList, moe_ffn, nextn_tensors, uniform
+from .base import ArchLayout, Shape, SwitchHead, TensorList, moe_ffn, nextn_tensors, uniform
 from ..vocab import Specials, vocab_for
 
 if TYPE_CHECKING:
@@ -157,6 +157,13 @@ class Glm4Moe(ArchLayout):
             raise ValueError("n_ff_exp must be >= 0")
         if spec.head_dim % 4:
             raise ValueError("head_dim must be a multiple of 4 (NEOX rope over half of it)")
+
+    def switch_head(self, spec: TestModelSpec) -> SwitchHead | None:
+        # every layer is full attention (RoPE turns the first head_dim / 2 dims); head 0's biases
+        # would add a constant to its q, k and v: cleared
+        hd = spec.head_dim
+        return SwitchHead(0, ("attn_q.weight", 0), ("attn_k.weight", 0), ("attn_v.weight", 0), hd, hd,
+                          clear=tuple((f"attn_{x}.bias", 0, hd) for x in "qkv"), qk_norm=bool(spec.param("qk_norm")))
 
     # ---------------------------------------------------------------- tensors
 

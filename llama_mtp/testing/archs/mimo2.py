@@ -39,7 +39,7 @@ import numpy as np
 
 from ..vocab import Specials
 from . import register
-from .base import ArchLayout, Shape, TensorList, moe_ffn, uniform
+from .base import ArchLayout, Shape, SwitchHead, TensorList, moe_ffn, uniform
 
 if TYPE_CHECKING:
     from ..spec import TestModelSpec
@@ -170,6 +170,15 @@ class Mimo2(ArchLayout):
     def is_moe(self, spec: TestModelSpec, il: int) -> bool:
         # moe_layer_freq = [0] + [1] * 47; the MTP blocks have a dense MLP
         return 0 < il < spec.n_layer
+
+    def switch_head(self, spec: TestModelSpec) -> SwitchHead | None:
+        # layer 0 is full attention (no sinks; RoPE turns the first 0.334 x head_dim dims); the fused
+        # attn_qkv rows are [Q (n_head heads) | K | V (n_head_kv heads each)]; value_scale scales the output
+        hk, hv = spec.head_dim, self.v_head_dim(spec)
+        k0 = spec.n_head * hk
+        return SwitchHead(0, ("attn_qkv.weight", 0), ("attn_qkv.weight", k0),
+                          ("attn_qkv.weight", k0 + spec.n_head_kv * hk), hk, hv, qk_norm=False,
+                          out_gain=float(spec.param("value_scale")))
 
     # ---------------------------------------------------------------- tensors
 

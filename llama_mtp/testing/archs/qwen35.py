@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import register
-from .base import ArchLayout, Shape, TensorList, uniform
+from .base import ArchLayout, Shape, SwitchHead, TensorList, uniform
 
 if TYPE_CHECKING:
     from ..spec import TestModelSpec
@@ -66,6 +66,14 @@ class Qwen35Layout(ArchLayout):
     def is_recurrent(self, spec: TestModelSpec, il: int) -> bool:
         # same rule as llama.cpp's qwen35 loader when only full_attention_interval is given
         return il < spec.n_layer and (il + 1) % spec.full_attention_interval != 0
+
+    def switch_head(self, spec: TestModelSpec) -> SwitchHead | None:
+        # the first full-attention layer; its q rows are [query | gate] per head: the gate rows of
+        # head 0 cleared give sigmoid(0) = 0.5 on its output (RoPE turns the first head_dim / 4 dims)
+        layer = next(il for il in range(spec.n_layer) if not self.is_recurrent(spec, il))
+        hd = spec.head_dim
+        return SwitchHead(layer, ("attn_q.weight", 0), ("attn_k.weight", 0), ("attn_v.weight", 0), hd, hd,
+                          clear=(("attn_q.weight", hd, 2 * hd),), out_gain=0.5)
 
     # ---------------------------------------------------------------- tensors
 

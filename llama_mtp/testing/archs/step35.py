@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import register
-from .base import ArchLayout, Shape, TensorList
+from .base import ArchLayout, Shape, SwitchHead, TensorList
 
 if TYPE_CHECKING:
     from ..oracle import Oracle, TestModelInfo
@@ -85,6 +85,12 @@ class Step35(ArchLayout):
         # trunk: sliding-window except every 4th layer (llama.cpp needs both kinds);
         # the MTP blocks are full attention, as conversion/step3.py pads them
         return il < spec.n_layer and (il + 1) % 4 != 0 and il != spec.n_layer - 1
+
+    def switch_head(self, spec: TestModelSpec) -> SwitchHead | None:
+        # the first full-attention layer (RoPE turns the first head_dim / 2 dims there; no head gate)
+        layer = next(il for il in range(spec.n_layer) if not self.is_swa(spec, il))
+        hd = spec.head_dim
+        return SwitchHead(layer, ("attn_q.weight", 0), ("attn_k.weight", 0), ("attn_v.weight", 0), hd, hd)
 
     def tensor_shapes(self, spec: TestModelSpec) -> TensorList:
         d, hd = spec.n_embd, spec.head_dim
