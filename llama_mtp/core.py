@@ -193,6 +193,9 @@ class Sequence:
         self.t_added = time.perf_counter()
         self.t_gen = 0.0
         self.idle = 1  # deferred catch-up rows since its last draft (the draft context's backlog)
+        # the drafter holds no hidden state of this prompt yet (a prompt cache hit left nothing to
+        # prefill): the first step is plain, its verify row hands the drafter the state after id_last
+        self.plain_first = False
 
     @property
     def prefilling(self) -> bool:
@@ -493,6 +496,9 @@ class StepEngine:
         self.session.begin(sid, [])
         self.slots[sid] = seq
         if not seq.prefilling:
+            # the first draft would read the hidden state the drafter last got for this slot (of the
+            # slot's previous sequence, not of the prompt's last cached token): draft from the next step
+            seq.plain_first = n_reuse > 0
             self._begin(seq)
         elif self.prefill == "separate":
             self._prefill_now(seq)
@@ -590,6 +596,8 @@ class StepEngine:
             room = self.n_ctx_slot - seq.n_past - 2
             if not seq.params.raw:
                 room = min(room, seq.params.max_tokens - len(seq.generated) - 1)
+            if seq.plain_first:
+                room, seq.plain_first = 0, False
             if seq.acceptance is not None:
                 auto.append((seq, room))
             else:
