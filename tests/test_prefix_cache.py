@@ -263,3 +263,34 @@ def test_a_next_turn_that_rewrites_the_prompts_end_reuses_a_checkpoint_before_it
         assert r2.stats.n_cached_tokens == len(base) - 4  # the checkpoint 4 tokens before the end
     else:
         assert r2.stats.n_cached_tokens == common  # an attention-only target trims its KV anywhere
+
+
+def test_sampled_turns_with_reuse_are_distributed_as_plain(pair) -> None:
+    """temperature > 0 on a conversation's second turn, one seed at a time: every sample reuses the
+    slot, alternately right after the first turn (the slot holds the first turn: the prompt extends
+    it) and right after another sample (a regenerate: a recurrent target restores the checkpoint at
+    the end of the prompt, an attention-only one trims its KV), and the samples are distributed as
+    plain llama-cpp-python's on that prompt. (At temperature 3 a few tokens take most of the mass:
+    the chi-square test has cells to compare; at 12 the distribution is nearly uniform over the
+    vocabulary, effective support ~350 of 384 tokens, and 150 samples could tell little apart.)"""
+    path, target, draft = pair
+    n, n_tok, temperature = 150, 3, 3.0
+    first = _helpers.tokenize(target, STARTS[0])
+    plain = _helpers.plain_llama(path)
+    try:
+        with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+            reply = engine.submit(first, max_tokens=N).result().tokens
+            second = first + reply + _helpers.tokenize(target, TURNS[1])
+            samples, cached = [], []
+            for seed in range(n):
+                if seed % 2 == 0:
+                    assert engine.submit(first, max_tokens=N).result().tokens == reply
+                res = engine.submit(second, max_tokens=n_tok, seed=seed, temperature=temperature,
+                                    **_helpers.SAMPLING).result()
+                samples.append(res.tokens)
+                cached.append(res.stats.n_cached_tokens)
+        assert cached[0::2] == [len(first) + len(reply) - 1] * (n // 2), cached
+        assert cached[1::2] == [len(second) - 1] * (n // 2), cached
+        _helpers.assert_sampled_alike(samples, _helpers.plain_samples(plain, second, n, n_tok, temperature), n_tok)
+    finally:
+        plain.close()
