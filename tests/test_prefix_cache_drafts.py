@@ -2,10 +2,11 @@
 
 Oracle models (fixed accept pattern, greedy drafts deterministic) with ``h_miss_fraction``: part
 of the wrong drafts come from the target hidden state the first draft is fed, so a draft made from
-the wrong (stale) hidden state is a different, known token. The history-dependent "context"
-recipe's MTP head also attends over the draft context's memory, so a draft memory that a reuse
-path lost or left stale changes its drafts too.
-"""
+the wrong (stale) hidden state is a different, known token (TestModelInfo.mtp_draft). The oracle's
+MTP head does not read the draft context's memory (its attention output is zero), so a lost or
+stale draft memory shows only on the history-dependent "context" recipe, whose head attends over
+it: there cold, hit and restore are compared as they come out (no margins are known for drafts;
+the runs decode the same tokens, in different batch shapes)."""
 
 from __future__ import annotations
 
@@ -28,16 +29,17 @@ STARTS = ("Once upon a time", "In a hole in the ground", "Call me Ishmael", "It 
 NEXT = (" jumps over", " and then", " the lazy dog", " again")
 
 Draft = Tuple[int, int, List[int]]  # (n_past, id_last, draft) of one drafting step
+Pair = Tuple[T.TestModelInfo, llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]
 
 
-def oracle_spec(arch: str, recipe: str = "oracle") -> T.TestModelSpec:
+def model_spec(arch: str, recipe: str = "oracle") -> T.TestModelSpec:
     if recipe == "oracle":
         return T.TestModelSpec(recipe="oracle", arch=arch, accept=0.5, h_miss_fraction=0.5)
     return T.TestModelSpec(recipe="context", arch=arch, accept=0.5)
 
 
-def loaded(arch: str, recipe: str) -> Iterator[Tuple[T.TestModelInfo, llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]]:
-    path, info = T.cached_test_model_info(oracle_spec(arch, recipe))
+def loaded(arch: str, recipe: str) -> Iterator[Pair]:
+    path, info = T.cached_test_model_info(model_spec(arch, recipe))
     target, draft = _helpers.load_pair(path, n_seq=2, n_draft_max=3, n_ctx=1024)
     yield info, target, draft
     draft.close()
@@ -46,12 +48,12 @@ def loaded(arch: str, recipe: str) -> Iterator[Tuple[T.TestModelInfo, llama_mtp.
 
 @pytest.fixture(scope="module", params=[(a, r) for a in ARCHS for r in ("oracle", "context")],
                 ids=lambda p: "-".join(p))
-def pair(request) -> Iterator[Tuple[T.TestModelInfo, llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]]:
+def pair(request) -> Iterator[Pair]:
     yield from loaded(*request.param)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def oracle_pair(request) -> Iterator[Tuple[T.TestModelInfo, llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]]:
+def oracle_pair(request) -> Iterator[Pair]:
     yield from loaded(request.param, "oracle")
 
 
