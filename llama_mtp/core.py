@@ -226,6 +226,9 @@ class Sequence:
         self.user_end: Optional[int] = users[-1][1] if users else None  # where the last user message ends
         self.user_stops = user_checkpoints([start for start, _ in users])
         self.donor: Optional[Donor] = None  # another slot's prefix this one copies once decoded there
+        # the drafter holds no hidden state of this prompt yet (a prompt cache hit left nothing to
+        # prefill): the first step is plain, its verify row hands the drafter the state after id_last
+        self.plain_first = False
 
     @property
     def prefilling(self) -> bool:
@@ -528,6 +531,9 @@ class StepEngine:
         if self.cache is not None and params.cache_prompt and seq.prefilling:
             self._find_donor(seq)
         if not seq.prefilling:
+            # the first draft would read the hidden state the drafter last got for this slot (of the
+            # slot's previous sequence, not of the prompt's last cached token): draft from the next step
+            seq.plain_first = n_reuse > 0
             self._begin(seq)
         elif self.prefill == "separate":
             seq.donor = None  # every other prompt is decoded already: what was not copied is decoded here
@@ -626,6 +632,8 @@ class StepEngine:
             room = self.n_ctx_slot - seq.n_past - 2
             if not seq.params.raw:
                 room = min(room, seq.params.max_tokens - len(seq.generated) - 1)
+            if seq.plain_first:
+                room, seq.plain_first = 0, False
             if seq.acceptance is not None:
                 auto.append((seq, room))
             else:

@@ -497,6 +497,38 @@ def chi_square_p(a: Counter, b: Counter) -> float:
     return max(0.0, 1.0 - lower)
 
 
+# Temperature sampling over the whole vocabulary (no truncation): a chi-square test of a few hundred
+# samples of a few tokens compares the distributions.
+SAMPLING: Dict[str, float] = dict(top_k=0, top_p=1.0, min_p=0.0)
+
+
+def plain_samples(plain: llama_cpp.Llama, prompt: Sequence[int], n: int, n_tok: int, temperature: float,
+                  seed0: int = 10_000) -> List[List[int]]:
+    """``n`` samples of ``n_tok`` tokens (fewer at end-of-generation) from plain llama-cpp-python's
+    ``generate`` with SAMPLING at ``temperature``, seeds ``seed0``, ``seed0 + 1``, ..."""
+    out = []
+    for seed in range(n):
+        plain.set_seed(seed0 + seed)
+        got: List[int] = []
+        for tok in plain.generate(list(prompt), temp=temperature, **SAMPLING):
+            got.append(int(tok))
+            if len(got) == n_tok or llama_cpp.llama_vocab_is_eog(plain._model.vocab, tok):
+                break
+        out.append(got)
+    return out
+
+
+def assert_sampled_alike(got: Sequence[Sequence[int]], want: Sequence[Sequence[int]], n_tok: int) -> None:
+    """Position by position, the tokens of two sets of samples are drawn from one distribution
+    (chi-square homogeneity, p > 0.01); a missing token (ended early) counts as -1."""
+    for pos in range(n_tok):
+        a = Counter(t[pos] if pos < len(t) else -1 for t in got)
+        b = Counter(t[pos] if pos < len(t) else -1 for t in want)
+        assert len(a) > 3, "the test must make sampling non-degenerate"
+        p = chi_square_p(a, b)
+        assert p > 0.01, (pos, p)
+
+
 # ------------------------------------------------------------------------ processes
 
 

@@ -10,10 +10,8 @@ from __future__ import annotations
 import re
 import pathlib
 import threading
-from collections import Counter
 from typing import Dict, Iterator, List, Tuple
 
-import llama_cpp
 import pytest
 
 import _helpers
@@ -277,30 +275,19 @@ def test_logprobs_and_logit_bias_run_as_plain_sequences(pair4, references, conte
 
 
 def test_sampled_sequences_are_distributed_as_plain(context_path) -> None:
-    """temperature > 0 in a batch of 4: each sequence samples as plain llama-cpp-python would."""
+    """temperature > 0 in a batch of 4: each sequence samples as plain llama-cpp-python would.
+    (Temperature 3: at 12 the distribution was nearly uniform over the vocabulary and the test
+    passed with every sequence sampling at half the temperature.)"""
     target, draft = _helpers.load_pair(context_path, n_seq=4, n_ctx=4 * 128)
     plain = _helpers.plain_llama(context_path)
-    n, n_tok = 150, 3
-    sampling = dict(temperature=12.0, top_k=0, top_p=1.0, min_p=0.0)
+    n, n_tok, temperature = 150, 3, 3.0
     try:
         with llama_mtp.Engine(target, draft, n_draft=3, max_waiting=n) as engine:
-            handles = [engine.submit("Hello", max_tokens=n_tok, seed=seed, **sampling) for seed in range(n)]
+            handles = [engine.submit("Hello", max_tokens=n_tok, seed=seed, temperature=temperature, **_helpers.SAMPLING)
+                       for seed in range(n)]
             mtp = [h.result(timeout=120).tokens for h in handles]
-        ref = []
-        prompt = plain.tokenize(b"Hello", add_bos=True, special=True)
-        for seed in range(n):
-            plain.set_seed(10_000 + seed)
-            got: List[int] = []
-            for tok in plain.generate(prompt, temp=sampling["temperature"], top_k=0, top_p=1.0, min_p=0.0):
-                got.append(tok)
-                if len(got) == n_tok or llama_cpp.llama_vocab_is_eog(plain._model.vocab, tok):
-                    break
-            ref.append(got)
-        for pos in range(n_tok):
-            a = Counter(t[pos] if pos < len(t) else -1 for t in mtp)
-            b = Counter(t[pos] if pos < len(t) else -1 for t in ref)
-            assert len(a) > 3, "the test must make sampling non-degenerate"
-            assert _helpers.chi_square_p(a, b) > 0.01
+        ref = _helpers.plain_samples(plain, plain.tokenize(b"Hello", add_bos=True, special=True), n, n_tok, temperature)
+        _helpers.assert_sampled_alike(mtp, ref, n_tok)
     finally:
         plain.close()
         draft.close()

@@ -24,10 +24,14 @@ ARCHS = ("qwen35", "glm4moe")  # hybrid (recurrent checkpoints) and attention-on
 TURNS = (" The quick brown fox", " jumps over", " the lazy dog.", " And then?")
 
 
+def load(path: str) -> Tuple[llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]:
+    return _helpers.load_pair(path, n_seq=2, n_draft_max=3, n_ctx=1024)
+
+
 @pytest.fixture(scope="module", params=ARCHS)
 def pair(request) -> Iterator[Tuple[str, llama_mtp.MtpTargetLlama, llama_mtp.MtpDraftLlama]]:
     path = str(T.cached_test_model(T.TestModelSpec(recipe="context", arch=request.param)))
-    target, draft = _helpers.load_pair(path, n_seq=2, n_draft_max=3, n_ctx=1024)
+    target, draft = load(path)
     yield path, target, draft
     draft.close()
     target.close()
@@ -393,3 +397,40 @@ def test_a_prefix_another_slot_decodes_is_copied_not_decoded_again(pair) -> None
         assert b.tokens == reference(path, prompts[1])
         assert (a.stats.n_cached_tokens, b.stats.n_cached_tokens) == (0, len(system)), wait
         assert stats.hits >= 1
+
+
+def test_sampled_turns_with_reuse_are_distributed_as_plain(pair) -> None:
+    """temperature > 0 on a conversation's second turn, one seed at a time: every sample reuses the
+    slot, alternately right after the first turn (the slot holds the first turn: the prompt extends
+    it) and right after another sample (a regenerate: a recurrent target restores the checkpoint at
+    the end of the prompt, an attention-only one trims its KV), and the samples are distributed as
+    plain llama-cpp-python's on that prompt. (At temperature 3 a few tokens take most of the mass:
+    the chi-square test has cells to compare; at 12 the distribution is nearly uniform over the
+    vocabulary, effective support ~350 of 384 tokens, and 150 samples could tell little apart.)"""
+    path = pair[0]
+    n, n_tok, temperature = 150, 3, 3.0
+    # a pair of its own: slots that earlier tests filled from other engines (sessions) would make
+    # the first hit drop the drafter's history (the forget path), and every later hit in that slot
+    # again (a draft memory restarted past 0 reports no rows), re-decoding one more token
+    target, draft = load(path)
+    first = _helpers.tokenize(target, STARTS[0])
+    plain = _helpers.plain_llama(path)
+    try:
+        with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+            reply = engine.submit(first, max_tokens=N).result().tokens
+            second = first + reply + _helpers.tokenize(target, TURNS[1])
+            samples, cached = [], []
+            for seed in range(n):
+                if seed % 2 == 0:
+                    assert engine.submit(first, max_tokens=N).result().tokens == reply
+                res = engine.submit(second, max_tokens=n_tok, seed=seed, temperature=temperature,
+                                    **_helpers.SAMPLING).result()
+                samples.append(res.tokens)
+                cached.append(res.stats.n_cached_tokens)
+        assert cached[0::2] == [len(first) + len(reply) - 1] * (n // 2), cached
+        assert cached[1::2] == [len(second) - 1] * (n // 2), cached
+        _helpers.assert_sampled_alike(samples, _helpers.plain_samples(plain, second, n, n_tok, temperature), n_tok)
+    finally:
+        plain.close()
+        draft.close()
+        target.close()
