@@ -145,6 +145,8 @@ class Turn:
     completion_tokens: int
     prompt_tokens: int
     cached_tokens: Optional[int]  # None: the server does not report them
+    reasoning: str = ""  # the reply as streamed: reasoning_content, then content
+    content: str = ""
 
 
 def _generated_text(delta: Any) -> str:
@@ -158,12 +160,18 @@ def one_turn(client: openai.OpenAI, model: str, script: Script, conversation: in
     t0 = time.perf_counter()
     ttft: Optional[float] = None
     usage = None
+    reasoning: List[str] = []
+    content: List[str] = []
     stream = client.chat.completions.create(
         model=model, messages=script.messages(conversation, turn), max_tokens=max_tokens, stream=True,
         stream_options={"include_usage": True}, extra_body=servers.SAMPLING)
     for chunk in stream:
         if ttft is None and chunk.choices and _generated_text(chunk.choices[0].delta):
             ttft = time.perf_counter() - t0
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            content.append(delta.content or "")
+            reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
         if chunk.usage is not None:  # the last chunk (llama-server: one with no choices)
             usage = chunk.usage
     seconds = time.perf_counter() - t0
@@ -172,7 +180,8 @@ def one_turn(client: openai.OpenAI, model: str, script: Script, conversation: in
     details = usage.prompt_tokens_details
     return Turn(conversation=conversation, turn=turn, ttft_s=ttft, seconds=seconds,
                 completion_tokens=usage.completion_tokens, prompt_tokens=usage.prompt_tokens,
-                cached_tokens=details.cached_tokens if details is not None else None)
+                cached_tokens=details.cached_tokens if details is not None else None,
+                reasoning="".join(reasoning), content="".join(content))
 
 
 def openai_client(srv: Server) -> openai.OpenAI:
@@ -254,26 +263,37 @@ def _cell(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def same_replies(a: Dict[str, Any], b: Dict[str, Any]) -> str:
+    """How many of ``b``'s replies are ``a``'s (reasoning and content), of those both have: greedy
+    replies to identical prompts are the same on every server, cache hit or not."""
+    mine = {(t["conversation"], t["turn"]): (t["reasoning"], t["content"]) for t in a.get("turns", [])}
+    pairs = [(mine[k], (t["reasoning"], t["content"])) for t in b.get("turns", [])
+             if (k := (t["conversation"], t["turn"])) in mine]
+    return f"{sum(x == y for x, y in pairs)} / {len(pairs)}"
+
+
 def write_markdown(result: Dict[str, Any], path: pathlib.Path) -> None:
     a = result["args"]
     flags = f" llama_mtp.server flags: `{a['mtp_args']}`." if a["mtp_args"] else ""
     setup = (f"{a['n_parallel']} slots, n_draft_max {a['n_draft_max']}; greedy {a['max_tokens']}-token replies, "
              f"fixed assistant history (bench/chat.py).{flags}")
     lines = servers.markdown_head(result, "Chat benchmark", setup) + [
-        "| case | server | wall s | out tok/s | TTFT turn 1 s | TTFT later s | cached / prompt tokens |",
-        "|---|---|---|---|---|---|---|"]
+        "| case | server | wall s | out tok/s | TTFT turn 1 s | TTFT later s | cached / prompt tokens | "
+        f"replies as {result['servers'][0]}'s |",
+        "|---|---|---|---|---|---|---|---|"]
     for case in result["cases"]:
         title = f"{case['number']}. {case['title']} ({case['turns']} turns, n_ctx {case['n_ctx']})"
         for name in result["servers"]:
             r = case["results"].get(name, {})
             if "error" in r:
-                lines.append(f"| {title} | {name} | {r['error']} | | | | |")
+                lines.append(f"| {title} | {name} | {r['error']} | | | | | |")
                 continue
+            first = case["results"].get(result["servers"][0], {})
             cached = "n/a" if r["cached_tokens"] is None else str(r["cached_tokens"])
             err = f" ({len(r['errors'])} errors)" if r["errors"] else ""
             lines.append(f"| {title} | {name} | {r['wall_s']:.2f}{err} | {r['tokens_per_second']:.1f} | "
                          f"{_cell(r['ttft_turn1_mean_s'])} | {_cell(r['ttft_later_mean_s'])} | "
-                         f"{cached} / {r['prompt_tokens']} |")
+                         f"{cached} / {r['prompt_tokens']} | {same_replies(first, r)} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -43,7 +43,7 @@ from .checks import NDraft, check_pair, choice, integer, is_int, n_draft as chec
 from .drafter import Drafter, resolve_drafter
 from .errors import MtpArgumentError, MtpError, SessionClosedError
 from .session import DraftRequest, MtpSession
-from .prompt_cache import SlotCache, common_prefix, swa_floor, user_checkpoints
+from .prompt_cache import CHECKPOINT_MIN_STEP, SlotCache, common_prefix, swa_floor, user_checkpoints
 from .results import GenerationResult, GenerationStats
 from .text import TextAssembler
 from .verify import RejectionVerifier, make_verifier
@@ -224,7 +224,8 @@ class Sequence:
         self.idle = 1  # deferred catch-up rows since its last draft (the draft context's backlog)
         users = [(start, end) for start, end in params.user_spans if end <= len(prompt_tokens)]
         self.user_end: Optional[int] = users[-1][1] if users else None  # where the last user message ends
-        self.user_stops = user_checkpoints([start for start, _ in users])
+        min_step = engine.cache.checkpoint_min_step if engine.cache is not None else CHECKPOINT_MIN_STEP
+        self.user_stops = user_checkpoints([start for start, _ in users], min_step)
         self.donor: Optional[Donor] = None  # another slot's prefix this one copies once decoded there
         # the drafter holds no hidden state of this prompt yet (a prompt cache hit left nothing to
         # prefill): the first step is plain, its verify row hands the drafter the state after id_last
@@ -896,11 +897,14 @@ class StepEngine:
         often diverges there: chat templates render a reply differently from its generation
         prompt), and 16 before it (a generation prompt ending in a thinking-block opener spans
         more than 4 tokens on a vocabulary without a <think> token), and at user-message starts
-        as llama-server does (prompt_cache.user_checkpoints); besides the end of the head."""
+        as llama-server does (prompt_cache.user_checkpoints), and every checkpoint_min_step tokens
+        of a long prompt; besides the end of the head."""
         if not self._checkpoints_prompts:
             return ()
-        n = len(seq.tokens_prompt)
-        return tuple(p for p in (*seq.user_stops, n - 4 - self.n_ubatch, n - 16, n - 4) if 0 < p < len(seq.head))
+        assert self.cache is not None
+        n, step = len(seq.tokens_prompt), self.cache.checkpoint_min_step
+        stops = (*seq.user_stops, *range(step, n, step), n - 4 - self.n_ubatch, n - 16, n - 4)
+        return tuple(p for p in stops if 0 < p < len(seq.head))
 
     def _chunk_end(self, seq: Sequence, start: int, budget: int) -> int:
         """Where a prompt chunk from ``start`` ends: ``budget`` tokens on, or at a checkpoint stop."""

@@ -32,7 +32,7 @@ from .checks import NDraft, integer
 from .core import Prompt, Sequence, SequenceParams, StepEngine, sequence_params, tokenize_prompt
 from .drafter import resolve_drafter
 from .errors import EngineClosedError, QueueFullError
-from .prompt_cache import slot_cache
+from .prompt_cache import CHECKPOINT_MIN_STEP, slot_cache
 from .results import GenerationResult, GenerationStats
 
 log = logging.getLogger("llama_mtp.engine")
@@ -104,7 +104,9 @@ class Engine:
     to upstream's drafter with a logged warning, and ``verify="rejection"`` is then refused.
     Prompt cache: a request goes to the free slot whose memory shares the longest prefix with its
     prompt (llama-server's rule) and decodes only the rest, also across engines on the same target;
-    ``ctx_checkpoints``: recurrent-state checkpoints per slot on hybrid/recurrent targets;
+    ``ctx_checkpoints``: recurrent-state checkpoints per slot on hybrid/recurrent targets, taken
+    near each prompt's end, at user-message starts and every ``checkpoint_min_step`` tokens of a
+    long prompt (llama-server's ``--checkpoint-min-step``: also the least spacing of user-message ones);
     ``cache_ram_mib``: a host-memory cache of that many MiB for more conversations than slots (a
     slot about to lose most of what it holds is saved; a prompt that extends a saved one gets it
     back instead of decoding it); a request's ``cache_prompt=False`` decodes its whole prompt.
@@ -113,7 +115,8 @@ class Engine:
 
     def __init__(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, *, n_draft: NDraft = "auto",
                  verify: str = "match", max_waiting: int = 64, prefill: str = "shared",
-                 ctx_checkpoints: int = 8, cache_ram_mib: int = 0) -> None:
+                 ctx_checkpoints: int = 8, cache_ram_mib: int = 0,
+                 checkpoint_min_step: int = CHECKPOINT_MIN_STEP) -> None:
         # n_draft and verify are validated where the drafter is resolved (the worker; its error is raised here)
         integer("max_waiting", max_waiting, 0)
         self.verify = verify
@@ -128,7 +131,7 @@ class Engine:
         # It hands the core back (or its error), so the engine is whole when __init__ returns
         ready: "queue.Queue[Union[StepEngine, BaseException]]" = queue.Queue()
         integer("cache_ram_mib", cache_ram_mib, 0)
-        cache_args = (ctx_checkpoints, cache_ram_mib * 1024 * 1024)
+        cache_args = (ctx_checkpoints, cache_ram_mib * 1024 * 1024, checkpoint_min_step)
         self._thread = threading.Thread(target=self._worker, args=(target, draft, n_draft, prefill, cache_args,
                                                                    ready),
                                         name="llama-mtp-engine", daemon=True)
@@ -237,7 +240,7 @@ class Engine:
     # -- worker -----------------------------------------------------------------------
 
     def _worker(self, target: llama_cpp.Llama, draft: llama_cpp.Llama, n_draft: NDraft, prefill: str,
-                cache_args: Tuple[int, int], ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
+                cache_args: Tuple[int, int, int], ready: "queue.Queue[Union[StepEngine, BaseException]]") -> None:
         try:
             drafter = resolve_drafter(target, draft, n_draft, self.verify)
             core = StepEngine(target, draft, drafter=drafter, prefill=prefill, keep_memory=True,

@@ -48,7 +48,8 @@ def checkpoint_reach(keys: Iterable[Tuple[int, ...]], context: Sequence[int], li
 
 
 # llama-server's --checkpoint-min-step default: user messages closer than this to the last
-# checkpoint get none of their own (the last user message always does)
+# checkpoint get none of their own (the last user message always does); a long prompt gets one
+# every that many tokens
 CHECKPOINT_MIN_STEP = 8192
 
 def user_checkpoints(starts: Sequence[int], min_step: int = CHECKPOINT_MIN_STEP) -> Tuple[int, ...]:
@@ -131,10 +132,11 @@ class PromptCheckpoints:
     def clear(self) -> None:
         self._items.clear()
 
-    def export(self) -> Tuple[Checkpoint, ...]:
-        """The checkpoints, oldest first, to travel with a slot saved to host memory (a buffer is
-        never written after its save, so the slot and the saved copy can share it)."""
-        return tuple(self._items.items())
+    def export(self, context: Sequence[int]) -> Tuple[Checkpoint, ...]:
+        """The checkpoints taken after a prefix of ``context``, oldest first, to travel with a slot
+        saved to host memory (a buffer is never written after its save, so the slot and the saved
+        copy can share it)."""
+        return tuple((k, buf) for k, buf in self._items.items() if common_prefix(context, k) == len(k))
 
     def adopt(self, items: Sequence[Checkpoint]) -> None:
         """Replace the checkpoints with a restored slot's (a state restores into any sequence)."""
@@ -275,10 +277,13 @@ class SlotCache:
 
     SIMILARITY = 0.1  # llama-server's --slot-prompt-similarity default
 
-    def __init__(self, target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8, ram_bytes: int = 0) -> None:
+    def __init__(self, target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8, ram_bytes: int = 0,
+                 checkpoint_min_step: int = CHECKPOINT_MIN_STEP) -> None:
         integer("ctx_checkpoints", ctx_checkpoints, 0)
         integer("ram_bytes", ram_bytes, 0)
+        integer("checkpoint_min_step", checkpoint_min_step, 1)
         self.ctx_checkpoints = ctx_checkpoints
+        self.checkpoint_min_step = checkpoint_min_step
         self.ram = RamCache(ram_bytes) if ram_bytes else None
         recurrent = rollback_capacity(target) is not None
         self._recurrent = recurrent
@@ -357,7 +362,7 @@ class SlotCache:
             catch_up(sid)
             if self.ram.put(SavedSlot(tuple(held), save_seq(target_ctx, sid),
                                       save_seq(draft_ctx, sid) if draft_ctx is not None else b"",
-                                      cps.export() if cps is not None else (), self._user_end[sid])):
+                                      cps.export(held) if cps is not None else (), self._user_end[sid])):
                 self.stats.ram_saves += 1
         if saved is None or n <= keep:
             return
@@ -463,11 +468,13 @@ class SlotCache:
 _CACHES: "weakref.WeakKeyDictionary[llama_cpp.Llama, SlotCache]" = weakref.WeakKeyDictionary()
 
 
-def slot_cache(target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8, ram_bytes: int = 0) -> SlotCache:
+def slot_cache(target: llama_cpp.Llama, n_slots: int, ctx_checkpoints: int = 8, ram_bytes: int = 0,
+               checkpoint_min_step: int = CHECKPOINT_MIN_STEP) -> SlotCache:
     """The target's slot cache (one per target, so what one Engine or generate_many call left in
     the slots serves the next; a new shape starts an empty one)."""
     cache = _CACHES.get(target)
-    budget = cache.ram.budget if cache is not None and cache.ram is not None else 0
-    if cache is None or (cache.n_slots, cache.ctx_checkpoints, budget) != (n_slots, ctx_checkpoints, ram_bytes):
-        cache = _CACHES[target] = SlotCache(target, n_slots, ctx_checkpoints, ram_bytes)
+    shape = (n_slots, ctx_checkpoints, ram_bytes, checkpoint_min_step)
+    if cache is None or (cache.n_slots, cache.ctx_checkpoints, cache.ram.budget if cache.ram is not None else 0,
+                         cache.checkpoint_min_step) != shape:
+        cache = _CACHES[target] = SlotCache(target, *shape)
     return cache

@@ -1073,9 +1073,10 @@ MTP_EXPORT int32_t mtp_session_drafter_rows(mtp_session * s, int32_t seq_id, int
         check_seq(s, seq_id);
         if (shares_memory(s)) {
             *out = upto;
-        } else if (llama_memory_seq_pos_min(llama_get_memory(s->dft), seq_id) > 0) {
-            // a memory that restarted past 0 (after mtp_session_forget): trimming it below its first
-            // row would leave deferred rows continuing nothing, so only a full restart is safe
+        } else if (upto <= llama_memory_seq_pos_min(llama_get_memory(s->dft), seq_id)) {
+            // a memory that restarted past 0 (after mtp_session_forget), trimmed below its first
+            // row, would leave deferred rows continuing nothing: only a full restart is safe. Trimmed
+            // past its first row it goes on from there (it lacks the rows before the restart)
             *out = 0;
         } else {
             *out = std::min<llama_pos>(drafter_pos_max(s, seq_id, upto) + 1, upto);

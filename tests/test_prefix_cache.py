@@ -8,13 +8,14 @@ tokens (history-dependent "context" models, margins asserted), hit or miss.
 from __future__ import annotations
 
 import threading
-from typing import Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 
 import llama_mtp
 from llama_mtp import testing as T
 from llama_mtp.checkpoint import rollback_capacity
+from llama_mtp.testing.archs import ARCHS as GENERATED_ARCHS
 from llama_mtp.prompt_cache import SlotCache, common_prefix
 
 import _helpers
@@ -434,3 +435,93 @@ def test_sampled_turns_with_reuse_are_distributed_as_plain(pair) -> None:
         plain.close()
         draft.close()
         target.close()
+
+
+def every_arch_pair(arch: str, model_dir) -> Tuple[str, llama_mtp.MtpTargetLlama, Any]:
+    """A history-dependent pair of ``arch`` in 2 slots: its own MTP heads, or (gemma4) the
+    assistant GGUF that drafts on the target's KV."""
+    spec = T.TestModelSpec(recipe="context", arch=arch)
+    with _helpers.models_cache(model_dir):
+        if arch == "gemma4":
+            from llama_mtp.testing.archs import gemma4
+            path, assistant, _ = gemma4.cached_gemma4_pair(spec)
+            return str(path), *_helpers.load_pair(path, n_seq=2, n_ctx=1024, draft_model_path=str(assistant))
+        path = T.cached_test_model(spec)
+    return str(path), *_helpers.load_pair(path, n_seq=2, n_ctx=1024)
+
+
+OPENINGS = (" queens walked to the mill by the river", " dragons burned the harvest of the valley",
+            " rivers froze in the middle of May", " wolves sang under the silver moon",
+            " merchants sailed across the western sea", " children built a tower of sand")
+
+
+def shared_openings(path: str, target: llama_mtp.MtpTargetLlama, system: List[int],
+                    more: List[int]) -> List[Tuple[List[int], List[int], List[int], List[int]]]:
+    """Three conversations over ``system`` (first prompt, its greedy reply, second prompt, its reply),
+    openings whose references have a near-tie anywhere skipped (batched and single decodes may differ
+    by ~1e-2 in logits)."""
+    out = []
+    for text in OPENINGS:
+        first = system + _helpers.tokenize(target, text)[1:]
+        reply, margins = T.reference_greedy(path, first, N)
+        second = first + reply + more
+        reply2, margins2 = T.reference_greedy(path, second, N)
+        if min(margins.min(), margins2.min()) > 1e-2:
+            out.append((first, reply, second, reply2))
+        if len(out) == 3:
+            return out
+    pytest.fail("fewer than 3 conversations without near-ties on this model")
+
+
+@pytest.mark.parametrize("arch", sorted(GENERATED_ARCHS))
+def test_every_arch_keeps_conversations_warm_and_exact(arch, model_dir) -> None:
+    """Every arch the generator has: three conversations with one system prompt over two slots and
+    a host-memory cache. The second opens while the first is decoded and copies the system prompt
+    from its slot; the third takes a slot another conversation held (saved to RAM); each second
+    turn extends its first turn and finds it whole, in its slot or in RAM. Every reply is plain
+    greedy's on the same tokens."""
+    path, target, draft = every_arch_pair(arch, model_dir)
+    system = _helpers.tokenize(target, SYSTEM)
+    more = _helpers.tokenize(target, " What happened next?")[1:]
+
+    def spans(prompt: List[int], starts: List[int]) -> List[Tuple[int, int]]:
+        return list(zip(starts, starts[1:] + [len(prompt)]))
+
+    try:
+        convs = shared_openings(path, target, system, more)
+        firsts = [first for first, _, _, _ in convs]
+        with llama_mtp.Engine(target, draft, n_draft=3, cache_ram_mib=64) as engine:
+            opened = [engine.submit(p, max_tokens=N, user_spans=spans(p, [len(system)])) for p in firsts[:2]]
+            ones = [h.result() for h in opened] + [
+                engine.submit(firsts[2], max_tokens=N, user_spans=spans(firsts[2], [len(system)])).result()]
+            twos = [engine.submit(second, max_tokens=N, user_spans=spans(second, [len(system), len(first) + N])).result()
+                    for first, _, second, _ in convs]
+            stats = engine._core.cache.stats
+        assert [r.tokens for r in ones] == [reply for _, reply, _, _ in convs]
+        assert [r.tokens for r in twos] == [reply2 for _, _, _, reply2 in convs]
+        assert ones[1].stats.n_cached_tokens == len(system)  # copied from the first one's slot
+        assert [r.stats.n_cached_tokens for r in twos] == [len(f) + N - 1 for f in firsts], stats
+        assert stats.ram_saves >= 1 and stats.ram_restores >= 1, stats
+    finally:
+        draft.close()
+        target.close()
+
+
+def test_a_long_prompt_is_checkpointed_every_min_step_tokens(pair) -> None:
+    """A prompt without chat spans gets a recurrent checkpoint every ``checkpoint_min_step`` tokens
+    (llama-server's --checkpoint-min-step spacing): a later prompt diverging far from the end resumes
+    from the last one before the divergence, where otherwise only checkpoints near the end exist."""
+    import random
+
+    path, target, draft = pair
+    rng = random.Random(7)
+    words = [rng.randrange(10, 300) for _ in range(200)]
+    first, second = words[:120], words[:70] + words[120:170]
+    recurrent = rollback_capacity(target) is not None
+    for step, expected in ((32, 64 if recurrent else 70), (8192, 0 if recurrent else 70)):
+        llama_mtp.generate(target, draft, "Unrelated words here", max_tokens=2)  # the slots start empty
+        with llama_mtp.Engine(target, draft, n_draft=3, checkpoint_min_step=step) as engine:
+            a = engine.submit(first, max_tokens=N).result()
+            b = engine.submit(second, max_tokens=N).result()
+        assert a.tokens == reference(path, first) and b.tokens == reference(path, second)
+        assert b.stats.n_cached_tokens == expected, step

@@ -1042,3 +1042,38 @@ def test_forget_argument_errors(pair):
             s.forget(1)
         assert s.forget(0) == 0  # nothing deferred yet: fine, and the session stays usable
         assert s.stats.n_forget == 1
+
+
+def test_a_draft_memory_restarted_past_0_is_trimmed_and_continued(model_dir):
+    """A draft memory that restarted past 0 (a forget, then a draft) and is then trimmed past its
+    first row keeps the rows it has: the drafter continues from the trim (a prompt-cache hit in that
+    slot keeps what it shares instead of dropping the drafter's history again at every hit)."""
+    target, draft = load_pair(_helpers.build_model(testing.TestModelSpec(arch="glm4moe", accept=1.0), model_dir))
+    s = llama_mtp.MtpSession(target, draft, defer_catchup=True, backend_sampling=False)
+    try:
+        dec, n_past, id_last = _started(target, draft, s)
+        for _ in range(24):
+            logits = dec.decode(0, [id_last], n_past)
+            s.process(dec.batch)
+            n_past, id_last = n_past + 1, int(logits[-1].argmax())
+        kept = s.forget(0, keep=4)
+        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 2)])
+        mem = llama_cpp.llama_get_memory(native_context(draft))
+        first = llama_cpp.llama_memory_seq_pos_min(mem, 0)
+        assert first == n_past - kept > 5
+        got = _verify(s, dec, n_past, id_last, d)
+        s.accept(0, len(d))
+        assert s.drafter_rows(0, first) == 0  # trimmed to nothing but deferred rows: a full restart
+        p0 = first + 2  # a new request keeps the first p0 tokens: both contexts are cut there
+        assert s.drafter_rows(0, p0) == p0
+        assert seq_rm(target, 0, p0) and seq_rm(draft, 0, p0)
+        assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == first <= pos_max(draft, 0) < p0  # (+ deferred rows)
+        s.begin(0, [])
+        logits = dec.decode(0, [int(got[-1])], p0)
+        s.process(dec.batch)
+        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, p0 + 1, int(logits[-1].argmax()), 2)])
+        assert len(d) == 2 and pos_max(draft, 0) >= p0 and llama_cpp.llama_memory_seq_pos_min(mem, 0) == first
+    finally:
+        s.close()
+        draft.close()
+        target.close()

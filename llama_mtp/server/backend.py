@@ -178,7 +178,8 @@ def load_backend(cfg: ServeConfig) -> Backend:
         handler = resolve_handler(target, cfg.model)
         templates = llama_cpp_templates(target, cfg.model.chat_format, None)
         engine = Engine(target, draft, n_draft=cfg.mtp.n_draft, max_waiting=cfg.mtp.max_waiting,
-                        ctx_checkpoints=cfg.mtp.ctx_checkpoints, cache_ram_mib=cfg.mtp.cache_ram_mib)
+                        ctx_checkpoints=cfg.mtp.ctx_checkpoints, cache_ram_mib=cfg.mtp.cache_ram_mib,
+                        checkpoint_min_step=cfg.mtp.checkpoint_min_step)
     except BaseException:
         draft.close()
         target.close()

@@ -47,6 +47,10 @@ class MtpSettings(BaseSettings):
                                  "near each prompt's end and at user-message starts, so a conversation's next turn, "
                                  "or another conversation with the same system prompt, resumes from its prefix; "
                                  "0: none.")
+    checkpoint_min_step: int = Field(default=8192, ge=1, description="llama-server's --checkpoint-min-step: a "
+                                     "long prompt gets a recurrent-state checkpoint every that many tokens, and a "
+                                     "user message closer than that to the previous one none of its own (the first "
+                                     "and the last always do).")
     cache_ram_mib: int = Field(default=8192, ge=0, description="Host-memory cache for more conversations than "
                                "slots (llama-server's --cache-ram and its default), in MiB, an upper bound: a slot "
                                "about to take another conversation is saved there (with its checkpoints), and a "
@@ -193,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_args_from_model(parser, Settings)
     parser.add_argument("--config_file", type=str, help="Path to a config file to load (llama_cpp.server's format; "
                         "one model; the engine's keys n_parallel, n_draft, n_draft_max, max_waiting, ctx_checkpoints, "
-                        "cache_ram_mib, "
+                        "checkpoint_min_step, cache_ram_mib, "
                         "draft_model_path may sit next to host/port; Ray's settings are flags only).")
     for cls in (MtpSettings, RaySettings):
         for name, info in cls.model_fields.items():
