@@ -7,6 +7,7 @@ import ctypes
 import gc
 import math
 import weakref
+from typing import Any, List, Tuple
 
 import llama_cpp
 import numpy as np
@@ -994,6 +995,19 @@ def test_forget_drops_the_draft_history_and_drafting_goes_on(oracle_model):
         target.close()
 
 
+def _restarted_past_0(target, draft, s) -> Tuple[Any, int, int, List[int], int]:
+    """24 plain steps, a forget keeping 4 rows, then a draft, which restarts the draft memory past 0
+    with the kept rows: (decoder, n_past, id_last, the draft, rows kept)."""
+    dec, n_past, id_last = _started(target, draft, s)
+    for _ in range(24):
+        logits = dec.decode(0, [id_last], n_past)
+        s.process(dec.batch)
+        n_past, id_last = n_past + 1, int(logits[-1].argmax())
+    kept = s.forget(0, keep=4)
+    (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 2)])
+    return dec, n_past, id_last, d, kept
+
+
 def test_a_draft_memory_trimmed_to_nothing_continues_from_anywhere(model_dir):
     """Regression (served requests got HTTP 500): a forget, then a draft that restarts the draft
     memory past 0 with the kept rows, then a prompt-cache reuse of a shorter prefix, which trims
@@ -1003,14 +1017,8 @@ def test_a_draft_memory_trimmed_to_nothing_continues_from_anywhere(model_dir):
     target, draft = load_pair(_helpers.build_model(testing.TestModelSpec(arch="glm4moe", accept=1.0), model_dir))
     s = llama_mtp.MtpSession(target, draft, defer_catchup=True, backend_sampling=False)
     try:
-        dec, n_past, id_last = _started(target, draft, s)
-        for _ in range(24):
-            logits = dec.decode(0, [id_last], n_past)
-            s.process(dec.batch)
-            n_past, id_last = n_past + 1, int(logits[-1].argmax())
-        kept = s.forget(0, keep=4)
+        dec, n_past, id_last, d, kept = _restarted_past_0(target, draft, s)
         assert kept >= 1
-        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 2)])
         mem = llama_cpp.llama_get_memory(native_context(draft))
         assert llama_cpp.llama_memory_seq_pos_min(mem, 0) == n_past - kept > 5  # restarted past 0 by the draft
         got = _verify(s, dec, n_past, id_last, d)
@@ -1051,13 +1059,7 @@ def test_a_draft_memory_restarted_past_0_is_trimmed_and_continued(model_dir):
     target, draft = load_pair(_helpers.build_model(testing.TestModelSpec(arch="glm4moe", accept=1.0), model_dir))
     s = llama_mtp.MtpSession(target, draft, defer_catchup=True, backend_sampling=False)
     try:
-        dec, n_past, id_last = _started(target, draft, s)
-        for _ in range(24):
-            logits = dec.decode(0, [id_last], n_past)
-            s.process(dec.batch)
-            n_past, id_last = n_past + 1, int(logits[-1].argmax())
-        kept = s.forget(0, keep=4)
-        (d, _), = s.draft_many([llama_mtp.DraftRequest(0, n_past, id_last, 2)])
+        dec, n_past, id_last, d, kept = _restarted_past_0(target, draft, s)
         mem = llama_cpp.llama_get_memory(native_context(draft))
         first = llama_cpp.llama_memory_seq_pos_min(mem, 0)
         assert first == n_past - kept > 5
