@@ -732,6 +732,7 @@ class StepEngine:
         self._clear_memory(sid, n)
         if own_memory and self.session.drafter_rows(sid, n) < n:
             # the draft rows stop short of the prefix: drop them (drafts see a shorter past; exact all the same)
+            log.debug("slot %d: the copied draft rows stop short of the %d-token prefix; dropped", sid, n)
             self.session.forget(sid, 0)
         self.cache.shared(seq.n_prefilled, n)
         seq.n_prefilled = seq.stats.n_cached_tokens = n

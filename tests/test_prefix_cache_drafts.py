@@ -149,3 +149,34 @@ def test_a_fully_cached_prompt_drafts_from_its_own_hidden_state(oracle_pair, rec
             assert again.stats.n_cached_tokens == len(prompt) - 1
             assert again.tokens == first.tokens == info.greedy_continuation(prompt[-1], N)
             assert_drafts_read_the_right_hidden_state(info, prompt + again.tokens, log)
+
+
+def test_drafts_after_a_prefix_copied_from_another_slot_are_a_cold_prefills(pair, recorder, caplog) -> None:
+    """A prompt that copies a shared prefix from another running slot (its KV, its MTP draft rows
+    and, on a recurrent target, the checkpoint at the user-message start) decodes the tokens of a
+    cold prefill of the whole prompt, keeps every copied draft row, and on the oracle drafts exactly
+    as after the cold prefill (each draft the oracle's). The context recipe's head attends over the
+    draft rows, which the copy computed in the other prompt's batches: float noise of other batch
+    shapes can flip a draft there (drafts have no margins), so there only the acceptance is compared."""
+    import logging
+
+    info, target, draft = pair
+    shared = _helpers.tokenize(target, " ".join(STARTS) + " and so the story begins")
+    prompts = [shared + _helpers.tokenize(target, text)[1:] for text in NEXT[:2]]
+    spans = [[(len(shared), len(p))] for p in prompts]
+    with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+        cold, _ = recorder.run(engine, prompts[1], cache_prompt=False, user_spans=spans[1])
+    llama_mtp.generate(target, draft, "Unrelated words here", max_tokens=2)  # the slots start empty
+    caplog.set_level(logging.DEBUG, logger="llama_mtp")
+    with llama_mtp.Engine(target, draft, n_draft=3) as engine:
+        first = engine.submit(prompts[0], max_tokens=N, n_draft=0, user_spans=spans[0])  # (drafts nothing itself)
+        copied, log = recorder.run(engine, prompts[1], user_spans=spans[1])
+        first.result()
+    assert (cold.stats.n_cached_tokens, copied.stats.n_cached_tokens) == (0, len(shared))
+    assert copied.tokens == cold.tokens
+    assert not [r for r in caplog.records if "stop short" in r.getMessage()]  # every copied draft row kept
+    if info.spec.recipe == "oracle":
+        assert per_position(copied) == per_position(cold)
+        assert_drafts_read_the_right_hidden_state(info, prompts[1] + copied.tokens, log)
+    else:
+        assert sum(per_position(copied)[1]) >= 0.75 * sum(per_position(cold)[1])
