@@ -52,6 +52,11 @@ def checkpoint_reach(keys: Iterable[Tuple[int, ...]], context: Sequence[int], li
 # every that many tokens
 CHECKPOINT_MIN_STEP = 8192
 
+# the checkpoints a slot saved to host memory takes along: the latest (its last turn's, where its
+# next turn resumes); older ones (earlier turns, the system prompt other slots hold too) would
+# cost ~3 MB each on a small hybrid model and crowd other conversations out of the budget
+SAVED_CHECKPOINTS = 4
+
 def user_checkpoints(starts: Sequence[int], min_step: int = CHECKPOINT_MIN_STEP) -> Tuple[int, ...]:
     """The user-message starts llama-server checkpoints a prompt at (server-context.cpp): the first,
     the last, and those more than ``min_step`` tokens past the previous one kept. A conversation's
@@ -132,11 +137,13 @@ class PromptCheckpoints:
     def clear(self) -> None:
         self._items.clear()
 
-    def export(self, context: Sequence[int]) -> Tuple[Checkpoint, ...]:
-        """The checkpoints taken after a prefix of ``context``, oldest first, to travel with a slot
-        saved to host memory (a buffer is never written after its save, so the slot and the saved
-        copy can share it)."""
-        return tuple((k, buf) for k, buf in self._items.items() if common_prefix(context, k) == len(k))
+    def export(self, context: Sequence[int], latest: int) -> Tuple[Checkpoint, ...]:
+        """The ``latest`` checkpoints (by position) taken after a prefix of ``context``, oldest
+        first, to travel with a slot saved to host memory (a buffer is never written after its
+        save, so the slot and the saved copy can share it)."""
+        mine = [k for k in self._items if common_prefix(context, k) == len(k)]
+        keep = set(sorted(mine, key=len)[-latest:]) if latest > 0 else set()
+        return tuple((k, buf) for k, buf in self._items.items() if k in keep)
 
     def adopt(self, items: Sequence[Checkpoint]) -> None:
         """Replace the checkpoints with a restored slot's (a state restores into any sequence)."""
@@ -362,7 +369,8 @@ class SlotCache:
             catch_up(sid)
             if self.ram.put(SavedSlot(tuple(held), save_seq(target_ctx, sid),
                                       save_seq(draft_ctx, sid) if draft_ctx is not None else b"",
-                                      cps.export(held) if cps is not None else (), self._user_end[sid])):
+                                      cps.export(held, SAVED_CHECKPOINTS) if cps is not None else (),
+                                      self._user_end[sid])):
                 self.stats.ram_saves += 1
         if saved is None or n <= keep:
             return
