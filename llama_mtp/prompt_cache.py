@@ -276,7 +276,7 @@ class SlotCache:
     ``ctx_checkpoints`` recurrent-state checkpoints per slot (4, 16 and 4 + n_ubatch tokens before
     each prompt's end, user-message starts, the end of its head, the end of each generation;
     StepEngine decides where), as llama-server's ``--ctx-checkpoints``. With a host-memory budget,
-    a slot about to take another conversation is saved with its checkpoints (see ``swap``).
+    a slot about to take another conversation is saved with its latest checkpoints (see ``swap``).
 
     The cache is only right while nothing else decodes on the target: ``seal`` records llama.cpp's
     decode counter when its owner stops using it, ``check`` forgets every slot if it moved since.

@@ -53,7 +53,7 @@ class MtpSettings(BaseSettings):
                                      "and the last always do).")
     cache_ram_mib: int = Field(default=8192, ge=0, description="Host-memory cache for more conversations than "
                                "slots (llama-server's --cache-ram and its default), in MiB, an upper bound: a slot "
-                               "about to take another conversation is saved there (with its checkpoints), and a "
+                               "about to take another conversation is saved there (with its latest checkpoints), and a "
                                "prompt that goes on from a saved one gets it back instead of decoding it; 0: off.")
     draft_model_path: Optional[str] = Field(default=None, description="External MTP drafter GGUF for a --model "
                                             "without MTP heads (a gemma4-assistant for its gemma4 target); its "
