@@ -41,10 +41,15 @@ common_prefix = llama_cpp.Llama.longest_token_prefix
 Checkpoint = Tuple[Tuple[int, ...], ctypes.Array]  # (the tokens the state is the one after, the state)
 
 
+def held_by(keys: Iterable[Tuple[int, ...]], context: Sequence[int]) -> List[Tuple[int, ...]]:
+    """The checkpoint keys (the tokens each state is the one after) that ``context`` holds."""
+    return [k for k in keys if common_prefix(context, k) == len(k)]
+
+
 def checkpoint_reach(keys: Iterable[Tuple[int, ...]], context: Sequence[int], limit: int) -> int:
     """The position of the latest checkpoint (by the tokens it follows) at or before ``limit``
     whose tokens ``context`` holds; 0: none."""
-    return max((len(k) for k in keys if len(k) <= limit and common_prefix(context, k) == len(k)), default=0)
+    return max((len(k) for k in held_by(keys, context) if len(k) <= limit), default=0)
 
 
 # llama-server's --checkpoint-min-step default: user messages closer than this to the last
@@ -56,6 +61,7 @@ CHECKPOINT_MIN_STEP = 8192
 # next turn resumes); older ones (earlier turns, the system prompt other slots hold too) would
 # cost ~3 MB each on a small hybrid model and crowd other conversations out of the budget
 SAVED_CHECKPOINTS = 4
+
 
 def user_checkpoints(starts: Sequence[int], min_step: int = CHECKPOINT_MIN_STEP) -> Tuple[int, ...]:
     """The user-message starts llama-server checkpoints a prompt at (server-context.cpp): the first,
@@ -123,12 +129,10 @@ class PromptCheckpoints:
     def restore_best(self, context: Sequence[int], limit: int) -> int:
         """Restore the latest checkpoint at a position <= limit whose tokens the context still
         holds; returns its position (0: none). Checkpoints the context no longer holds are dropped."""
-        for key in [k for k in self._items if common_prefix(context, k) < len(k)]:
-            del self._items[key]
-        n = checkpoint_reach(self._items, context, limit)
-        if not n:
+        self._items = OrderedDict((k, self._items[k]) for k in held_by(self._items, context))
+        best = max((k for k in self._items if len(k) <= limit), key=len, default=None)
+        if best is None:
             return 0
-        best = next(k for k in self._items if len(k) == n)
         buf = self._items[best]
         restore_partial_state(self._llm, buf, len(buf), self.seq_id, "prompt checkpoint")
         self._items.move_to_end(best)
@@ -141,8 +145,7 @@ class PromptCheckpoints:
         """The ``latest`` checkpoints (by position) taken after a prefix of ``context``, oldest
         first, to travel with a slot saved to host memory (a buffer is never written after its
         save, so the slot and the saved copy can share it)."""
-        mine = [k for k in self._items if common_prefix(context, k) == len(k)]
-        keep = set(sorted(mine, key=len)[-latest:]) if latest > 0 else set()
+        keep = set(sorted(held_by(self._items, context), key=len)[-latest:]) if latest > 0 else set()
         return tuple((k, buf) for k, buf in self._items.items() if k in keep)
 
     def adopt(self, items: Sequence[Checkpoint]) -> None:
@@ -418,7 +421,7 @@ class SlotCache:
     def checkpoint_positions(self, sid: int, prompt: Sequence[int]) -> List[int]:
         """Positions of slot ``sid``'s checkpoints taken after a prefix of ``prompt``."""
         cps = self._checkpoints[sid]
-        return [len(k) for k in cps.keys() if common_prefix(prompt, k) == len(k)] if cps is not None else []
+        return [len(k) for k in held_by(cps.keys(), prompt)] if cps is not None else []
 
     def checkpoint_state(self, sid: int, tokens: Sequence[int]) -> Optional[ctypes.Array]:
         """Slot ``sid``'s checkpoint taken after exactly ``tokens`` (None: it has none)."""
