@@ -41,11 +41,13 @@ def chat_prompt(templates: ChatTemplates, body: Mapping[str, Any]) -> ChatPrompt
 
 
 def create_chat_completion(templates: ChatTemplates, llm: Any, complete: Complete, body: Mapping[str, Any], *,
-                           model: str, stream: bool = False, stop: Any = None,
+                           model: str, stream: bool = False, stop: Any = None, with_user_spans: bool = True,
                            **completion_kwargs: Any) -> Union[ChatCompletion, Iterator[ChatCompletion]]:
     """One chat completion: ``body``'s template fields render the prompt (see TEMPLATE_FIELDS),
-    ``complete(prompt_tokens, stream=..., stop=..., grammar=..., special_ids=..., user_spans=...,
-    **completion_kwargs)`` generates the reply. ``llm``: the Llama whose vocabulary tokenizes the template's markers.
+    ``complete(prompt_tokens, stream=..., stop=..., grammar=..., special_ids=..., [user_spans=...,]
+    **completion_kwargs)`` generates the reply; ``user_spans`` (where the prompt's user messages
+    start and end, for a slot cache) only ``with_user_spans``. ``llm``: the Llama whose vocabulary
+    tokenizes the template's markers.
 
     Raises MtpArgumentError for a request the template refuses, before anything is generated.
     """
@@ -54,8 +56,9 @@ def create_chat_completion(templates: ChatTemplates, llm: Any, complete: Complet
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     stops += [s for s in chat.additional_stops if s not in stops]
     tokens = tokenize_prompt(llm, chat.prompt)
-    kwargs = dict(completion_kwargs, stop=stops or None, special_ids=special_ids,
-                  user_spans=user_spans(chat, llm, tokens))
+    kwargs = dict(completion_kwargs, stop=stops or None, special_ids=special_ids)
+    if with_user_spans:
+        kwargs["user_spans"] = user_spans(chat, llm, tokens)
     if grammar is not None:
         kwargs["grammar"] = grammar
     elif completion_kwargs.get("grammar") is not None:

@@ -108,8 +108,9 @@ class Engine:
     near each prompt's end, at user-message starts and every ``checkpoint_min_step`` tokens of a
     long prompt (llama-server's ``--checkpoint-min-step``: also the least spacing of user-message ones);
     ``cache_ram_mib``: a host-memory cache of that many MiB for more conversations than slots (a
-    slot about to lose most of what it holds is saved; a prompt that extends a saved one gets it
-    back instead of decoding it); a request's ``cache_prompt=False`` decodes its whole prompt.
+    slot about to take another conversation is saved; a prompt a saved one serves better than its
+    slot gets it back instead of decoding it); a prompt sharing a prefix with another running slot's
+    copies it from there; a request's ``cache_prompt=False`` decodes its whole prompt.
     The engine does not own ``target``/``draft``: close them after :meth:`close`.
     """
 

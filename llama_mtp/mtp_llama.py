@@ -254,15 +254,14 @@ class MtpLlama(_compat.CompletionMaxTokens, MtpTargetLlama):
         kwargs.setdefault("temperature", 0.2)  # llama-cpp-python's chat default
         stream = bool(kwargs.pop("stream", False))
         model = kwargs.pop("model", None) or self.model_path
+        # no user spans: the one conversation goes on in seq 0, whose checkpoints at each prompt's
+        # and each generation's end serve its next turn
         return create_chat_completion(self.mtp_chat_templates, self, self._templated_completion, body,
-                                      model=model, stream=stream, **kwargs)
+                                      model=model, stream=stream, with_user_spans=False, **kwargs)
 
     def _templated_completion(self, prompt: List[int], *, stream: bool, special_ids: FrozenSet[int],
-                              user_spans: Any = (), **kwargs: Any) -> Any:
-        """create_completion with the chat template's preserved tokens rendered in the text.
-        ``user_spans`` go unused: the one conversation goes on in seq 0, whose checkpoints at each
-        prompt's and each generation's end serve its next turn."""
-        del user_spans
+                              **kwargs: Any) -> Any:
+        """create_completion with the chat template's preserved tokens rendered in the text."""
         if not stream:
             with _compat.rendering_special(self, special_ids):
                 return self.create_completion(prompt, stream=False, **kwargs)
